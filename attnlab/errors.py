@@ -1,0 +1,20 @@
+"""The one exception type users see: a problem with their input, reported as a single line."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AttnlabError(ValueError):
+    """Bad input (a name, a file, a flag). The CLI prints its message on one line and exits with code 2."""
+
+
+def unknown_name(kind: str, name: str, choices: Iterable[str]) -> AttnlabError:
+    """An `AttnlabError` for an unknown name, suggesting the closest known ones."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(choices[:20])}"
+    if not close and len(choices) > 20:
+        hint += ", ..."
+    return AttnlabError(f"unknown {kind} '{name}'{hint}")

@@ -1,0 +1,82 @@
+"""Attention modules and their registry.
+
+Every attention is built as ``create_attn(name, channels, **kw)`` and maps B×C×H×W → B×C×H×W. The classic baselines
+(SE, ECA, CBAM) are timm's modules; position-wise spatial attention, CRAM and AW-convolution are written here, one
+mechanism per file. ``register_attn`` adds a new one; the models pick attentions up by name only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from timm.layers import EcaModule, SEModule
+from timm.layers.cbam import CbamModule
+from torch import nn
+
+from ..errors import unknown_name
+from .awconv import AWConv2d, aw_module
+from .cram import CRAM
+from .merge import create_merge, list_merges
+from .probe import AttentionProbe
+from .spatial import SpatialAttention
+
+AttnFactory = Callable[..., nn.Module]
+_REGISTRY: dict[str, AttnFactory] = {}
+
+
+def register_attn(name: str, factory: AttnFactory | None = None):
+    """Register ``factory(channels, **kw) -> nn.Module`` under ``name``; usable as a decorator."""
+
+    def add(f: AttnFactory) -> AttnFactory:
+        _REGISTRY[name] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+def get_attn(name: str) -> AttnFactory:
+    """The factory registered under ``name`` (``AttnlabError`` with close matches if there is none)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown_name("attention", name, _REGISTRY) from None
+
+
+def create_attn(name: str, channels: int, device=None, dtype=None, **kwargs) -> nn.Module:
+    """Build attention ``name`` for ``channels`` channels; ``"none"`` gives ``nn.Identity``.
+
+    ``device``/``dtype`` (passed by timm's blocks) are applied after construction, so factories need not take them.
+    """
+    module = get_attn(name)(channels, **kwargs)
+    return module.to(device=device, dtype=dtype) if device is not None or dtype is not None else module
+
+
+def list_attn() -> list[str]:
+    """Registered attention names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _none(channels: int, **_) -> nn.Module:
+    return nn.Identity()
+
+
+register_attn("none", _none)
+register_attn("se", SEModule)  # Hu et al. 2018; timm: reduction 1/16, rounded to a multiple of 8
+register_attn("eca", EcaModule)  # Wang et al. 2020; timm: kernel size adapted to the channel count
+register_attn("cbam", CbamModule)  # Woo et al. 2018; timm: channel MLP then 7×7 spatial map
+register_attn("spatial", SpatialAttention)
+register_attn("cram", CRAM)
+register_attn("aw", aw_module)  # an AW-convolution used as a stand-alone, shape-preserving attention
+
+__all__ = [
+    "AWConv2d",
+    "AttentionProbe",
+    "CRAM",
+    "SpatialAttention",
+    "create_merge",
+    "list_merges",
+    "create_attn",
+    "get_attn",
+    "list_attn",
+    "register_attn",
+]

@@ -1,0 +1,30 @@
+"""A no-op module through which attention layers pass what they attend with, so it can be observed.
+
+`capture_attention` (in `attnlab.capture`) hooks every `AttentionProbe`; an attention module calls
+``self.probe(value)`` on its gate, map, rectangle dict or weight-attention tensor and gets the value back unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class AttentionProbe(nn.Module):
+    """Identity on any value (tensor or dict of tensors); exists only to be hooked.
+
+    Args:
+        kind: what passes through: ``"channel"`` (B×C×1×1 gate), ``"spatial"`` (B×1×H×W map),
+            ``"rectangle"`` (dict with center, size, angle, mask) or ``"weight"`` (B×C_out×C_in×k×k).
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, value: Any) -> Any:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"

@@ -1,0 +1,35 @@
+"""Position-wise spatial attention: CBAM's spatial branch on its own.
+
+Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018, arXiv 1807.06521, Sec. 3 (spatial attention
+module): a map M = σ(BN(conv_k×k([mean_c(x); max_c(x)]))) of one value per position multiplies every channel.
+This is the "position-wise" attention that CRAM is compared against: a free per-pixel map, no shape prior.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .probe import AttentionProbe
+
+
+class SpatialAttention(nn.Module):
+    """x ↦ x ⊙ σ(BN(conv([mean_c x, max_c x]))), one gate per position shared by all channels.
+
+    Args:
+        channels: input channels (unused by the map itself; kept so every attention takes ``channels`` first).
+        kernel_size: size of the convolution over the two pooled maps (CBAM uses 7).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+        self.probe = AttentionProbe("spatial")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        gate = self.probe(torch.sigmoid(self.bn(self.conv(pooled))))
+        return x * gate

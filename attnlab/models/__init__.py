@@ -1,0 +1,212 @@
+"""Model registry: every attnlab name is built by `create_model` and, after ``import attnlab``, by `timm.create_model`.
+
+A name is ``[variant_]architecture``. Architectures: CIFAR-style ``resnet20/32/56/110`` (16/32/64 channels) and
+``resnet18c`` (64–512), and timm's ImageNet ``resnet18/34/50/101``. Variants (prefixes) set the blocks' switches:
+``se_ eca_ cbam_ spatial_ cram_`` (an attention after each block's last BN), ``aw_`` (AW-convolution in conv2),
+``aw_se_ aw_cbam_`` (both), ``fmm_`` (residual addition replaced by the default FMM product). Plain ImageNet depths
+stay timm's own models; we register only prefixed ImageNet names, which timm does not have (``se_resnet50`` is ours,
+``seresnet50`` is timm's).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import resnet as timm_resnet
+from torch import nn
+
+from ..errors import AttnlabError, unknown_name
+from ..layers import create_attn
+from ..layers.merge import DEFAULT_FMM_MERGE
+from .capture import capture_attention
+from .resnet import BasicBlock, Bottleneck, CifarResNet, restrict_attention
+
+
+@dataclass(frozen=True)
+class Arch:
+    block: type[nn.Module]
+    layers: tuple[int, ...]
+    channels: tuple[int, ...] | None  # None: timm's ImageNet ResNet
+    min_size: int  # smallest input side the network accepts
+
+    @property
+    def imagenet(self) -> bool:
+        return self.channels is None
+
+
+ARCHS: dict[str, Arch] = {
+    "resnet20": Arch(BasicBlock, (3, 3, 3), (16, 32, 64), 8),
+    "resnet32": Arch(BasicBlock, (5, 5, 5), (16, 32, 64), 8),
+    "resnet56": Arch(BasicBlock, (9, 9, 9), (16, 32, 64), 8),
+    "resnet110": Arch(BasicBlock, (18, 18, 18), (16, 32, 64), 8),
+    "resnet18c": Arch(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), 8),
+    "resnet18": Arch(BasicBlock, (2, 2, 2, 2), None, 8),
+    "resnet34": Arch(BasicBlock, (3, 4, 6, 3), None, 8),
+    "resnet50": Arch(Bottleneck, (3, 4, 6, 3), None, 8),
+    "resnet101": Arch(Bottleneck, (3, 4, 23, 3), None, 8),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    attn: str = "none"
+    aw: bool = False
+    merge: str = "add"
+    doc: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {
+    "": Variant(doc="plain ResNet"),
+    "se": Variant(attn="se", doc="squeeze-and-excitation channel gate (timm)"),
+    "eca": Variant(attn="eca", doc="efficient channel attention (timm)"),
+    "cbam": Variant(attn="cbam", doc="CBAM channel + spatial attention (timm)"),
+    "spatial": Variant(attn="spatial", doc="position-wise spatial attention"),
+    "cram": Variant(attn="cram", doc="convolutional rectangular attention"),
+    "aw": Variant(aw=True, doc="AW-convolution in conv2"),
+    "aw_se": Variant(attn="se", aw=True, doc="AW-convolution + SE"),
+    "aw_cbam": Variant(attn="cbam", aw=True, doc="AW-convolution + CBAM"),
+    "fmm": Variant(merge=DEFAULT_FMM_MERGE, doc="residual addition replaced by feature-map multiplication"),
+}
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``"aw_se_resnet20"`` → ``("aw_se", "resnet20")``."""
+    variant, _, arch = name.rpartition("_")
+    return variant, arch
+
+
+def _model_names() -> list[str]:
+    names = []
+    for variant in VARIANTS:
+        for arch, spec in ARCHS.items():
+            if variant or not spec.imagenet:  # plain ImageNet depths are timm's own models
+                names.append(f"{variant}_{arch}" if variant else arch)
+    return names
+
+
+MODEL_NAMES: tuple[str, ...] = tuple(_model_names())
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """attnlab model names matching a shell-style ``pattern``, in a stable order."""
+    return [n for n in MODEL_NAMES if fnmatch.fnmatch(n, pattern)]
+
+
+def _check_input(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: a clear error for inputs the network cannot take, instead of one from deep inside torch."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        raise AttnlabError(f"model input must be a tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise AttnlabError(f"model input must be B×C×H×W, got shape {tuple(x.shape)}")
+    if x.shape[1] != model.in_chans:
+        raise AttnlabError(f"model expects {model.in_chans} input channels, got {x.shape[1]} (set in_chans)")
+    if min(x.shape[2:]) < model.min_input_size:
+        raise AttnlabError(
+            f"input {x.shape[2]}×{x.shape[3]} is too small: this network needs at least "
+            f"{model.min_input_size}×{model.min_input_size}"
+        )
+    if not x.is_floating_point():
+        raise AttnlabError(f"model input must be floating point, got {x.dtype} (normalise images first)")
+
+
+def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build model ``name``; keyword arguments override the variant (``attn_layer``, ``merge``, ``aw``, ...)."""
+    if pretrained:
+        raise AttnlabError(f"{name}: attnlab has no pretrained weights (weights are never downloaded)")
+    if name not in MODEL_NAMES:
+        raise unknown_name("model", name, MODEL_NAMES)
+    variant_name, arch_name = _split_name(name) if name not in ARCHS else ("", name)
+    variant, arch = VARIANTS[variant_name], ARCHS[arch_name]
+    attn = kwargs.pop("attn_layer", variant.attn)
+    attn_kwargs = kwargs.pop("attn_kwargs", None) or {}
+    where = kwargs.pop("attn_where", "all")
+    block_args = {
+        "merge": kwargs.pop("merge", variant.merge),
+        "aw": kwargs.pop("aw", variant.aw),
+        **kwargs.pop("block_args", {}),
+    }
+    if attn != "none":
+        create_attn(attn, 8, **attn_kwargs)  # fail early, with a clear message, on a bad name or argument
+        block_args["attn_layer"] = functools.partial(create_attn, attn, **attn_kwargs)
+    kwargs.setdefault("num_classes", ARCH_DEFAULT_CLASSES[arch.imagenet])
+    cfg_kwargs = dict(block=arch.block, layers=arch.layers, block_args=block_args, **kwargs)
+    if arch.imagenet:
+        model = build_model_with_cfg(timm_resnet.ResNet, name, False, **cfg_kwargs)
+    else:
+        feature_cfg = dict(out_indices=tuple(range(len(arch.channels) + 1)))  # stem + one level per stage
+        model = build_model_with_cfg(
+            CifarResNet, name, False, channels=arch.channels, feature_cfg=feature_cfg, **cfg_kwargs
+        )
+    restrict_attention(model, where)
+    if not kwargs.get("features_only"):
+        model.min_input_size = arch.min_size
+        model.register_forward_pre_hook(_check_input)
+    return model
+
+
+ARCH_DEFAULT_CLASSES = {False: 10, True: 1000}
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build an attnlab model by name.
+
+    Args:
+        name: a name from `list_models`, e.g. ``"se_resnet20"``, ``"fmm_resnet56"``, ``"aw_resnet50"``.
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        **kwargs: ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it), ``attn_where`` (``"all"``,
+            ``"last"`` or stage numbers), ``merge`` (a merge name), ``aw`` (bool, or a dict of AWConv2d options),
+            ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``.
+    """
+    return _build(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _default_cfg(arch: Arch) -> dict[str, Any]:
+    if arch.imagenet:
+        return timm_resnet._cfg(url="", license=None)
+    return dict(
+        url="",
+        num_classes=10,
+        input_size=(3, 32, 32),
+        pool_size=(8, 8),
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        first_conv="conv1",
+        classifier="fc",
+    )
+
+
+default_cfgs = generate_default_cfgs(
+    {n: _default_cfg(ARCHS[_split_name(n)[1] if n not in ARCHS else n]) for n in MODEL_NAMES}
+)
+
+
+def _register_with_timm() -> None:
+    """Make every attnlab name an entrypoint of timm's registry (``timm.create_model("cram_resnet20")``)."""
+    module = sys.modules[__name__]
+    for name in MODEL_NAMES:
+
+        def entrypoint(pretrained: bool = False, _name: str = name, **kwargs) -> nn.Module:
+            kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
+            return _build(_name, pretrained=pretrained, **kwargs)
+
+        entrypoint.__name__ = entrypoint.__qualname__ = name
+        entrypoint.__module__ = module.__name__
+        entrypoint.__doc__ = f"{name}: attnlab model (see attnlab.create_model)."
+        register_model(entrypoint)
+
+
+_register_with_timm()
+
+__all__ = ["ARCHS", "VARIANTS", "capture_attention", "create_model", "list_models"]

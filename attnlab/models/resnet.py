@@ -1,0 +1,200 @@
+"""ResNet blocks with pluggable attention, merge and AW-convolution, and the CIFAR-style ResNet.
+
+The blocks are timm's `BasicBlock` / `Bottleneck` with three extra switches, so the same blocks serve our CIFAR-style
+ResNets and timm's ImageNet `ResNet` (through its ``block`` and ``block_args`` arguments):
+
+- ``attn_layer``: an attention module after the block's last BN and before the merge (timm's ``se`` slot);
+- ``merge``: how the residual branch F meets the shortcut S — ``"add"`` (ResNet) or an FMMNet product
+  (`attnlab.layers.merge`); the block returns act(merge(F, S));
+- ``aw``: AW-convolution (`attnlab.layers.awconv`) in place of the 3×3 ``conv2`` — the only 3×3 conv of a basic
+  block's second half and the middle conv of a bottleneck.
+
+`CifarResNet` follows He et al. 2016 (arXiv 1512.03385, Sec. 4.2): a 3×3 stem at full resolution, no max-pool, stages
+of 16/32/64 channels (resnet20/32/56/110: 6n+2 layers) or 64–512 (resnet18c). Shortcuts that change shape use a 1×1
+conv + BN (option B) rather than the paper's zero-padding (option A): same depth, +0.4% params on resnet20.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from timm.layers import create_classifier
+from timm.models import resnet as timm_resnet
+from torch import nn
+
+from ..errors import AttnlabError
+from ..layers import AWConv2d, create_merge
+
+
+class _MergeAwMixin:
+    """What our blocks add to timm's: a merge module, and optionally an AW conv2."""
+
+    def _setup(self, merge: str, aw: bool | dict, outplanes: int) -> None:
+        if aw:
+            self.conv2 = AWConv2d.from_conv(self.conv2, **(aw if isinstance(aw, dict) else {}))
+        self.merge = create_merge(merge, outplanes)
+
+    def zero_init_last(self) -> None:
+        if self.merge.zero_init_residual:
+            super().zero_init_last()
+
+
+class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
+    """timm's basic block (two 3×3 convs) with ``merge`` and ``aw`` switches; other args as timm's."""
+
+    def __init__(self, inplanes: int, planes: int, *args, merge: str = "add", aw: bool | dict = False, **kwargs):
+        super().__init__(inplanes, planes, *args, **kwargs)
+        self._setup(merge, aw, planes * self.expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return self.act2(self.merge(x, shortcut))
+
+
+class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
+    """timm's bottleneck (1×1, 3×3, 1×1) with ``merge`` and ``aw`` (on the middle 3×3) switches."""
+
+    def __init__(self, inplanes: int, planes: int, *args, merge: str = "add", aw: bool | dict = False, **kwargs):
+        super().__init__(inplanes, planes, *args, **kwargs)
+        self._setup(merge, aw, planes * self.expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return self.act3(self.merge(x, shortcut))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images: 3×3 stem, no max-pool, one stage per entry of ``channels``.
+
+    Args:
+        block: block class (`BasicBlock` or `Bottleneck`).
+        layers: blocks per stage.
+        channels: width of each stage (the stem has the first width).
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        zero_init_last: zero the last BN of each residual branch where the block's merge allows it.
+        block_args: extra keyword arguments for every block (``attn_layer``, ``merge``, ``aw``, ...).
+    """
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: Sequence[int],
+        channels: Sequence[int] = (16, 32, 64),
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        zero_init_last: bool = True,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        block_args: dict | None = None,
+        **_ignored,  # timm's builder passes ResNet-only arguments (e.g. pretrained_cfg); they do not apply here
+    ):
+        super().__init__()
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.grad_checkpointing = False
+        stem = channels[0]
+        self.conv1 = nn.Conv2d(in_chans, stem, 3, padding=1, bias=False)
+        self.bn1 = norm_layer(stem)
+        self.act1 = act_layer(inplace=True)
+        stages, feature_info = timm_resnet.make_blocks(
+            (block,) * len(layers),
+            tuple(channels),
+            tuple(layers),
+            stem,
+            drop_path_rate=drop_path_rate,
+            act_layer=act_layer,
+            norm_layer=norm_layer,
+            **(block_args or {}),
+        )
+        for name, stage in stages:
+            self.add_module(name, stage)
+        self.stage_names = [name for name, _ in stages]
+        # make_blocks assumes an ImageNet stem that already downsampled 4×; ours keeps full resolution.
+        self.feature_info = [dict(num_chs=stem, reduction=1, module="act1")]
+        self.feature_info += [dict(info, reduction=2**i) for i, info in enumerate(feature_info)]
+        self.num_features = self.head_hidden_size = channels[-1] * block.expansion
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type="avg")
+        self.init_weights(zero_init_last)
+
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_last:
+            for m in self.modules():
+                if hasattr(m, "zero_init_last"):
+                    m.zero_init_last()
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def stages_of(model: nn.Module) -> list[nn.Sequential]:
+    """The residual stages (``layer1``, ``layer2``, ...) of a CIFAR or timm ResNet, in order."""
+    names = getattr(model, "stage_names", None) or [f"layer{i}" for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    return [getattr(model, n) for n in names]
+
+
+def restrict_attention(model: nn.Module, where: str | Sequence[int]) -> None:
+    """Keep the blocks' attention only where asked, removing it elsewhere.
+
+    Args:
+        model: a ResNet built from our blocks.
+        where: ``"all"`` (every block), ``"last"`` (the last block of each stage), or stage numbers counted from 1
+            (a sequence, or a comma-separated string like ``"2,3"``).
+    """
+    stages = stages_of(model)
+    if where == "all":
+        return
+    if where == "last":
+        keep = {(s, len(stage) - 1) for s, stage in enumerate(stages)}
+    else:
+        try:
+            numbers = [int(n) for n in (where.split(",") if isinstance(where, str) else where)]
+        except ValueError:
+            raise AttnlabError(f"attn_where must be 'all', 'last' or stage numbers like '2,3', got {where!r}") from None
+        bad = [n for n in numbers if not 1 <= n <= len(stages)]
+        if bad:
+            raise AttnlabError(f"attn_where: stage {bad[0]} does not exist (stages are 1..{len(stages)})")
+        keep = {(n - 1, b) for n in numbers for b in range(len(stages[n - 1]))}
+    for s, stage in enumerate(stages):
+        for b, block in enumerate(stage):
+            if (s, b) not in keep:
+                block.se = None
