@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing, install attnlab with its
+# dev extra, make sure Fashion-MNIST is present, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.attnlab-installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test setup data lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,captum]"
+	@touch $(STAMP)
+
+data: setup
+	@PY=$(PY) sh scripts/ensure-fashion-mnist.sh
+
+demo: data
+	$(PY) -m attnlab train --model resnet20 --dataset fashion-mnist --epochs 3 --subset 20000 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: data
+	$(PY) -m ruff check attnlab tests benchmarks
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q
+
+bench: data
+	$(PY) benchmarks/train_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,324 @@
+"""``attnlab`` command line: wires data, models, training, analyses and reports. Bad input → one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from .errors import AttnlabError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), matching the rest of attnlab."""
+
+    def error(self, message: str):
+        raise AttnlabError(f"{self.prog}: {message} (see --help)")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key, value
+
+
+# ---------------------------------------------------------------------------------------------------------------- train
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of `TrainConfig`. Every default is None: only flags given on the command line override --config."""
+    from .train.config import AMP_CHOICES, NONFINITE, SCHEDULES
+
+    g = p.add_argument_group("run")
+    g.add_argument("--model", help="model name (see `attnlab models`); default resnet20")
+    g.add_argument(
+        "--dataset",
+        help="fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, "
+        "cluttered-fashion-mnist, synthetic; default fashion-mnist",
+    )
+    g.add_argument("--data-dir", help="folder holding the dataset files (else $ATTNLAB_DATA, then system paths)")
+    g.add_argument("--out", help="run folder (default runs/latest); an existing run is never overwritten")
+    g.add_argument("--config", help="YAML file of settings; flags given here override it")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--subset", type=int, help="train on the first N images of a seeded shuffle (quick runs)")
+    g.add_argument("--val-size", type=float, help="validation images carved from train (count, or fraction if < 1)")
+    g.add_argument("--device", help="cpu or cuda[:N]")
+    g.add_argument(
+        "--amp",
+        nargs="?",
+        const="auto",
+        choices=AMP_CHOICES,
+        help="mixed precision: bf16 on CPU, bf16/fp16 on CUDA (bare --amp picks)",
+    )
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--weight-decay", type=float, help="on conv/linear weights; never on BN or biases")
+    g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--equivariance", type=float, help="weight λ of CRAM's equivariance loss")
+    g.add_argument("--grad-clip", type=float, help="clip the global gradient norm")
+    g.add_argument("--nonfinite", choices=NONFINITE, help="on NaN/Inf loss or gradients: stop (default) or skip")
+    g.add_argument("--detect-anomaly", action="store_true", default=None, help="autograd anomaly mode (slow)")
+    g = p.add_argument_group("model and data options")
+    g.add_argument("--in-chans", type=int, help="input channels the model expects (must match the data)")
+    g.add_argument(
+        "--model-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option, e.g. merge=gate, attn_where=last, attn_layer=se",
+    )
+    g.add_argument(
+        "--data-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dataset option, e.g. canvas=64 for cluttered-fashion-mnist",
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """`TrainConfig` from defaults ← --config file ← flags given on the command line."""
+    from .train.config import TrainConfig, read_yaml
+    from .train.rundir import RunDir
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values = read_yaml(args.config)
+    elif args.resume and RunDir(args.out or TrainConfig.out).config.exists():
+        values = read_yaml(RunDir(args.out or TrainConfig.out).config)  # resume with the run's own settings
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in names:
+        given = getattr(args, name, None)
+        if given is not None and name not in ("model_kwargs", "dataset_options"):
+            values[name] = given
+    if args.val_size is not None and args.val_size >= 1:
+        values["val_size"] = int(args.val_size)
+    model_kwargs = dict(values.get("model_kwargs") or {}, **dict(args.model_arg))
+    if args.in_chans is not None:
+        model_kwargs["in_chans"] = args.in_chans
+    values["model_kwargs"] = model_kwargs
+    values["dataset_options"] = dict(values.get("dataset_options") or {}, **dict(args.data_arg))
+    return TrainConfig.from_dict(values, source=args.config or "command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    train(config_from_args(args), resume=args.resume, progress=args.progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .train import evaluate, load_trained
+
+    model, cfg = load_trained(args.checkpoint, device=args.device)
+    dataset = args.dataset or (cfg.dataset if cfg else None)
+    if dataset is None:
+        raise AttnlabError(f"{args.checkpoint}: no config.yaml beside the weights; pass --dataset")
+    options = dict(cfg.dataset_options) if cfg and dataset == cfg.dataset else {}
+    options.update(dict(args.data_arg))
+    bundle = load_dataset(
+        dataset, args.data_dir or (cfg.data_dir if cfg else None), val_size=cfg.val_size if cfg else None, **options
+    )
+    if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
+        raise AttnlabError(
+            f"{dataset} has {bundle.in_chans} channel(s) and {bundle.num_classes} classes; the model takes "
+            f"{model.in_chans} and {model.num_classes}"
+        )
+    split = getattr(bundle, args.split)
+    result = evaluate(model, split, bundle, batch_size=args.batch_size, device=args.device)
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(args.checkpoint),
+                "dataset": dataset,
+                "split": args.split,
+                "images": len(split),
+                **result,
+            }
+        )
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------- models
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import create_model, list_models
+    from .train import count_flops
+
+    names = list_models(args.pattern)
+    if not names:
+        raise AttnlabError(f"no model matches {args.pattern!r}")
+    chans, h, w = args.input_size
+    print(f"{'model':<22} {'params':>12} {'MFLOPs':>10}   (input {chans}×{h}×{w}, {args.num_classes} classes)")
+    for name in names:
+        model = create_model(name, num_classes=args.num_classes, in_chans=chans)
+        params = sum(p.numel() for p in model.parameters())
+        flops = count_flops(model, chans, (h, w), torch.device("cpu"))
+        print(f"{name:<22} {params:>12,} {flops / 1e6:>10.1f}")
+    return 0
+
+
+def _input_size(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+    return c, h, w
+
+
+# ---------------------------------------------------------------------------------------------------------- bench, data
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    from .models import list_models
+    from .train.bench import benchmark_models, format_table
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in list_models()]
+    if unknown:
+        from .errors import unknown_name
+
+        raise unknown_name("model", unknown[0], list_models())
+    rows = benchmark_models(
+        names,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        amp=args.amp,
+        repeats=args.repeats,
+        device=args.device,
+        channels_last=args.channels_last,
+    )
+    print(format_table(rows))
+    if args.csv:
+        path = Path(args.csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+
+    bundle = load_dataset(args.name, args.data_dir, download=args.download, **dict(args.data_arg))
+    c, (h, w) = bundle.in_chans, bundle.image_size
+    print(
+        f"{bundle.name}: train {len(bundle.train)}, val {len(bundle.val)}, test {len(bundle.test)} images of "
+        f"{c}×{h}×{w}, {bundle.num_classes} classes; mean {[round(m, 4) for m in bundle.mean]}, "
+        f"std {[round(s, 4) for s in bundle.std]}; from {bundle.origin}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="attnlab", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"attnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model; writes config, metrics, checkpoints, weights, summary")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run (or a model.safetensors) on a dataset split")
+    p.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
+    p.add_argument("--dataset", help="default: the run's own dataset")
+    p.add_argument("--data-dir")
+    p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list models with parameters and FLOPs")
+    p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'cram_*'")
+    p.add_argument("--input-size", type=_input_size, default=(3, 32, 32), metavar="C,H,W")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="params, FLOPs, latency and train-step throughput of models, side by side")
+    p.add_argument(
+        "--models",
+        default="resnet20,se_resnet20,eca_resnet20,cbam_resnet20,spatial_resnet20,"
+        "cram_resnet20,aw_resnet20,fmm_resnet20",
+        help="comma-separated; the first is the baseline",
+    )
+    p.add_argument("--input-size", type=_input_size, default=(3, 32, 32), metavar="C,H,W")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU (fp16 on CUDA)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--csv", help="also write the table to this CSV file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="find (or --download) a dataset and describe it")
+    p.add_argument("name", help="dataset name, e.g. fashion-mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--download", action="store_true", help="fetch it from its official source if it is not found")
+    p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except AttnlabError as e:
+        print(f"attnlab: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("attnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

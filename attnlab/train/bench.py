@@ -1,0 +1,124 @@
+"""Side-by-side cost of models: parameters, FLOPs, inference latency and training-step throughput.
+
+Timings on a shared machine are noisy, so models are measured round-robin (model A, B, C, A, B, C, ...) within one
+process and the median of the repeats is reported, together with the ratio to the first model (the baseline).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..models import create_model
+from .engine import count_flops
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def benchmark_models(
+    names: Sequence[str],
+    *,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    batch_size: int = 256,
+    num_classes: int = 10,
+    amp: bool = False,
+    channels_last: bool = True,
+    repeats: int = 10,
+    warmup: int = 3,
+    latency_batch: int = 1,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Measure every model in ``names``; the first is the baseline of the ``*_ratio`` columns.
+
+    Returns one dict per model: params, flops (forward, one image), latency_ms (median forward of ``latency_batch``
+    images, eval mode), train_step_ms and train_img_per_s (median SGD step at ``batch_size``), and their ratios.
+    """
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *input_size, generator=gen).to(dev, memory_format=memory_format)
+    y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
+    x_latency = x[:latency_batch]
+    setups = []
+    for name in names:
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=num_classes, in_chans=input_size[0]).to(dev, memory_format=memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, optimizer=optimizer):
+            with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+                loss = F.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        @torch.no_grad()
+        def infer(model=model):
+            with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+                model(x_latency)
+
+        setups.append((name, model, step, infer))
+
+    step_times: dict[str, list[float]] = {name: [] for name in names}
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        for name, model, step, infer in setups:
+            model.train()
+            t_step = _timed(step, dev)
+            model.eval()
+            t_infer = _timed(infer, dev)
+            if i >= warmup:
+                step_times[name].append(t_step)
+                latencies[name].append(t_infer)
+
+    rows = []
+    for name, model, _, _ in setups:
+        step_s = statistics.median(step_times[name])
+        rows.append(
+            {
+                "model": name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "flops": count_flops(model, input_size[0], input_size[1:], dev),
+                "latency_ms": 1000 * statistics.median(latencies[name]),
+                "train_step_ms": 1000 * step_s,
+                "train_img_per_s": batch_size / step_s,
+                "amp": "bf16" if amp and dev.type == "cpu" else ("fp16" if amp else "off"),
+                "batch_size": batch_size,
+                "input_size": "×".join(map(str, input_size)),
+                "device": device,
+            }
+        )
+    base = rows[0]
+    for row in rows:
+        row["train_step_ratio"] = row["train_step_ms"] / base["train_step_ms"]
+        row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table of `benchmark_models` rows."""
+    header = f"{'model':<20} {'params':>10} {'MFLOPs':>8} {'latency ms':>11} {'step ms':>9} {'img/s':>8} {'step ×':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<20} {r['params']:>10,} {r['flops'] / 1e6:>8.1f} {r['latency_ms']:>11.2f} "
+            f"{r['train_step_ms']:>9.1f} {r['train_img_per_s']:>8.0f} {r['train_step_ratio']:>7.3f}"
+        )
+    return "\n".join(lines)

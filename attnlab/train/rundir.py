@@ -1,0 +1,89 @@
+"""The output folder of a run: what lives there, who may write it, and refusing to overwrite a finished one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import AttnlabError
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoints")
+
+
+class RunDir:
+    """Paths of a run's files under ``root``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.metrics = self.root / "metrics.jsonl"
+        self.summary = self.root / "summary.json"
+        self.weights = self.root / "model.safetensors"
+        self.checkpoints = self.root / "checkpoints"
+        self.lock = self.root / ".lock"
+
+    def has_run(self) -> bool:
+        return any((self.root / name).exists() for name in RUN_FILES)
+
+    def prepare(self, resume: bool) -> None:
+        """Create the folder; refuse an existing run unless resuming, and an unwritable place always."""
+        if self.root.exists() and not self.root.is_dir():
+            raise AttnlabError(f"--out {self.root}: exists and is not a directory")
+        if self.has_run() and not resume:
+            raise AttnlabError(
+                f"--out {self.root}: holds an earlier run; pass --resume to continue it, or pick another --out"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AttnlabError(f"--out {self.root}: cannot create it ({e.strerror})") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise AttnlabError(f"--out {self.root}: not writable")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``OUT/.lock`` for the duration; a second process is refused, a stale lock (dead owner) is cleared."""
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise AttnlabError(
+                        f"--out {self.root}: in use by process {owner['pid']} on {owner['host']} "
+                        f"(remove {self.lock} if that is wrong)"
+                    ) from None
+                self.lock.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        else:
+            raise AttnlabError(f"--out {self.root}: could not take {self.lock}")
+        try:
+            yield
+        finally:
+            self.lock.unlink(missing_ok=True)
+
+    def _owner(self) -> dict | None:
+        try:
+            return json.loads(self.lock.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable or half-written by a process that died: treat as stale
+
+
+def _alive(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: we cannot tell, so respect the lock
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    return True

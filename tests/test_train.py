@@ -1,0 +1,200 @@
+"""The training engine end to end on small synthetic data: files, determinism, exact resume, DDP, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnlab.cli import main
+from attnlab.train import TrainConfig, load_trained, train
+
+SYNTH = {"shape": [1, 12, 12], "size": 384, "test_size": 128, "num_classes": 4}
+TIMING = {"epoch_time", "img_per_s"}
+
+
+def tiny(out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model="resnet20",
+        dataset="synthetic",
+        dataset_options=SYNTH,
+        epochs=2,
+        batch_size=64,
+        val_size=64,
+        out=str(out),
+        lr=0.05,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def numbers(out: Path) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics(out)]
+
+
+def weights_equal(a: Path, b: Path) -> bool:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_train_writes_every_file_and_learns(tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny(out, epochs=6, lr=0.1), log=lambda _: None)
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "summary.json"):
+        assert (out / name).is_file(), name
+    history = metrics(out)
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time", "img_per_s"} <= history[0].keys()
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert summary["val_acc"] > 0.5  # 4 learnable classes: chance is 0.25
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == summary
+    for key in ("val_acc", "test_acc", "params", "flops", "wall_time_s", "train_img_per_s", "versions", "device"):
+        assert key in saved
+    assert saved["params"] == sum(p.numel() for p in load_trained(out)[0].parameters())
+    assert saved["flops"] > 2 * saved["params"]  # convs reuse weights over positions
+    assert len(list((out / "checkpoints").glob("epoch-*.json"))) == 2  # only the newest two are kept
+    assert TrainConfig.from_yaml(out / "config.yaml") == tiny(out, epochs=6, lr=0.1)
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path):
+    train(tiny(tmp_path / "a"), log=lambda _: None)
+    train(tiny(tmp_path / "b"), log=lambda _: None)
+    train(tiny(tmp_path / "c", seed=1), log=lambda _: None)
+    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
+    assert weights_equal(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
+    assert numbers(tmp_path / "a") != numbers(tmp_path / "c")
+
+
+def test_eval_command_reproduces_the_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train(tiny(out), log=lambda _: None)
+    assert main(["eval", "--checkpoint", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["acc"] == pytest.approx(summary["test_acc"]) and result["loss"] == pytest.approx(summary["test_loss"])
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "model.safetensors"),
+                "--dataset",
+                "synthetic",
+                "--split",
+                "val",
+                *[f"--data-arg={k}={v}" for k, v in SYNTH.items()],
+            ]
+        )
+        == 0
+    )
+
+
+def _cli_train(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "attnlab",
+        "train",
+        "--model",
+        "resnet20",
+        "--dataset",
+        "synthetic",
+        *[f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()],
+        "--epochs",
+        "4",
+        "--batch-size",
+        "64",
+        "--val-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(_cli_train(reference), check=True, env=_env(), capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_train(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "epoch-0002.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    # refuses to overwrite without --resume, and changes nothing
+    before = sorted(p.name for p in out.rglob("*"))
+    refused = subprocess.run(_cli_train(out), env=_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted(p.name for p in out.rglob("*")) == before
+    # `attnlab train --out RUN --resume` takes the rest of the settings from the run itself
+    resumed = subprocess.run(
+        [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert weights_equal(reference / "model.safetensors", out / "model.safetensors")
+    assert numbers(reference) == numbers(out)
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny(out), resume=True, log=lambda _: None)
+    assert summary["epochs"] == 2 and len(metrics(out)) == 2
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, epochs=1), log=lambda _: None)
+    with pytest.raises(ValueError, match="lr=0.05 but this command asks for 0.1"):
+        train(tiny(out, epochs=2, lr=0.1), resume=True, log=lambda _: None)
+    summary = train(tiny(out, epochs=2), resume=True, log=lambda _: None)  # more epochs is fine
+    assert [m["epoch"] for m in metrics(out)] == [1, 2] and summary["epochs"] == 2
+
+
+def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "attnlab",
+        *_cli_train(out)[3:],
+    ]
+    cmd[cmd.index("4")] = "2"  # two epochs
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(metrics(out)) == 2  # rank 0 alone wrote
+    assert done.stdout.count("epoch 2/2") == 1
+    # the shards cover the data: each epoch saw (almost) all training images
+    assert metrics(out)[0]["img_per_s"] > 0 and summary["val_acc"] > 0.3
