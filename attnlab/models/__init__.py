@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import resnet as timm_resnet
 from torch import nn
@@ -116,6 +115,8 @@ def _check_input(model: nn.Module, args: tuple) -> None:
         )
     if not x.is_floating_point():
         raise AttnlabError(f"model input must be floating point, got {x.dtype} (normalise images first)")
+    if model.check_finite and not torch.isfinite(x).all():
+        raise AttnlabError("model input contains NaN or Inf values")
 
 
 def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -129,6 +130,7 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     attn = kwargs.pop("attn_layer", variant.attn)
     attn_kwargs = kwargs.pop("attn_kwargs", None) or {}
     where = kwargs.pop("attn_where", "all")
+    check_finite = bool(kwargs.pop("check_finite", False))
     block_args = {
         "merge": kwargs.pop("merge", variant.merge),
         "aw": kwargs.pop("aw", variant.aw),
@@ -149,6 +151,7 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     restrict_attention(model, where)
     if not kwargs.get("features_only"):
         model.min_input_size = arch.min_size
+        model.check_finite = check_finite
         model.register_forward_pre_hook(_check_input)
     return model
 
@@ -165,7 +168,8 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
         in_chans: input channels.
         **kwargs: ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it), ``attn_where`` (``"all"``,
             ``"last"`` or stage numbers), ``merge`` (a merge name), ``aw`` (bool, or a dict of AWConv2d options),
-            ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``.
+            ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``, ``check_finite`` (refuse inputs
+            holding NaN/Inf: one reduction per forward, off by default).
     """
     return _build(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 

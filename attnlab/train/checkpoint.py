@@ -145,6 +145,12 @@ def _join_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return state
 
 
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary files that a killed writer left in ``directory`` (call only while holding the run's lock)."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(directory: Path, epoch: int, states: dict[str, Any], info: dict[str, Any]) -> Path:
     """Write checkpoint ``epoch-NNNN`` into ``directory`` and keep only the newest `KEEP`.
 

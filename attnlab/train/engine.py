@@ -29,9 +29,15 @@ from ..data import DataBundle, Split, batches, load_dataset, num_batches
 from ..errors import AttnlabError
 from ..models import create_model
 from . import distributed
-from .checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic, write_text_atomic
+from .checkpoint import (
+    latest_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_tensors_atomic,
+    write_text_atomic,
+)
 from .config import RESUMABLE_CHANGES, TrainConfig, read_yaml
-from .optim import make_optimizer, make_scheduler
+from .optim import make_optimizer, make_scheduler, schedule_for
 from .rundir import RunDir
 
 
@@ -67,6 +73,13 @@ def build_model(cfg: TrainConfig, bundle: DataBundle) -> nn.Module:
     num_classes = kwargs.pop("num_classes", bundle.num_classes)
     if num_classes != bundle.num_classes:
         raise AttnlabError(f"num_classes={num_classes} but {bundle.name} has {bundle.num_classes} classes")
+    for split_name in ("train", "val", "test"):
+        labels = getattr(bundle, split_name).labels
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise AttnlabError(
+                f"{bundle.name}: {split_name} labels must lie in [0, {num_classes}), found "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
     model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if min(bundle.image_size) < model.min_input_size:
         h, w = bundle.image_size
@@ -91,6 +104,12 @@ def evaluate(
     """Mean cross-entropy and accuracy of ``model`` on ``split`` (summed over ranks when distributed)."""
     dist = dist or distributed.Dist()
     device = torch.device(device)
+    num_classes = getattr(model, "num_classes", None) or getattr(getattr(model, "module", None), "num_classes", None)
+    if num_classes and len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
+        raise AttnlabError(
+            f"labels must lie in [0, {num_classes}) for this model, found "
+            f"{int(split.labels.min())}..{int(split.labels.max())}"
+        )
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
@@ -230,6 +249,9 @@ def _train(cfg, dist, device, resume, progress, log) -> dict[str, Any]:
 
 def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict[str, Any]:
     started = time.time()
+    if dist.is_main:
+        for folder in (run.root, run.checkpoints):
+            remove_stale_temporaries(folder)
     torch.manual_seed(cfg.seed)
     if cfg.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)  # slow: names the op that produced a NaN in backward
@@ -263,6 +285,9 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
         model.load_state_dict(states["model"])
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
+        # the step count comes from the checkpoint, the schedule's length from this config: resuming with more
+        # epochs stretches the rest of the schedule (identical to the saved one when epochs did not change)
+        scheduler.lr_lambdas = [schedule_for(cfg, steps_per_epoch) for _ in scheduler.lr_lambdas]
         scaler.load_state_dict(states["scaler"])
         _set_rng_state(states["rng"], device)
         history = info["history"][:start_epoch]
@@ -305,6 +330,8 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             dynamic_ncols=True,
         )
         for x, y in bar:
+            # "skip" must also undo what a bad forward did to BN running statistics
+            saved_buffers = [b.clone() for b in model.buffers()] if cfg.nonfinite == "skip" else None
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -314,18 +341,23 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            if not scaler.is_enabled() and not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+            # with fp16 the GradScaler itself skips steps with inf/NaN gradients and lowers its scale
+            if not scaler.is_enabled() and not (torch.isfinite(grad_norm) and torch.isfinite(total)):
                 if cfg.nonfinite == "stop":
                     raise TrainingDiverged(
-                        f"non-finite {'loss' if not torch.isfinite(loss) else 'gradients'} at epoch {epoch + 1}; "
+                        f"non-finite {'loss' if not torch.isfinite(total) else 'gradients'} at epoch {epoch + 1}; "
                         f"the last good checkpoint is in {run.checkpoints} (try a lower --lr, --grad-clip, or "
                         "--nonfinite skip)"
                     )
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-            else:
-                scaler.step(optimizer)
-                scaler.update()
+                with torch.no_grad():
+                    for buffer, saved in zip(model.buffers(), saved_buffers):
+                        buffer.copy_(saved)
+                scheduler.step()
+                continue
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             with torch.no_grad():
                 sums += torch.stack(
@@ -341,6 +373,7 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             torch.cuda.synchronize(device)
         epoch_seconds = time.perf_counter() - t0
         loss_sum, correct, count = dist.all_sum(sums).tolist()
+        count = max(count, 1)  # every step of the epoch may have been skipped
         train_images += count
         train_seconds += epoch_seconds
         val = evaluate(

@@ -46,7 +46,10 @@ class WarmupSchedule:
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def schedule_for(cfg: TrainConfig, steps_per_epoch: int) -> WarmupSchedule:
     total = cfg.epochs * steps_per_epoch
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(total, warmup, cfg.schedule))
+    return WarmupSchedule(total, min(total, round(cfg.warmup_epochs * steps_per_epoch)), cfg.schedule)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_for(cfg, steps_per_epoch))
