@@ -147,10 +147,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise AttnlabError(f"{args.checkpoint}: no config.yaml beside the weights; pass --dataset")
-    options = dict(cfg.dataset_options) if cfg and dataset == cfg.dataset else {}
+    same_data = cfg is not None and dataset == cfg.dataset
+    options = dict(cfg.dataset_options) if same_data else {}
     options.update(dict(args.data_arg))
     bundle = load_dataset(
-        dataset, args.data_dir or (cfg.data_dir if cfg else None), val_size=cfg.val_size if cfg else None, **options
+        dataset,
+        args.data_dir or (cfg.data_dir if same_data else None),
+        val_size=cfg.val_size if same_data else None,
+        **options,
     )
     if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
         raise AttnlabError(
