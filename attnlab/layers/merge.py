@@ -1,0 +1,259 @@
+"""Residual merges: how a block combines its residual branch F with its shortcut S.
+
+A block computes ``act(merge(F, S))``, F being the residual branch after its last BN (and after its attention, if any)
+and S the shortcut (the input, or a 1×1 conv + BN when the shape changes). ``add`` is ResNet's F + S. The rest are
+FMMNet's multiplicative family (Ye et al., "Towards Understanding the Effectiveness of Attention Mechanism",
+arXiv 2106.15067): the paper replaces the residual addition with a multiplication of feature maps and claims the product
+regularises and smooths the network. The abstract does not fix the product's form, and the first author's later
+Caltech-101 runs found it decides everything: BN(F)·BN(S) 77.1%, (σ(F)+1)·BN(S) 78.2%, (σ(BN(S))+0.5)·BN(F) 87.4%,
+against 87.6% for addition. So the form is a switch, and every variant is written so the network starts at a sane scale.
+
+Scale at initialisation (measured by tests/test_merge.py on resnet110 and resnet20 at init, seed 0):
+
+- ``mul``: inside a stage S ≥ 0 (after a ReLU) and F ≈ N(0, 1), so ReLU(F ⊙ S) = S · ReLU(F) zeroes about half of the
+  live units in each block, and a zero stays zero in every later product: the live fraction goes 0.25, 0.13, 0.06, ...
+  and resnet110 is all zeros from its 9th block on. After a downsample S is a BN output, F is computed from S and
+  correlates with it, and the products compound heavy tails (resnet20 block outputs reach std 10²–10³). No init of this
+  formula avoids both; it is kept as the literal baseline, the one the evidence says fails.
+- ``mul_bn``, ``gate_shortcut``: renormalising S revives zeroed units, and the forward stays near unit scale at any
+  depth. But neither keeps an identity path, so at init the network is a plain (skip-less) BN network, and its gradient
+  explodes with depth like one: total gradient norm resnet20 → resnet110 ≈ 10² → 10¹⁵ (``mul_bn``), 5 → 10⁷
+  (``gate_shortcut``), against 0.8–0.9 for ``add``. Shallow nets train; deep ones need clipping at least.
+- ``gate``, ``mul_residual``: a factor that is exactly 1 at init once F's last BN is zeroed, so each block starts as
+  the identity, as in ResNet; forward scale and gradient norm then match ``add``'s at every depth.
+
+Half precision: the product of two fp16 activations of a few hundred overflows (65504), and bf16 keeps 8 mantissa bits.
+Every multiplicative merge therefore computes its formula in fp32 when an input is fp16/bf16 and clamps the result to
+the input dtype's finite range before casting back (BN on S runs first, in the input's dtype, as the rest of the net).
+``add`` is left as plain ResNet addition.
+
+Each merge class states ``zero_init_residual``: whether zeroing F's last BN weight (timm's ``zero_init_last``) is right
+for it. ``DEFAULT_FMM_MERGE`` is the variant the ``fmm_`` models use, chosen on validation accuracy by
+benchmarks/fmm_variants.py: resnet20 on Fashion-MNIST, 3500 training images, 3000 validation images carved from the
+training pool, 3 epochs at batch 32 (≈330 SGD steps), the engine's default recipe otherwise, seeds 0, 1, 2; a 2-core
+CPU shared with other jobs, one thread per run, two runs at a time, 763 s wall (per-run wall times sum to 1485 s)::
+
+    OMP_NUM_THREADS=1 python benchmarks/fmm_variants.py --seeds 3 --epochs 3 --subset 3500 --val-size 3000 \\
+        --batch-size 32 --jobs 2
+
+    merge           val acc % (mean ± std, 3 seeds)   test acc % (not used to choose)
+    gate_shortcut   77.51 ± 0.28  (selected)          77.12 ± 0.36
+    mul_residual    76.39 ± 0.43                      75.93 ± 0.45
+    add             76.07 ± 1.04  (reference)         75.76 ± 0.87
+    gate            66.46 ± 0.76                      65.17 ± 0.36
+    mul_bn          10.99 ± 1.18  (chance)            10.35 ± 0.17
+    mul             diverged in epoch 1, 3/3 seeds    —
+
+The budget ranks how well each merge starts to train, not final accuracy, and gate_shortcut's lead over add is not
+significant at 3 seeds (Welch t = 2.3, p = 0.13); over mul_residual it is (t = 3.8, p = 0.03). The order matches the
+Caltech evidence: (σ(BN(S))+0.5)·F level with addition, the bare and BN products far behind. ``mul_bn`` and ``mul``
+also stayed at chance with gradients clipped to norm 1 and with lr 0.01 (seed 0; block outputs on Fashion-MNIST at
+init reach |y| ≈ 10³ with std ≈ 6: BN of sparse, mostly-background maps makes heavy tails that the products compound).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import AttnlabError, unknown_name
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.dtype]:
+    """The tensors in fp32 if any is half precision, and the dtype the result must be returned in."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if dtype in _HALF:
+        return [t.float() for t in tensors], dtype
+    return list(tensors), dtype
+
+
+def _downcast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``y`` in ``dtype``, clamped to its finite range so a large product saturates instead of becoming inf."""
+    if y.dtype == dtype:
+        return y
+    limit = torch.finfo(dtype).max
+    return y.clamp(-limit, limit).to(dtype)
+
+
+class AddMerge(nn.Module):
+    """y = F + S (ResNet). The block applies its activation afterwards."""
+
+    zero_init_residual = True  # F = 0 at init makes the block the identity
+
+    def __init__(self, channels: int):
+        super().__init__()
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return residual + shortcut
+
+
+class MulMerge(nn.Module):
+    """y = g · F ⊙ S, the literal FMMNet product (g = 1 by default).
+
+    Zeroing F would zero the block, so F's BN keeps its default init (weight 1). The constant gain only sets the start
+    (F's BN weight can learn any scale): g = √2 would restore the second moment that ReLU halves when S ≥ 0, but
+    measured on resnet20 it only inflates the heavy-tailed later stages (logit std 10–190 vs 4–67 with g = 1, 3 seeds),
+    and no gain revives the units the product zeroes (module docstring).
+
+    Args:
+        channels: channels of F and S (unused; kept so every merge takes ``channels`` first).
+        gain: constant factor g > 0.
+    """
+
+    zero_init_residual = False
+
+    def __init__(self, channels: int, gain: float = 1.0):
+        super().__init__()
+        if not gain > 0:
+            raise AttnlabError(f"merge 'mul' needs gain > 0, got {gain}")
+        self.gain = float(gain)
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        (f, s), dtype = _upcast(residual, shortcut)
+        return _downcast(self.gain * f * s, dtype)
+
+    def extra_repr(self) -> str:
+        return f"gain={self.gain:.4g}"
+
+
+class MulBNMerge(nn.Module):
+    """y = F ⊙ BN(S): the "BN(F)·BN(S)" product, F's BN being the block's own last BN (our reading).
+
+    F already ends in a BN, and a second one right after it is the same function (BN∘BN = BN up to eps in training), so
+    only S gets a new BN; ``bn_residual=True`` adds the literal second BN on F anyway. Re-centring S every block revives
+    the units an earlier ReLU zeroed, so the forward does not cascade; with no identity path the gradient does, with
+    depth (module docstring). Both BNs start at weight 1, bias 0; F's BN is not zeroed (it would zero the block).
+
+    Args:
+        channels: channels of F and S.
+        bn_residual: also normalise F inside the merge (redundant with the block's last BN).
+    """
+
+    zero_init_residual = False
+
+    def __init__(self, channels: int, bn_residual: bool = False):
+        super().__init__()
+        self.bn_shortcut = nn.BatchNorm2d(channels)
+        self.bn_residual = nn.BatchNorm2d(channels) if bn_residual else nn.Identity()
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        (f, s), dtype = _upcast(self.bn_residual(residual), self.bn_shortcut(shortcut))
+        return _downcast(f * s, dtype)
+
+
+class GateMerge(nn.Module):
+    """y = (σ(F) + c) ⊙ S: the residual branch as a gate in (c, c + 1) on the shortcut; c = 0.5 by default.
+
+    With F's last BN zeroed, σ(0) + 0.5 = 1 and the block is the identity at init, as ResNet's (gradient still reaches
+    F, through σ'(0) = 1/4). The Caltech form (σ(F)+1)·BN(S) is ``offset=1, bn_shortcut=True``; ``offset=1`` alone would
+    scale S by 1.5 per block at init, 1.5¹⁷ ≈ 10³ across one stage of resnet110, which is why it is not the default.
+
+    Args:
+        channels: channels of F and S.
+        offset: the constant c; must be ≥ 0 so the gate stays positive.
+        bn_shortcut: normalise S before gating it.
+    """
+
+    zero_init_residual = True
+
+    def __init__(self, channels: int, offset: float = 0.5, bn_shortcut: bool = False):
+        super().__init__()
+        if not offset >= 0:
+            raise AttnlabError(f"merge 'gate' needs offset >= 0, got {offset}")
+        self.offset = float(offset)
+        self.bn_shortcut = nn.BatchNorm2d(channels) if bn_shortcut else nn.Identity()
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        (f, s), dtype = _upcast(residual, self.bn_shortcut(shortcut))
+        return _downcast((torch.sigmoid(f) + self.offset) * s, dtype)
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset:.4g}"
+
+
+class GateShortcutMerge(nn.Module):
+    """y = (σ(BN(S)) + c) ⊙ F: the shortcut as a gate in (c, c + 1) on the residual branch; c = 0.5 by default.
+
+    The best product of the Caltech runs ((σ(BN(S))+0.5)·BN(F), F's BN being the block's own). The gate averages ≈ 1 at
+    init, so y has F's unit scale; F is renormalised every block, so depth does not compound it. There is no identity
+    path (S reaches y only through the gate), so the gradient grows with depth as in a plain network (module
+    docstring). Zeroing F would zero the block, so F's BN keeps its default init.
+
+    Args:
+        channels: channels of F and S.
+        offset: the constant c; must be ≥ 0 so the gate stays positive.
+    """
+
+    zero_init_residual = False
+
+    def __init__(self, channels: int, offset: float = 0.5):
+        super().__init__()
+        if not offset >= 0:
+            raise AttnlabError(f"merge 'gate_shortcut' needs offset >= 0, got {offset}")
+        self.offset = float(offset)
+        self.bn_shortcut = nn.BatchNorm2d(channels)
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        (f, s), dtype = _upcast(residual, self.bn_shortcut(shortcut))
+        return _downcast((torch.sigmoid(s) + self.offset) * f, dtype)
+
+    def extra_repr(self) -> str:
+        return f"offset={self.offset:.4g}"
+
+
+class MulResidualMerge(nn.Module):
+    """y = (1 + F) ⊙ S = S + F ⊙ S: a multiplicative residual, the product's analogue of F + S (our addition).
+
+    With F's last BN zeroed the block is exactly the identity at init, like ResNet's, and F receives the gradient S; the
+    block then learns a per-unit relative change of S instead of an additive one. Unlike ``gate`` the factor is
+    unbounded, so training can also switch units off (1 + F ≤ 0).
+
+    Args:
+        channels: channels of F and S (unused; kept so every merge takes ``channels`` first).
+    """
+
+    zero_init_residual = True
+
+    def __init__(self, channels: int):
+        super().__init__()
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        (f, s), dtype = _upcast(residual, shortcut)
+        return _downcast((1.0 + f) * s, dtype)
+
+
+_MERGES: dict[str, type[nn.Module]] = {
+    "add": AddMerge,
+    "mul": MulMerge,
+    "mul_bn": MulBNMerge,
+    "gate": GateMerge,
+    "gate_shortcut": GateShortcutMerge,
+    "mul_residual": MulResidualMerge,
+}
+DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fmm_variants.py (module docstring)
+
+
+def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
+    """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
+    try:
+        cls = _MERGES[name]
+    except KeyError:
+        raise unknown_name("merge", name, _MERGES) from None
+    try:
+        inspect.signature(cls).bind(channels, **kwargs)
+    except TypeError:
+        options = [p for p in inspect.signature(cls).parameters if p != "channels"]
+        raise AttnlabError(
+            f"merge '{name}' got options {sorted(kwargs)}; it accepts {options or 'none'}") from None
+    return cls(channels, **kwargs)
+
+
+def list_merges() -> list[str]:
+    """Registered merge names, sorted."""
+    return sorted(_MERGES)
