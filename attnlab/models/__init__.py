@@ -133,6 +133,7 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     check_finite = bool(kwargs.pop("check_finite", False))
     block_args = {
         "merge": kwargs.pop("merge", variant.merge),
+        "merge_args": kwargs.pop("merge_args", None),
         "aw": kwargs.pop("aw", variant.aw),
         **kwargs.pop("block_args", {}),
     }
@@ -167,7 +168,8 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
         num_classes: classifier outputs.
         in_chans: input channels.
         **kwargs: ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it), ``attn_where`` (``"all"``,
-            ``"last"`` or stage numbers), ``merge`` (a merge name), ``aw`` (bool, or a dict of AWConv2d options),
+            ``"last"`` or stage numbers), ``merge`` (a merge name), ``merge_args`` (dict of its options), ``aw``
+            (bool, or a dict of AWConv2d options),
             ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``, ``check_finite`` (refuse inputs
             holding NaN/Inf: one reduction per forward, off by default).
     """

@@ -4,8 +4,8 @@ The blocks are timm's `BasicBlock` / `Bottleneck` with three extra switches, so 
 ResNets and timm's ImageNet `ResNet` (through its ``block`` and ``block_args`` arguments):
 
 - ``attn_layer``: an attention module after the block's last BN and before the merge (timm's ``se`` slot);
-- ``merge``: how the residual branch F meets the shortcut S — ``"add"`` (ResNet) or an FMMNet product
-  (`attnlab.layers.merge`); the block returns act(merge(F, S));
+- ``merge`` (and ``merge_args``, its options): how the residual branch F meets the shortcut S — ``"add"`` (ResNet)
+  or an FMMNet product (`attnlab.layers.merge`); the block returns act(merge(F, S));
 - ``aw``: AW-convolution (`attnlab.layers.awconv`) in place of the 3×3 ``conv2`` — the only 3×3 conv of a basic
   block's second half and the middle conv of a bottleneck.
 
@@ -30,10 +30,13 @@ from ..layers import AWConv2d, create_merge
 class _MergeAwMixin:
     """What our blocks add to timm's: a merge module, and optionally an AW conv2."""
 
-    def _setup(self, merge: str, aw: bool | dict, outplanes: int) -> None:
+    def _setup(self, merge: str, merge_args: dict | None, aw: bool | dict, outplanes: int) -> None:
         if aw:
             self.conv2 = AWConv2d.from_conv(self.conv2, **(aw if isinstance(aw, dict) else {}))
-        self.merge = create_merge(merge, outplanes)
+        self.merge = create_merge(merge, outplanes, **(merge_args or {}))
+        if self.drop_path is not None and not self.merge.zero_init_residual:
+            # stochastic depth zeroes F; for this merge that zeroes the whole block instead of skipping it
+            raise AttnlabError(f"drop_path_rate > 0 does not suit merge '{merge}' (F = 0 is not the identity)")
 
     def zero_init_last(self) -> None:
         if self.merge.zero_init_residual:
@@ -43,9 +46,18 @@ class _MergeAwMixin:
 class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
     """timm's basic block (two 3×3 convs) with ``merge`` and ``aw`` switches; other args as timm's."""
 
-    def __init__(self, inplanes: int, planes: int, *args, merge: str = "add", aw: bool | dict = False, **kwargs):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        *args,
+        merge: str = "add",
+        merge_args: dict | None = None,
+        aw: bool | dict = False,
+        **kwargs,
+    ):
         super().__init__(inplanes, planes, *args, **kwargs)
-        self._setup(merge, aw, planes * self.expansion)
+        self._setup(merge, merge_args, aw, planes * self.expansion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -61,9 +73,18 @@ class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
 class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
     """timm's bottleneck (1×1, 3×3, 1×1) with ``merge`` and ``aw`` (on the middle 3×3) switches."""
 
-    def __init__(self, inplanes: int, planes: int, *args, merge: str = "add", aw: bool | dict = False, **kwargs):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        *args,
+        merge: str = "add",
+        merge_args: dict | None = None,
+        aw: bool | dict = False,
+        **kwargs,
+    ):
         super().__init__(inplanes, planes, *args, **kwargs)
-        self._setup(merge, aw, planes * self.expansion)
+        self._setup(merge, merge_args, aw, planes * self.expansion)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..data import DataBundle, Split, batches, load_dataset, num_batches
 from ..errors import AttnlabError
+from ..layers.cram import anneal_beta, capture_rectangles, equivariance_penalty, has_cram
 from ..models import create_model
 from . import distributed
 from .checkpoint import (
@@ -271,13 +272,9 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    penalty = None
-    if cfg.equivariance > 0:
-        from ..layers.cram import equivariance_penalty, has_cram
-
-        if not has_cram(model):
-            raise AttnlabError(f"--equivariance needs a model with CRAM layers; {cfg.model} has none")
-        penalty = equivariance_penalty
+    cram_model = has_cram(model)
+    if cfg.equivariance > 0 and not cram_model:
+        raise AttnlabError(f"--equivariance needs a model with CRAM layers; {cfg.model} has none")
 
     start_epoch, history = 0, []
     if resume and (found := latest_checkpoint(run.checkpoints)) is not None:
@@ -329,14 +326,20 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             disable=not show_bar,
             dynamic_ncols=True,
         )
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
             # "skip" must also undo what a bad forward did to BN running statistics
             saved_buffers = [b.clone() for b in model.buffers()] if cfg.nonfinite == "skip" else None
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if cram_model:  # CRAM's mask sharpness may anneal over the run
+                anneal_beta(model, (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch))
+            with (
+                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+                capture_rectangles(model) if cfg.equivariance else contextlib.nullcontext() as rectangles,
+            ):
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                # the penalty's extra forwards go through the bare model: DDP allows one forward per backward
-                total = loss + cfg.equivariance * penalty(model, x, equi_gen) if penalty else loss
+                total = loss
+                if cfg.equivariance:  # one extra forward on T(x), through the bare model (DDP: one forward each)
+                    total = loss + cfg.equivariance * equivariance_penalty(model, x, equi_gen, rectangles=rectangles)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)
