@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,8 +79,14 @@ def layer_cases(draw):
     )
     reach = geometry["dilation"] * (k - 1) + 1 - 2 * geometry["padding"]  # the input must cover the kernel
     h, w = draw(st.integers(max(reach, 1), 9)), draw(st.integers(max(reach, 1), 9))
-    layer_kw = dict(groups=groups, bias=draw(st.booleans()), gate=gate, generator=draw(st.sampled_from(["full",
-                    "factorized"])), min_hidden=draw(st.integers(1, 4)), **geometry)
+    layer_kw = dict(
+        groups=groups,
+        bias=draw(st.booleans()),
+        gate=gate,
+        generator=draw(st.sampled_from(["full", "factorized"])),
+        min_hidden=draw(st.integers(1, 4)),
+        **geometry,
+    )
     return in_channels, out_channels, k, layer_kw, (draw(st.integers(1, 3)), in_channels, h, w), draw(st.integers())
 
 
@@ -295,3 +303,16 @@ def test_aw_stacks_on_channel_attention(name):
     out.sum().backward()
     assert out.shape == (2, 10)
     assert sum(isinstance(m, AWConv2d) for m in model.modules()) == 9
+
+
+@pytest.mark.parametrize("generator", ["full", "factorized"])
+def test_channels_last_model_gives_the_same_outputs_and_gradients(generator):
+    """The trainer runs models in channels-last memory format by default: AW must give the same numbers there."""
+    torch.manual_seed(0)
+    dense = attnlab.create_model("aw_resnet20", num_classes=4, in_chans=1, aw={"generator": generator})
+    last = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 1, 12, 12)
+    for model, inp in ((dense, x), (last, x.contiguous(memory_format=torch.channels_last))):
+        model(inp).square().mean().backward()
+    for (name, p), q in zip(dense.named_parameters(), last.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

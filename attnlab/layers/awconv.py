@@ -152,9 +152,9 @@ class _AWConvFunction(torch.autograd.Function):
             if need_logits:
                 grad_attn = grad_weights.mul_(weight)
         if need_logits and grad_attn_seen is not None:  # a loss on A itself (through the probe)
-            grad_attn_seen = grad_attn_seen.view(attn.shape)
+            grad_attn_seen = grad_attn_seen.reshape(attn.shape)
             grad_attn = grad_attn_seen.clone() if grad_attn is None else grad_attn.add_(grad_attn_seen)
-        grad_logits = None if grad_attn is None else _gate_backward_(grad_attn, attn, *ctx.gate).view_as(attn_as_output)
+        grad_logits = None if grad_attn is None else _gate_backward_(grad_attn, attn, *ctx.gate).reshape(attn_as_output.shape)
         return grad_x, grad_logits, grad_weight, None, None
 
 
