@@ -98,8 +98,13 @@ def _grouped_conv(x: torch.Tensor, weights: torch.Tensor, geometry: tuple) -> to
     """conv(x_b, weights_b) for every sample b as ONE convolution: the batch folded into the groups."""
     stride, padding, dilation, groups = geometry
     b = x.shape[0]
+    # the folded batch runs in NCHW; the result goes back to the input's layout, so that a channels-last network
+    # stays channels-last around this layer (mixed layouts downstream cost more than this copy)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x, weights = x.contiguous(), weights.contiguous()
     out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weights.flatten(0, 1), None, stride, padding, dilation, b * groups)
-    return out.view(b, -1, *out.shape[2:])
+    out = out.view(b, -1, *out.shape[2:])
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def _grouped_conv_backward(
@@ -108,10 +113,19 @@ def _grouped_conv_backward(
     """Gradients of `_grouped_conv` for x (B×C_in×H×W) and the per-sample weights (B×C_out×C_in/groups×k×k)."""
     stride, padding, dilation, groups = geometry
     dtype = grad_out.dtype  # under autocast the convolution ran in grad_out's dtype
+    grad_out, x, weights = grad_out.contiguous(), x.contiguous(), weights.contiguous()
     grad_x, grad_weights, _ = torch.ops.aten.convolution_backward(
-        grad_out.reshape(1, -1, *grad_out.shape[2:]), x.reshape(1, -1, *x.shape[2:]).to(dtype),
-        weights.to(dtype).flatten(0, 1), None, list(stride), list(padding), list(dilation), False, [0, 0],
-        x.shape[0] * groups, [need_x, need_weights, False],
+        grad_out.reshape(1, -1, *grad_out.shape[2:]),
+        x.reshape(1, -1, *x.shape[2:]).to(dtype),
+        weights.to(dtype).flatten(0, 1),
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0, 0],
+        x.shape[0] * groups,
+        [need_x, need_weights, False],
     )
     grad_x = grad_x.view(x.shape) if need_x else None
     grad_weights = grad_weights.view(weights.shape).to(weights.dtype) if need_weights else None
@@ -154,7 +168,9 @@ class _AWConvFunction(torch.autograd.Function):
         if need_logits and grad_attn_seen is not None:  # a loss on A itself (through the probe)
             grad_attn_seen = grad_attn_seen.reshape(attn.shape)
             grad_attn = grad_attn_seen.clone() if grad_attn is None else grad_attn.add_(grad_attn_seen)
-        grad_logits = None if grad_attn is None else _gate_backward_(grad_attn, attn, *ctx.gate).reshape(attn_as_output.shape)
+        grad_logits = None
+        if grad_attn is not None:
+            grad_logits = _gate_backward_(grad_attn, attn, *ctx.gate).reshape(attn_as_output.shape)
         return grad_x, grad_logits, grad_weight, None, None
 
 
@@ -292,9 +308,18 @@ class AWConv2d(nn.Conv2d):
         if not isinstance(conv, nn.Conv2d):
             raise AttnlabError(f"AWConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__}")
         aw = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **kwargs,
         )
         with torch.no_grad():
             aw.weight.copy_(conv.weight)

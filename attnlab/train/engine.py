@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..data import DataBundle, Split, batches, load_dataset, num_batches
 from ..errors import AttnlabError
+from ..layers import AWConv2d
 from ..layers.cram import anneal_beta, capture_rectangles, equivariance_penalty, has_cram
 from ..models import create_model
 from . import distributed
@@ -262,7 +263,10 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
     if not cfg.augment:
         bundle = dataclasses.replace(bundle, crop_padding=0, hflip=False)
     model = build_model(cfg, bundle).to(device)
-    if cfg.channels_last:
+    channels_last = cfg.channels_last
+    if channels_last is None:
+        channels_last = not any(isinstance(m, AWConv2d) for m in model.modules())
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast_dtype = amp_dtype(cfg, device)
     per_rank_batch = max(1, cfg.batch_size // dist.world_size)
@@ -316,7 +320,7 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             rank=dist.rank,
             world_size=dist.world_size,
             device=device,
-            channels_last=cfg.channels_last,
+            channels_last=channels_last,
         )
         bar = tqdm(
             stream,
@@ -387,7 +391,7 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             device=device,
             dist=dist,
             autocast_dtype=autocast_dtype,
-            channels_last=cfg.channels_last,
+            channels_last=channels_last,
         )
         record = {
             "epoch": epoch + 1,
@@ -426,7 +430,7 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
         device=device,
         dist=dist,
         autocast_dtype=autocast_dtype,
-        channels_last=cfg.channels_last,
+        channels_last=channels_last,
     )
     summary = None
     if dist.is_main:
