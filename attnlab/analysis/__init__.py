@@ -1,0 +1,59 @@
+"""Analyses that test what the papers claim, as library functions and as ``attnlab analyze NAME``.
+
+- ``consistency``: do attention weights agree with feature importance? (`attnlab.analysis.consistency`)
+- ``smoothness``: how smooth is the network near and in-between real samples? (`attnlab.analysis.smoothness`)
+- ``landscape``: filter-normalised loss surfaces and Hessian spectrum estimates (`attnlab.analysis.landscape`)
+- ``localization``: where does spatial attention look? (`attnlab.analysis.localization`)
+
+`run_analysis` loads trained runs, runs one analysis on each, and writes ``OUT/<name>.json`` and ``OUT/<name>_*.png``.
+"""
+
+from __future__ import annotations
+
+from .consistency import consistency
+from .importance import ablation_importance, captum_importance, gradient_x_activation
+from .landscape import (
+    filter_normalized_direction,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    landscape,
+    loss_surface_1d,
+    loss_surface_2d,
+)
+from .localization import box_iou, localization, localization_iou, polygon_iou, rectangle_box_iou
+from .runner import ANALYSES, analysis_options, run_analysis
+from .sites import GateSite, gate_sites
+from .smoothness import input_gradient_norm, jacobian_frobenius, noise_robustness, path_smoothness, smoothness
+from .stats import kendall_rows, mean_ci, spearman_rows, topk_overlap
+
+__all__ = [
+    "ANALYSES",
+    "GateSite",
+    "ablation_importance",
+    "analysis_options",
+    "box_iou",
+    "captum_importance",
+    "consistency",
+    "filter_normalized_direction",
+    "gate_sites",
+    "gradient_x_activation",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "input_gradient_norm",
+    "jacobian_frobenius",
+    "kendall_rows",
+    "landscape",
+    "localization",
+    "localization_iou",
+    "loss_surface_1d",
+    "loss_surface_2d",
+    "mean_ci",
+    "noise_robustness",
+    "path_smoothness",
+    "polygon_iou",
+    "rectangle_box_iou",
+    "run_analysis",
+    "smoothness",
+    "spearman_rows",
+    "topk_overlap",
+]

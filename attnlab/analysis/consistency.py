@@ -1,0 +1,241 @@
+"""Do attention weights agree with feature importance? (FMMNet's first claim: only weakly.)
+
+For every gate of a model (SE, ECA, CBAM's channel and spatial parts, position-wise maps, CRAM masks, AW attention
+reduced to channels; see `attnlab.analysis.sites`) and every sample, the gate's value per unit is compared with the
+unit's importance for the true class (`attnlab.analysis.importance`): by exact ablation, by gradient × activation and,
+when captum is installed, by captum's layer integrated gradients. Per layer and per sample: Spearman's ρ, Kendall's
+τ-b and the top-k overlap; then the mean over samples with a 95% Student-t interval.
+
+Two controls give "weak" a yardstick:
+
+- *null*: the same gates against each sample's importances randomly permuted over the units — what ρ chance gives
+  (≈ 0, with the interval showing the noise of N samples);
+- *random gate*: the same network with the parameters of every attention module randomly permuted (entries shuffled
+  within each tensor, so their scale is kept but what they learnt is gone), analysed in full: gates that are a random
+  function of the input, against the importances in the network they now gate — what ρ the architecture alone gives.
+  It runs on the first ``control_images`` samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import AttnlabError, unknown_name
+from ..models.capture import capture_attention
+from .importance import (
+    DEFAULT_MAX_ROWS,
+    ablation_importance,
+    captum_available,
+    captum_importance,
+    gradient_x_activation,
+    inference_copy,
+)
+from .sites import GateSite, attention_parameters, gate_sites, gate_values
+from .stats import kendall_rows, mean_ci, shuffled_rows, spearman_rows, topk_overlap
+
+METHODS = ("ablation", "grad_x_act", "captum")
+
+
+@torch.inference_mode()
+def gates_and_losses(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sites: list[GateSite], *, grid: int | None = 8,
+    aw_reduce: str = "mean", batch_size: int = 512,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every site's gate per unit ({path: N×U}) and the per-sample true-class loss, from one pass over ``x``."""
+    gates: dict[str, list[torch.Tensor]] = {s.path: [] for s in sites}
+    losses = []
+    with capture_attention(model) as record:
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            losses.append(torch.nn.functional.cross_entropy(model(xb).float(), yb, reduction="none"))
+            for site in sites:
+                gates[site.path].append(gate_values(site, record[site.path], grid, aw_reduce))
+    return {p: torch.cat(v) for p, v in gates.items()}, torch.cat(losses)
+
+
+def shuffle_attention(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A copy of ``model`` whose attention parameters are each randomly permuted (the random-gate control)."""
+    control = copy.deepcopy(model)
+    with torch.no_grad():
+        for site in gate_sites(control):
+            for p in attention_parameters(site):
+                order = torch.randperm(p.numel(), generator=generator).to(p.device)
+                p.copy_(p.flatten()[order].view_as(p))
+    return control
+
+
+def _row_stats(gate: torch.Tensor, importance: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    return {
+        "spearman": spearman_rows(gate, importance),
+        "kendall": kendall_rows(gate, importance),
+        "topk": topk_overlap(gate, importance, k),
+    }
+
+
+def _layer_mean(per_layer: list[np.ndarray]) -> np.ndarray:
+    """Per-sample mean over layers, skipping the layers where a sample's correlation is undefined."""
+    stacked = np.stack(per_layer)
+    counts = np.isfinite(stacked).sum(0)
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, np.nansum(stacked, 0) / np.maximum(counts, 1), np.nan)
+
+
+def consistency(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    methods: tuple[str, ...] | list[str] = METHODS,
+    grid: int | None = 8,
+    topk: float = 0.2,
+    aw_reduce: str = "mean",
+    null: bool = True,
+    random_gate: bool = True,
+    control_images: int = 256,
+    captum_images: int = 128,
+    captum_steps: int = 8,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    fast: bool = True,
+    seed: int = 0,
+    keep_values: bool = False,
+) -> dict[str, Any]:
+    """Agreement between every gate of ``model`` and the importance of what it gates, on ``images``/``labels``.
+
+    Args:
+        model: any model with attention (its weights and mode are left untouched; the analysis runs on a copy).
+        images: N normalised input images; labels: their classes.
+        methods: importance measures among ``"ablation"``, ``"grad_x_act"``, ``"captum"`` (skipped, and said so in
+            the result, if captum is not installed).
+        grid: cells per side for position units (`attnlab.analysis.sites`).
+        topk: top-k overlap with k = ⌈topk·U⌉ units (a fraction), or k itself if ≥ 1.
+        aw_reduce: AW attention to channels: ``"mean"`` or ``"effective"`` (`attnlab.analysis.sites`).
+        null: add the shuffled-importance control.
+        random_gate: add the shuffled-attention-parameters control.
+        control_images: samples the random-gate control runs on.
+        captum_images, captum_steps: samples and integration steps of captum's integrated gradients.
+        max_rows: expanded rows per ablation forward pass.
+        fast: run on a BN-folded channels-last copy (`inference_copy`; same function up to float rounding).
+        seed: seed of the controls' permutations.
+        keep_values: also return the gates and ablation importances per layer under ``"values"`` (for plots).
+
+    Returns:
+        ``{"layers": [per-layer statistics], "summary": {statistic: {mean, ci_low, ci_high, n}}, ...}``; a summary
+        statistic is the per-sample mean over layers, then its mean and interval over samples.
+    """
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise AttnlabError(f"consistency needs at least one importance method: {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise unknown_name("importance method", m, METHODS)
+    if len(images) != len(labels) or len(images) == 0:
+        raise AttnlabError(f"consistency needs as many labels as images (got {len(images)} and {len(labels)})")
+    notes = {}
+    if "captum" in methods and not captum_available():
+        methods.remove("captum")
+        notes["captum"] = "skipped: captum is not installed (pip install captum)"
+        if not methods:
+            raise AttnlabError("consistency: captum is not installed and no other importance method was asked for")
+    work = inference_copy(model, fold_bn=fast, channels_last=fast)
+    x = images.contiguous(memory_format=torch.channels_last) if fast else images
+    if {"grad_x_act", "captum"} & set(methods):  # gradients in the default layout (AW's backward needs it)
+        backward_work = inference_copy(model, fold_bn=fast, channels_last=False)
+        backward_sites = gate_sites(backward_work)
+    sites = gate_sites(work)
+    if not sites:
+        raise AttnlabError("consistency: the model has no attention gates (SE, ECA, CBAM, spatial, CRAM or AW)")
+    generator = torch.Generator().manual_seed(seed)
+    gates, base_loss = gates_and_losses(work, x, labels, sites, grid=grid, aw_reduce=aw_reduce)
+    importances: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
+    n_captum = min(captum_images, len(x))
+    for site in sites:
+        if "ablation" in methods:
+            importances["ablation"][site.path] = ablation_importance(
+                work, x, labels, site, grid=grid, max_rows=max_rows, base_loss=base_loss
+            )
+        if "captum" in methods:
+            twin = backward_sites[sites.index(site)]
+            importances["captum"][site.path] = captum_importance(
+                backward_work, images[:n_captum], labels[:n_captum], twin, grid=grid, steps=captum_steps
+            )
+    if "grad_x_act" in methods:
+        importances["grad_x_act"] = gradient_x_activation(backward_work, images, labels, backward_sites, grid=grid)
+    if "captum" in methods:
+        notes["captum"] = f"LayerIntegratedGradients of log p_y, {captum_steps} steps, first {n_captum} images"
+
+    controls = {}
+    if random_gate:
+        n = min(control_images, len(x))
+        control = shuffle_attention(work, generator)
+        control_sites = gate_sites(control)
+        control_gates, control_loss = gates_and_losses(control, x[:n], labels[:n], control_sites, grid=grid,
+                                                       aw_reduce=aw_reduce)
+        controls = {
+            s.path: spearman_rows(control_gates[s.path], ablation_importance(
+                control, x[:n], labels[:n], s, grid=grid, max_rows=max_rows, base_loss=control_loss))
+            for s in control_sites
+        }
+        notes["random_gate"] = f"attention parameters shuffled (seed {seed}), first {n} images, ablation importance"
+
+    layers, per_sample = [], {}
+    reference = "ablation" if "ablation" in methods else methods[0]
+    for site in sites:
+        gate = gates[site.path]
+        units = gate.shape[1]
+        k = max(1, min(units, math.ceil(topk * units) if topk < 1 else int(topk)))
+        layer: dict[str, Any] = {"path": site.path, "kind": site.kind, "units": site.units, "n_units": units, "k": k,
+                                 "gate_mean": float(gate.mean()), "gate_std": float(gate.std())}
+        for method in methods:
+            importance = importances[method][site.path]
+            rows = _row_stats(gate[: len(importance)], importance, k)
+            for stat, values in rows.items():
+                layer.setdefault(stat, {})[method] = mean_ci(values)
+                per_sample.setdefault(f"{stat}_{method}", []).append(values)
+            layer.setdefault("importance_mean", {})[method] = float(importance.mean())
+        if null:
+            shuffled = shuffled_rows(importances[reference][site.path], generator)
+            values = spearman_rows(gate[: len(shuffled)], shuffled)
+            layer["null_spearman"] = mean_ci(values)
+            per_sample.setdefault("null_spearman", []).append(values)
+        if site.path in controls:
+            layer["random_gate_spearman"] = mean_ci(controls[site.path])
+            per_sample.setdefault("random_gate_spearman", []).append(controls[site.path])
+        layers.append(layer)
+
+    result: dict[str, Any] = {
+        "images": len(x),
+        "methods": methods,
+        "reference": reference,
+        "layers": layers,
+        "summary": {stat: mean_ci(_layer_mean(values)) for stat, values in per_sample.items()},
+        "notes": notes,
+        "settings": {"grid": grid, "topk": topk, "aw_reduce": aw_reduce, "fast": fast, "seed": seed},
+    }
+    if keep_values:
+        result["values"] = {
+            s.path: {"gate": gates[s.path].cpu().numpy(), **{m: importances[m][s.path].cpu().numpy() for m in methods}}
+            for s in sites
+        }
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The few numbers a report quotes from a `consistency` result (means over layers, then over samples)."""
+    summary, out = result["summary"], {}
+    for method in result["methods"]:
+        for stat in ("spearman", "kendall", "topk"):
+            out[f"{stat}_{method}"] = summary[f"{stat}_{method}"]["mean"]
+        out[f"spearman_{method}_ci_low"] = summary[f"spearman_{method}"]["ci_low"]
+        out[f"spearman_{method}_ci_high"] = summary[f"spearman_{method}"]["ci_high"]
+    for control in ("null_spearman", "random_gate_spearman"):
+        if control in summary:
+            out[control] = summary[control]["mean"]
+    return out
+
+
+__all__ = ["METHODS", "consistency", "gates_and_losses", "headline", "shuffle_attention"]

@@ -1,0 +1,408 @@
+"""The loss landscape in parameter space: filter-normalised loss surfaces and Hessian spectrum estimates.
+
+Surfaces follow Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018 (arXiv 1712.09913): a random
+Gaussian direction d in parameter space, each *filter* of d (a conv weight's output slice, a linear weight's row)
+rescaled to the norm of the matching filter of the weights, ‖d_i‖ = ‖w_i‖, so that a step of 1 moves every filter by
+its own size whatever the scale symmetries of BatchNorm networks. 1-D parameters (biases, BN scales and shifts) are
+left out by default (d = 0 there), as in the paper; ``ignore_bn_bias=False`` normalises each of them as one filter.
+The loss is evaluated at w + α·d (+ β·e) with BatchNorm on its running statistics (eval mode); the weights are copied
+back from a saved copy afterwards, so they end bit-identical.
+
+Curvature comes from Hessian-vector products of the mean loss over the given batches, exact by double backward (as
+PyHessian). The top eigenvalue (largest in magnitude) is found by power iteration, the trace by Hutchinson's estimator
+E[vᵀHv] with Rademacher v; either can be restricted to a block of the parameters by a filter. A model that cannot be
+differentiated twice (AW-convolution's fused function) is an error, not a silent approximation:
+``hvp="finite_difference"`` opts into central differences of gradients, Hv ≈ (∇L(w + εv) − ∇L(w − εv)) / 2ε with
+ε = 1e-3·‖w‖ along the unit vector v — 2.5× faster on CPU, exact to ~1e-3 on smooth networks, but in float32 on a ReLU
+network the rounding of the gradients and the kinks crossed within ε dominate (measured on se_resnet20, 250
+Fashion-MNIST images: 60–120% error for ε = 1e-2…1e-3·‖w‖; `benchmarks/analysis_speed.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AttnlabError, unknown_name
+
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ParamsFilter = str | Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+NORMS = ("filter", "layer")
+FD_RELATIVE_STEP = 1e-3
+
+
+def select_parameters(model: nn.Module, params_filter: ParamsFilter = None) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs chosen by ``params_filter``: None (all), shell patterns on the names (a list, or one
+    comma-separated string such as ``"layer1.*,layer2.*"``), or a predicate ``(name, parameter) -> bool``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params_filter is None:
+        chosen = named
+    elif callable(params_filter):
+        chosen = [(n, p) for n, p in named if params_filter(n, p)]
+    else:
+        patterns = params_filter.split(",") if isinstance(params_filter, str) else list(params_filter)
+        chosen = [(n, p) for n, p in named if any(fnmatch.fnmatch(n, pat.strip()) for pat in patterns)]
+    if not chosen:
+        raise AttnlabError(f"parameter filter {params_filter!r} selects no parameter of the model")
+    return chosen
+
+
+def filter_normalized_direction(
+    model: nn.Module,
+    *,
+    generator: torch.Generator | None = None,
+    params_filter: ParamsFilter = None,
+    ignore_bn_bias: bool = True,
+    norm: str = "filter",
+) -> dict[str, torch.Tensor]:
+    """A random direction {name: tensor} over the selected parameters (zero elsewhere), filter-normalised.
+
+    Args:
+        generator: source of the Gaussian draws (CPU generator).
+        params_filter: which parameters move (`select_parameters`).
+        ignore_bn_bias: leave 1-D parameters (biases, BN) out, as Li et al.
+        norm: ``"filter"`` (‖d_i‖ = ‖w_i‖ per filter, Li et al.) or ``"layer"`` (‖d‖ = ‖w‖ per tensor).
+    """
+    if norm not in NORMS:
+        raise AttnlabError(f"direction norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    chosen = dict(select_parameters(model, params_filter))
+    direction = {}
+    for name, p in model.named_parameters():
+        d = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype)
+        if name not in chosen or (ignore_bn_bias and p.dim() <= 1):
+            direction[name] = torch.zeros_like(p)
+            continue
+        w = p.detach()
+        if norm == "filter" and p.dim() > 1:
+            scale = w.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1).clamp_min(1e-12)
+            direction[name] = d * scale.view(-1, *([1] * (p.dim() - 1)))
+        else:
+            direction[name] = d * (w.norm() / d.norm().clamp_min(1e-12))
+    return direction
+
+
+@contextlib.contextmanager
+def perturbed_weights(model: nn.Module) -> Iterator[Callable[..., None]]:
+    """Yields ``move(coefs, directions)`` that sets w = w₀ + Σ cᵢ·dᵢ; on exit every parameter is copied back from
+    the saved w₀ (bit-identical, even after an exception)."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def move(coefs: Sequence[float], directions: Sequence[dict[str, torch.Tensor]]) -> None:
+        for name, p in params.items():
+            value = saved[name].clone()
+            for c, d in zip(coefs, directions):
+                value.add_(d[name], alpha=float(c))
+            p.copy_(value)
+
+    try:
+        yield move
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+
+
+@torch.inference_mode()
+def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: LossFn = F.cross_entropy) -> tuple[float, float]:
+    """Mean loss and accuracy over ``batches`` (each batch weighted by its size)."""
+    total, correct, count = 0.0, 0.0, 0
+    for x, y in batches:
+        logits = model(x).float()
+        total += float(loss_fn(logits, y)) * len(y)
+        correct += float((logits.argmax(1) == y).sum())
+        count += len(y)
+    return total / count, correct / count
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def loss_surface_1d(
+    model: nn.Module, batches: Batches, direction: dict[str, torch.Tensor], alphas: Sequence[float],
+    loss_fn: LossFn = F.cross_entropy,
+) -> dict[str, list[float]]:
+    """Loss and accuracy at w + α·d for each α; weights restored exactly afterwards."""
+    losses, accs = [], []
+    with _eval_mode(model), perturbed_weights(model) as move:
+        for a in alphas:  # a few grid points, each one batched evaluation
+            move([a], [direction])
+            loss, acc = evaluate_loss(model, batches, loss_fn)
+            losses.append(loss)
+            accs.append(acc)
+    return {"alpha": [float(a) for a in alphas], "loss": losses, "acc": accs}
+
+
+def loss_surface_2d(
+    model: nn.Module, batches: Batches, directions: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    alphas: Sequence[float], betas: Sequence[float], loss_fn: LossFn = F.cross_entropy,
+) -> dict[str, Any]:
+    """Loss (len(betas)×len(alphas) nested lists, rows = β) at w + α·d + β·e; weights restored exactly."""
+    grid = []
+    with _eval_mode(model), perturbed_weights(model) as move:
+        for b in betas:
+            row = []
+            for a in alphas:
+                move([a, b], list(directions))
+                row.append(evaluate_loss(model, batches, loss_fn)[0])
+            grid.append(row)
+    return {"alpha": [float(a) for a in alphas], "beta": [float(b) for b in betas], "loss": grid}
+
+
+def _gradient(model, batches, params, loss_fn, create_graph: bool) -> list[torch.Tensor]:
+    count = sum(len(y) for _, y in batches)
+    grads = None
+    for x, y in batches:
+        loss = loss_fn(model(x).float(), y) * (len(y) / count)
+        g = torch.autograd.grad(loss, params, create_graph=create_graph)
+        grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
+    return grads
+
+
+HVP_METHODS = ("auto", "double_backward", "finite_difference")
+
+
+class HessianVectorProduct:
+    """v ↦ H v for the mean loss of ``model`` over ``batches`` w.r.t. ``params`` (eval mode).
+
+    ``method``: ``"double_backward"`` or ``"auto"`` (the same: exact; a model that cannot be differentiated twice is
+    an error), or ``"finite_difference"``: central differences of two gradients, about 2.5× faster on CPU but only an
+    approximation, and a poor one for ReLU networks in float32 (module docstring).
+    """
+
+    def __init__(
+        self, model: nn.Module, batches: Batches, params: list[nn.Parameter], loss_fn: LossFn, method: str = "auto"
+    ):
+        if method not in HVP_METHODS:
+            raise unknown_name("Hessian-vector product method", method, HVP_METHODS)
+        self.model, self.batches, self.params, self.loss_fn = model, batches, params, loss_fn
+        self.method = "double_backward" if method == "auto" else method
+
+    def _exact(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        count = sum(len(y) for _, y in self.batches)
+        out = [torch.zeros_like(p) for p in self.params]
+        for x, y in self.batches:
+            loss = self.loss_fn(self.model(x).float(), y) * (len(y) / count)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            dot = sum((g * vi).sum() for g, vi in zip(grads, v))
+            for acc, h in zip(out, torch.autograd.grad(dot, self.params)):
+                acc.add_(h)
+        return out
+
+    def _finite_difference(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        v_norm = torch.sqrt(sum((vi * vi).sum() for vi in v))
+        w_norm = torch.sqrt(sum((p.detach() ** 2).sum() for p in self.params))
+        eps = float(FD_RELATIVE_STEP * w_norm.clamp_min(1.0) / v_norm.clamp_min(1e-12))
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            sides = []
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for p, w, vi in zip(self.params, saved, v):
+                        p.copy_(w + sign * eps * vi)
+                sides.append(_gradient(self.model, self.batches, self.params, self.loss_fn, create_graph=False))
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, saved):
+                    p.copy_(w)
+        return [(a - b) / (2 * eps) for a, b in zip(*sides)]
+
+    def __call__(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.enable_grad(), _eval_mode(self.model):
+            if self.method == "finite_difference":
+                return [h.detach() for h in self._finite_difference(v)]
+            try:
+                return [h.detach() for h in self._exact(v)]
+            except RuntimeError as e:
+                if "backward" not in str(e).lower():
+                    raise
+                raise AttnlabError(
+                    f"exact Hessian-vector products need double backward, which this model does not support "
+                    f"({str(e).splitlines()[0]}); hvp='finite_difference' gives an approximation"
+                ) from None
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+
+def hessian_top_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    params_filter: ParamsFilter = None,
+    iters: int = 20,
+    generator: torch.Generator | None = None,
+    hvp: str = "auto",
+) -> dict[str, Any]:
+    """The Hessian eigenvalue of largest magnitude by ``iters`` steps of power iteration.
+
+    Args:
+        hvp: how Hessian-vector products are computed (`HessianVectorProduct`).
+
+    Returns:
+        ``{"eigenvalue", "history" (Rayleigh quotient per step), "iters", "params" (count), "hvp" (method)}``.
+    """
+    params = [p for _, p in select_parameters(model, params_filter)]
+    hvp = HessianVectorProduct(model, batches, params, loss_fn, hvp)
+    v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype) for p in params]
+    norm = torch.sqrt(_dot(v, v))
+    v = [vi / norm.to(vi.dtype) for vi in v]
+    history = []
+    for _ in range(iters):  # power iteration: each step is one batched Hessian-vector product
+        hv = hvp(v)
+        history.append(float(_dot(v, hv)))
+        norm = torch.sqrt(_dot(hv, hv))
+        if norm == 0:
+            break
+        v = [h / norm.to(h.dtype) for h in hv]
+    return {"eigenvalue": history[-1], "history": history, "iters": len(history),
+            "params": sum(p.numel() for p in params), "hvp": hvp.method}
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    params_filter: ParamsFilter = None,
+    samples: int = 20,
+    generator: torch.Generator | None = None,
+    hvp: str = "auto",
+) -> dict[str, Any]:
+    """Hutchinson's estimate of tr H, mean of vᵀHv over ``samples`` Rademacher vectors, with its standard error."""
+    params = [p for _, p in select_parameters(model, params_filter)]
+    hvp = HessianVectorProduct(model, batches, params, loss_fn, hvp)
+    values = []
+    for _ in range(samples):
+        v = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype) for p in params]
+        values.append(float(_dot(v, hvp(v))))
+    t = torch.tensor(values, dtype=torch.float64)
+    stderr = float(t.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
+    return {"trace": float(t.mean()), "std_error": stderr, "samples": len(values),
+            "params": sum(p.numel() for p in params), "hvp": hvp.method}
+
+
+def _stage_filters(model: nn.Module) -> dict[str, str]:
+    """Parameter filters for a ResNet's blocks: the stem, each stage, the head (whatever of these exists)."""
+    names = [n for n, _ in model.named_parameters()]
+    stages = sorted({n.split(".")[0] for n in names if n.startswith("layer")})
+    stem = [n for n in names if n.split(".")[0] in ("conv1", "bn1")]
+    head = [n for n in names if n.split(".")[0] == "fc"]
+    out = {"stem": "conv1.*,bn1.*"} if stem else {}
+    out.update({stage: f"{stage}.*" for stage in stages})
+    return {**out, "head": "fc.*"} if head else out
+
+
+def landscape(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    points: int = 21,
+    span: float = 1.0,
+    grid: int = 11,
+    surface_images: int = 256,
+    hessian_images: int | None = None,
+    hessian_iters: int = 20,
+    trace_samples: int = 10,
+    per_block: bool = False,
+    sharpness_step: float = 0.5,
+    ignore_bn_bias: bool = True,
+    norm: str = "filter",
+    hvp: str = "auto",
+    batch_size: int = 250,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Loss surfaces and Hessian estimates of ``model`` on ``images``/``labels`` (module docstring); weights are left
+    bit-identical.
+
+    Args:
+        points: α values of the 1-D surface, evenly spaced in [−span, span] (over all images).
+        grid: α and β values per side of the 2-D surface (on the first ``surface_images`` images).
+        hessian_images: images of the Hessian estimates (all by default).
+        hessian_iters: power-iteration steps; trace_samples: Hutchinson probes (0 skips the trace).
+        per_block: also the top eigenvalue of each block's Hessian (stem, each stage, head).
+        sharpness_step: the loss rise sharpness_1d is the mean of L(w ± step·d) − L(w) along the 1-D direction.
+        ignore_bn_bias, norm: see `filter_normalized_direction`.
+        hvp: how Hessian-vector products are computed (`HessianVectorProduct`).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batches = list(zip(images.split(batch_size), labels.split(batch_size)))
+    n_surface = min(surface_images, len(images))
+    surface_batches = list(zip(images[:n_surface].split(batch_size), labels[:n_surface].split(batch_size)))
+    n_hessian = len(images) if hessian_images is None else min(hessian_images, len(images))
+    hessian_batches = list(zip(images[:n_hessian].split(batch_size), labels[:n_hessian].split(batch_size)))
+    kw = dict(generator=generator, ignore_bn_bias=ignore_bn_bias, norm=norm)
+    d1, d2, d3 = (filter_normalized_direction(model, **kw) for _ in range(3))
+    alphas = torch.linspace(-span, span, points).tolist()
+    one = loss_surface_1d(model, batches, d1, alphas)
+    rise = loss_surface_1d(model, batches, d1, [0.0, sharpness_step, -sharpness_step])
+    steps = torch.linspace(-span, span, grid).tolist()
+    two = loss_surface_2d(model, surface_batches, (d2, d3), steps, steps)
+    with _eval_mode(model):
+        top = hessian_top_eigenvalue(model, F.cross_entropy, hessian_batches, iters=hessian_iters, generator=generator,
+                                     hvp=hvp)
+        trace = (hessian_trace(model, F.cross_entropy, hessian_batches, samples=trace_samples, generator=generator,
+                               hvp=hvp) if trace_samples > 0 else None)
+        blocks = {
+            name: hessian_top_eigenvalue(model, F.cross_entropy, hessian_batches, params_filter=pattern,
+                                         iters=hessian_iters, generator=generator, hvp=hvp)
+            for name, pattern in (_stage_filters(model).items() if per_block else ())
+        }
+    return {
+        "images": len(images),
+        "surface_1d": one,
+        "surface_2d": two,
+        "sharpness_1d": (rise["loss"][1] + rise["loss"][2]) / 2 - rise["loss"][0],
+        "loss": rise["loss"][0],
+        "hessian_top": top,
+        "hessian_trace": trace,
+        "hessian_blocks": {name: {"eigenvalue": r["eigenvalue"], "params": r["params"]} for name, r in blocks.items()},
+        "settings": {"points": points, "span": span, "grid": grid, "surface_images": n_surface,
+                     "hessian_images": n_hessian, "hessian_iters": hessian_iters, "trace_samples": trace_samples,
+                     "sharpness_step": sharpness_step, "ignore_bn_bias": ignore_bn_bias, "norm": norm, "hvp": hvp,
+                     "seed": seed},
+    }
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The few numbers a report quotes from a `landscape` result."""
+    out = {"hessian_top_eig": result["hessian_top"]["eigenvalue"], "sharpness_1d": result["sharpness_1d"],
+           "loss": result["loss"]}
+    if result["hessian_trace"] is not None:
+        out["hessian_trace"] = result["hessian_trace"]["trace"]
+    for name, block in result["hessian_blocks"].items():
+        out[f"hessian_top_eig_{name}"] = block["eigenvalue"]
+    return out
+
+
+__all__ = [
+    "HessianVectorProduct",
+    "headline",
+    "landscape",
+    "evaluate_loss",
+    "filter_normalized_direction",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "loss_surface_1d",
+    "loss_surface_2d",
+    "perturbed_weights",
+    "select_parameters",
+]

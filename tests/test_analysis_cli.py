@@ -1,0 +1,125 @@
+"""`attnlab analyze` end to end on runs trained by the engine: files, headline numbers, seed groups, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnlab.analysis import ANALYSES, analysis_options, run_analysis
+from attnlab.cli import main
+from attnlab.data import Source, Split, register_dataset
+from attnlab.train import TrainConfig, train
+
+SYNTH = {"shape": [1, 16, 16], "size": 192, "test_size": 32, "num_classes": 4}
+BOXES = "analysis-test-boxes"
+
+
+def _boxes_split(n: int, seed: int) -> Split:
+    """Bright rectangles on dim noise; the class says whether the rectangle is wider than tall."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 40, (n, 1, 16, 16), generator=g, dtype=torch.uint8)
+    x0, y0 = torch.randint(0, 8, (n,), generator=g), torch.randint(0, 8, (n,), generator=g)
+    w, h = torch.randint(3, 9, (n,), generator=g), torch.randint(3, 9, (n,), generator=g)
+    for i in range(n):  # building the fixture images
+        images[i, 0, y0[i] : y0[i] + h[i], x0[i] : x0[i] + w[i]] = 255
+    boxes = torch.stack([x0, y0, x0 + w, y0 + h], 1).float()
+    return Split(images, (w > h).long(), boxes)
+
+
+def load_boxes_dataset() -> Source:
+    return Source(_boxes_split(160, 0), _boxes_split(32, 1), ["tall", "wide"], crop_padding=0, hflip=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    register_dataset(BOXES, load_boxes_dataset)
+    common = dict(epochs=1, batch_size=64, val_size=32, augment=False)
+    for name, model, seed, data in (("se0", "se_resnet20", 0, "synthetic"), ("se1", "se_resnet20", 1, "synthetic"),
+                                    ("cbam", "cbam_resnet20", 0, "synthetic"), ("cram", "cram_resnet20", 0, BOXES)):
+        options = SYNTH if data == "synthetic" else {}
+        train(TrainConfig(model=model, dataset=data, dataset_options=options, seed=seed, out=str(root / name),
+                          **common), log=lambda _: None)
+    return root
+
+
+def _run(argv: list[str]) -> int:
+    return main(["analyze", *argv])
+
+
+def test_consistency_writes_json_plots_and_seed_groups(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["consistency", "--checkpoint", str(runs / "se0"), "--checkpoint", str(runs / "se1"), "--checkpoint",
+            str(runs / "cbam"), "--out", str(out), "--images", "12", "--option", "control_images=6",
+            "--option", "captum_images=4", "--option", "captum_steps=2"]
+    assert _run(argv) == 0
+    report = json.loads((out / "consistency.json").read_text())
+    assert set(report["headline"]) == {"se0", "se1", "cbam"}
+    for numbers in report["headline"].values():
+        assert {"spearman_ablation", "spearman_ablation_ci_low", "spearman_ablation_ci_high", "null_spearman",
+                "random_gate_spearman"} <= set(numbers)
+    (group,) = report["groups"].values()  # the two se_resnet20 seeds, not the cbam run
+    assert group["members"] == ["se0", "se1"] and group["seeds"] == [0, 1]
+    values = [report["headline"][m]["spearman_ablation"] for m in ("se0", "se1")]
+    assert group["headline"]["spearman_ablation"]["mean"] == pytest.approx(sum(values) / 2)
+    assert report["images"] == {"se0": 12, "se1": 12, "cbam": 12}
+    assert "consistency_layers.png" in report["plots"] and len(report["plots"]) == 4
+    for name in report["plots"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_smoothness_and_landscape_compare_checkpoints(runs, tmp_path):
+    out = tmp_path / "out"
+    both = ["--checkpoint", str(runs / "se0"), "--checkpoint", str(runs / "cbam"), "--out", str(out), "--images", "16"]
+    assert _run(["smoothness", *both, "--option", "pairs=4", "--option", "steps=5", "--option", "sigmas=0.1,0.3",
+                 "--option", "jacobian_images=4", "--label", "SE", "--label", "CBAM"]) == 0
+    report = json.loads((out / "smoothness.json").read_text())
+    assert set(report["headline"]) == {"SE", "CBAM"}
+    assert {"tv_same", "tv_diff", "flips_diff", "input_grad_norm", "jacobian_fro", "noise_acc_at_0.3"} <= set(
+        report["headline"]["SE"])
+    assert report["plots"] == ["smoothness_curves.png"] and (out / "smoothness_curves.png").exists()
+    assert _run(["landscape", *both, "--option", "points=3", "--option", "grid=2", "--option", "hessian_iters=2",
+                 "--option", "trace_samples=2"]) == 0
+    report = json.loads((out / "landscape.json").read_text())
+    assert {"hessian_top_eig", "hessian_trace", "sharpness_1d"} <= set(report["headline"]["se0"])
+    assert len(report["plots"]) == 5 and all((out / p).exists() for p in report["plots"])
+
+
+def test_localization_on_a_dataset_with_boxes(runs, tmp_path):
+    out = tmp_path / "out"
+    report = run_analysis("localization", [runs / "cram"], out, images=8, transforms=["hflip", "shift"])
+    numbers = report["headline"]["cram"]
+    assert {"iou_rect", "iou_map_rectangle", "cross_layer_iou", "equivariance_error"} <= set(numbers)
+    assert 0 <= numbers["iou_rect"] <= 1
+    assert set(report["results"]["cram"]["layers"][0]["equivariance_error"]) == {"hflip", "shift"}
+    assert report["plots"] == ["localization_iou.png", "localization_cram_overlay.png"]
+    assert all((out / p).exists() for p in report["plots"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["consistensy", "--checkpoint", "{se0}"], "unknown analysis 'consistensy'; did you mean consistency?"),
+        (["consistency", "--checkpoint", "{missing}"], "no such run folder"),
+        (["localization", "--checkpoint", "{se0}"], "has no ground-truth boxes"),
+        (["consistency", "--checkpoint", "{se0}", "--option", "gird=4"], "unknown option 'gird'; did you mean grid?"),
+        (["smoothness", "--checkpoint", "{se0}", "--option", "draws=many"], "option draws must be a number"),
+        (["consistency", "--checkpoint", "{se0}", "--label", "a", "--label", "b"], "2 labels for 1 checkpoints"),
+        (["consistency", "--checkpoint", "{se0}", "--images", "0"], "images must be a positive integer"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(runs, tmp_path, capsys, argv, message):
+    argv = [a.format(se0=runs / "se0", missing=runs / "missing") for a in argv]
+    assert _run([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_every_analysis_lists_its_options():
+    for name in ANALYSES:
+        options = analysis_options(name)
+        assert options and "seed" not in options
+    assert analysis_options("consistency")["grid"] == 8

@@ -1,0 +1,168 @@
+"""Parameter-space landscape: Hessian estimates against the exact Hessian of a small model, filter normalisation,
+and weights that come back bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnlab import AttnlabError, create_model
+from attnlab.analysis import (
+    filter_normalized_direction,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    landscape,
+    loss_surface_1d,
+    loss_surface_2d,
+)
+from attnlab.analysis.landscape import HessianVectorProduct, evaluate_loss, perturbed_weights, select_parameters
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    with torch.no_grad():  # BN statistics that are not the identity, so eval mode matters
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 1, 6, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
+    return x, y, [(x[:7], y[:7]), (x[7:], y[7:])]  # uneven batches: the mean must weight them by size
+
+
+def _exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().flatten() for n in names])
+
+    def loss(v):
+        parts = {n: t.view(s) for n, t, s in zip(names, v.split([s.numel() for s in shapes]), shapes)}
+        return F.cross_entropy(torch.func.functional_call(model, {**params, **parts}, (x,)), y)
+
+    model.eval()
+    return torch.autograd.functional.hessian(loss, flat).double()
+
+
+def _top(h: torch.Tensor) -> float:
+    values = torch.linalg.eigvalsh(h)
+    return values[values.abs().argmax()].item()
+
+
+def test_top_eigenvalue_matches_the_exact_hessian_whole_and_per_block():
+    model = _small_model().train()  # the estimate must switch BN to eval mode itself
+    x, y, batches = _data()
+    names = [n for n, _ in model.named_parameters()]
+    exact = _exact_hessian(model, x, y, names)
+    model.train()
+    got = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=300, generator=torch.Generator().manual_seed(0))
+    assert model.training  # mode restored
+    assert got["hvp"] == "double_backward" and got["params"] == len(exact)
+    assert got["eigenvalue"] == pytest.approx(_top(exact), rel=1e-4)
+    block = ["4.weight", "4.bias"]
+    got = hessian_top_eigenvalue(model, F.cross_entropy, batches, params_filter="4.*", iters=300,
+                                 generator=torch.Generator().manual_seed(0))
+    assert got["eigenvalue"] == pytest.approx(_top(_exact_hessian(model, x, y, block)), rel=1e-4)
+
+
+def test_hutchinson_trace_is_the_mean_of_exact_quadratic_forms():
+    model = _small_model()
+    x, y, batches = _data()
+    exact = _exact_hessian(model, x, y, [n for n, _ in model.named_parameters()])
+    got = hessian_trace(model, F.cross_entropy, batches, samples=300, generator=torch.Generator().manual_seed(5))
+    # the same Rademacher probes through the exact Hessian give the same estimate...
+    g = torch.Generator().manual_seed(5)
+    forms = []
+    for _ in range(300):
+        v = torch.cat([(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).flatten() for p in model.parameters()])
+        forms.append(v.double() @ exact @ v.double())
+    assert got["trace"] == pytest.approx(torch.stack(forms).mean().item(), rel=1e-4, abs=1e-6)
+    # ...and the estimate is unbiased: the exact trace lies within a few standard errors
+    assert abs(got["trace"] - exact.trace().item()) < 4 * got["std_error"]
+
+
+def test_finite_difference_products_approximate_the_exact_ones():
+    model = _small_model().eval()
+    _, _, batches = _data()
+    params = [p for _, p in select_parameters(model)]
+    hvp = HessianVectorProduct(model, batches, params, F.cross_entropy)
+    v = [torch.randn_like(p) for p in params]
+    exact = torch.cat([h.flatten() for h in hvp(v)])
+    before = [p.detach().clone() for p in params]
+    approx = torch.cat([h.flatten() for h in hvp._finite_difference(v)])
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert (approx - exact).norm() < 1e-2 * exact.norm()
+    x, y, _ = _data()
+    top = _top(_exact_hessian(model, x, y, [n for n, _ in model.named_parameters()]))
+    got = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=300, hvp="finite_difference",
+                                 generator=torch.Generator().manual_seed(0))
+    assert got["hvp"] == "finite_difference" and got["eigenvalue"] == pytest.approx(top, rel=1e-2)
+    with pytest.raises(AttnlabError, match="Hessian-vector product method"):
+        HessianVectorProduct(model, batches, params, F.cross_entropy, "exact")
+
+
+def test_filter_normalised_direction_has_the_weights_filter_norms():
+    model = create_model("se_resnet20", num_classes=3, in_chans=1)
+    d = filter_normalized_direction(model, generator=torch.Generator().manual_seed(0))
+    for name, p in model.named_parameters():
+        if p.dim() <= 1:
+            assert not d[name].any(), name  # biases and BN excluded
+        else:
+            torch.testing.assert_close(d[name].flatten(1).norm(dim=1), p.detach().flatten(1).norm(dim=1))
+            assert not torch.allclose(d[name], p.detach())
+    layer = filter_normalized_direction(model, generator=torch.Generator().manual_seed(0), norm="layer",
+                                        ignore_bn_bias=False, params_filter="layer2.*")
+    for name, p in model.named_parameters():
+        if name.startswith("layer2.") and p.detach().norm() > 0:
+            assert layer[name].norm().item() == pytest.approx(p.detach().norm().item(), rel=1e-5)
+        elif not name.startswith("layer2."):
+            assert not layer[name].any()
+    with pytest.raises(AttnlabError, match="selects no parameter"):
+        filter_normalized_direction(model, params_filter="nothing.*")
+
+
+def test_surfaces_evaluate_the_moved_weights_and_restore_them_bit_identically():
+    model = _small_model()
+    x, y, batches = _data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    d, e = (filter_normalized_direction(model, generator=g) for _ in range(2))
+    one = loss_surface_1d(model, batches, d, [-0.5, 0.0, 0.7])
+    two = loss_surface_2d(model, batches, (d, e), [0.0, 0.3], [-0.2, 0.0])
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+    assert one["loss"][1] == pytest.approx(evaluate_loss(model.eval(), batches)[0], rel=1e-6)
+    moved = _small_model()
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            p.add_(0.3 * d[name] - 0.2 * e[name])
+    assert two["loss"][0][1] == pytest.approx(evaluate_loss(moved.eval(), batches)[0], rel=1e-5)
+    with pytest.raises(RuntimeError, match="boom"), perturbed_weights(model) as move:
+        move([1.0], [d])
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_landscape_runs_end_to_end_and_keeps_the_weights():
+    model = create_model("fmm_resnet20", num_classes=3, in_chans=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
+    result = landscape(model, x, y, points=3, grid=2, hessian_iters=2, trace_samples=2, per_block=True,
+                       batch_size=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(result["surface_1d"]["loss"]) == 3 and len(result["surface_2d"]["loss"]) == 2
+    assert {"stem", "layer1", "layer2", "layer3", "head"} == set(result["hessian_blocks"])
+    assert result["loss"] == pytest.approx(result["surface_1d"]["loss"][1], rel=1e-6)
+
+
+def test_a_model_without_double_backward_is_an_error_unless_differences_are_asked_for():
+    model = create_model("aw_resnet20", num_classes=3, in_chans=1).eval()
+    batches = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(AttnlabError, match="need double backward.*finite_difference"):
+        hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=2)
+    got = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=2, hvp="finite_difference")
+    assert got["hvp"] == "finite_difference" and len(got["history"]) == 2
