@@ -20,7 +20,7 @@ data: setup
 	@PY=$(PY) sh scripts/ensure-fashion-mnist.sh
 
 demo: data
-	$(PY) -m attnlab train --model resnet20 --dataset fashion-mnist --epochs 3 --subset 20000 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m attnlab compare --preset quick --out runs/demo --resume --jobs 2
 
 test: data
 	$(PY) -m ruff check attnlab tests benchmarks

@@ -28,9 +28,15 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key, yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return key, value
+    if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return key, float(parsed)
+        except ValueError:
+            pass
+    return key, parsed
 
 
 # ---------------------------------------------------------------------------------------------------------------- train
@@ -257,6 +263,130 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------------------- analyze
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import run_analysis
+
+    report = run_analysis(
+        args.name,
+        args.checkpoint,
+        args.out,
+        images=args.images,
+        seed=args.seed,
+        device=args.device,
+        labels=args.label or None,
+        **dict(args.option),
+    )
+    for label, numbers in report["headline"].items():
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items())
+        print(f"{label}: {shown}")
+    print(f"wrote {args.out}/{args.name}.json and {len(report['plots'])} plot(s)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ compare, report
+
+
+def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str] | None, dict[str, Any]]:
+    """(shared recipe, datasets, dataset options) from --config and the training flags given on the command line."""
+    from .report.plan import PER_RUN_FIELDS
+    from .train.config import TrainConfig, read_yaml
+
+    for flag, given, instead in (
+        ("--model", args.model, "--models"),
+        ("--seed", args.seed, "--seeds"),
+        ("--model-arg", args.model_arg, "model[key=value] in --models"),
+        ("--in-chans", args.in_chans, "model[in_chans=N] in --models"),
+    ):
+        if given not in (None, []):
+            raise AttnlabError(f"compare: {flag} is set per run; use {instead}")
+    recipe: dict[str, Any] = {}
+    datasets, options = None, {}
+    if args.config:
+        recipe = read_yaml(args.config)
+        datasets = [recipe.pop("dataset")] if "dataset" in recipe else None
+        options = dict(recipe.pop("dataset_options", None) or {})
+        bad = sorted(set(recipe) & set(PER_RUN_FIELDS))
+        if bad:
+            raise AttnlabError(f"{args.config}: '{bad[0]}' is set per run by compare; remove it")
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(args, f.name, None)
+        if given is not None and f.name not in PER_RUN_FIELDS:
+            recipe[f.name] = given
+    if args.val_size is not None and args.val_size >= 1:
+        recipe["val_size"] = int(args.val_size)
+    if args.dataset:
+        datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    options.update(dict(args.data_arg))
+    return recipe, datasets, options
+
+
+def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
+    """The command line, in canonical form, as the report records it."""
+    import shlex
+
+    words = ["attnlab", "compare"]
+    for flag, value in (
+        ("--preset", args.preset),
+        ("--models", args.models),
+        ("--dataset", args.dataset),
+        ("--seeds", args.seeds),
+        ("--baseline", args.baseline),
+        ("--analyses", args.analyses),
+        ("--analysis-images", args.analysis_images),
+        ("--config", args.config),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    for key, value in recipe.items():
+        if getattr(args, key, None) is not None:
+            flag = key.replace("_", "-")
+            words += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    for key, value in args.data_arg:
+        words += ["--data-arg", f"{key}={value}"]
+    words += ["--out", args.out, "--jobs", str(args.jobs)] + (["--resume"] if args.resume else [])
+    return shlex.join(words)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .report import make_plan, run_compare
+
+    if not args.out:
+        raise AttnlabError("compare: --out DIR is required")
+    recipe, datasets, options = _compare_recipe(args)
+    analyses = None
+    if args.analyses is not None:
+        analyses = [] if args.analyses == "none" else [a.strip() for a in args.analyses.split(",") if a.strip()]
+    plan = make_plan(
+        models=args.models,
+        datasets=datasets,
+        seeds=args.seeds,
+        recipe=recipe,
+        dataset_options=options,
+        preset=args.preset,
+        analyses=analyses,
+        analysis_images=args.analysis_images,
+        baseline=args.baseline,
+        command=_compare_command(args, recipe),
+        jobs=args.jobs,
+    )
+    outcome = run_compare(plan, args.out, resume=args.resume, jobs=args.jobs, progress=args.progress)
+    print(f"report: {outcome.files.markdown}  (self-contained: {outcome.files.html})")
+    return 1 if outcome.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import Plan, build_report
+
+    files = build_report(Plan.load(Path(args.dir)), Path(args.dir))
+    print(f"report: {files.markdown}  (self-contained: {files.html})")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------- main
 
 
@@ -309,6 +439,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch it from its official source if it is not found")
     p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("analyze", help="test the papers' claims on trained runs; writes OUT/NAME.json and PNG plots")
+    p.add_argument("name", help="consistency, smoothness, landscape or localization")
+    p.add_argument("--checkpoint", action="append", required=True, help="run folder; repeat to compare several")
+    p.add_argument("--out", required=True, help="folder for the JSON and PNG files")
+    p.add_argument("--images", type=int, default=1000, help="test images per checkpoint (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--label", action="append", default=[], help="name of each checkpoint in tables and plots")
+    p.add_argument(
+        "--option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="analysis option, e.g. methods=ablation,grad_x_act  grid=4  hessian_iters=10  per_block=true",
+    )
+    p.set_defaults(func=cmd_analyze)
+
+    from .report.presets import list_presets
+
+    p = sub.add_parser(
+        "compare",
+        help="train models × seeds, test the differences, write results.csv, summary.csv and a report",
+        conflict_handler="resolve",
+    )
+    _add_train_flags(p)  # the shared recipe; --model and --seed are per run, so compare refuses them
+    g = p.add_argument_group("comparison")
+    g.add_argument("--models", help="comma-separated entries, e.g. resnet20,fmm_resnet20[merge=gate]; first = baseline")
+    g.add_argument("--dataset", help="dataset name(s), comma-separated")
+    g.add_argument("--seeds", help="number of seeds (0..N-1) or a list such as 0,3,7 (default 3, or the preset's)")
+    g.add_argument("--out", help="the comparison's folder (required); runs go to OUT/runs/<dataset>/<model>/seed<k>")
+    g.add_argument("--resume", action="store_true", help="skip finished runs and continue unfinished ones")
+    g.add_argument("--jobs", type=int, default=1, help="runs trained at once, in separate processes (default 1)")
+    g.add_argument("--preset", help=f"a claim experiment (models, data, budget, analyses): {', '.join(list_presets())}")
+    g.add_argument("--baseline", help="entry the others are compared with (default: the first)")
+    g.add_argument("--analyses", help="analyses run on every entry, comma-separated, or 'none' (replaces a preset's)")
+    g.add_argument("--analysis-images", type=int, help="images per analysis (overrides the preset's)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="rebuild a comparison's CSV files and report from its folder, without training")
+    p.add_argument("dir", help="a folder written by `attnlab compare`")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

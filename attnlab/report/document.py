@@ -1,0 +1,334 @@
+"""The comparison report, rebuilt from disk: ``results.csv``, ``summary.csv``, figures, ``report.md``, ``report.html``.
+
+Everything comes from the files a comparison leaves (``compare.json``, each run's ``summary.json`` and
+``metrics.jsonl``, each analysis's JSON and PNGs), so ``attnlab report DIR`` rebuilds the same report without
+retraining, and the report is deterministic: the only date in it is the one stored in ``compare.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..train.checkpoint import write_text_atomic
+from ..train.config import TrainConfig
+from . import plots
+from .plan import FAILURE_FILE, Plan, dataset_slug
+from .presets import PRESETS, verdicts
+from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
+from .results import (
+    RESULT_FIELDS,
+    SUMMARY_FIELDS,
+    collect_results,
+    learning_curves,
+    load_analyses,
+    missing_runs,
+    summarize,
+    write_csv,
+)
+from .verdicts import RULES, Evidence
+
+FIGURES = "figures"
+RECIPE_SHOWN = (
+    "epochs",
+    "subset",
+    "val_size",
+    "batch_size",
+    "lr",
+    "schedule",
+    "warmup_epochs",
+    "weight_decay",
+    "label_smoothing",
+    "augment",
+    "amp",
+    "nonfinite",
+    "device",
+)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths of what `build_report` wrote."""
+
+    results: Path
+    summary: Path
+    markdown: Path
+    html: Path
+
+
+def pct(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}"
+
+
+def num(x: float, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def pvalue(p: float) -> str:
+    return "–" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def _recipe_text(plan: Plan) -> str:
+    cfg = {**TrainConfig().to_dict(), **plan.recipe}
+    keys = [*RECIPE_SHOWN, *(k for k in plan.recipe if k not in RECIPE_SHOWN)]
+    return ", ".join(f"{k} {cfg[k]}" for k in keys)
+
+
+def _failure(out: Path, run: str) -> str | None:
+    """The first line of a run's ``failure.txt``, if it failed."""
+    path = out / run / FAILURE_FILE
+    try:
+        return path.read_text().splitlines()[0] if path.is_file() else None
+    except (OSError, IndexError):
+        return "failed (unreadable failure.txt)"
+
+
+def _budget(plan: Plan, out: Path, rows: Sequence[dict[str, Any]], missing: Sequence[str]) -> list[Block]:
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    machine = plan.machine
+    where = f"{', '.join(devices) or 'no finished run yet'}; {machine.get('cpus', '?')} CPU(s)"
+    if machine.get("platform"):
+        where += f", {machine['platform']}"
+    datasets = [
+        d
+        + (
+            f" ({', '.join(f'{k}={v}' for k, v in plan.dataset_options[d].items())})"
+            if plan.dataset_options.get(d)
+            else ""
+        )
+        for d in plan.datasets
+    ]
+    total = len(plan.datasets) * len(plan.entries) * len(plan.seeds)
+    items = [
+        f"**Datasets**: {', '.join(datasets)}",
+        f"**Models**: {', '.join(e.name for e in plan.entries)} (baseline: {plan.baseline})",
+        f"**Seeds**: {', '.join(map(str, plan.seeds))} ({len(plan.seeds)})",
+        f"**Recipe**: {_recipe_text(plan)}",
+        f"**Machine**: {where}",
+        f"**Date**: {plan.date or 'unknown'}",
+        f"**Command**: `{plan.command}`" if plan.command else "**Command**: unknown",
+        f"**Runs finished**: {total - len(missing)} of {total}",
+    ]
+    if missing:
+        shown = ", ".join(f"`{m}`" for m in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        items.append(f"**Not finished** (left out of every number below): {shown}")
+    failed = [(run, reason) for run in missing if (reason := _failure(out, run)) is not None]
+    items += [f"**Failed**: `{run}`: {reason}" for run, reason in failed]
+    return [Heading(2, "Budget"), Bullets(tuple(items))]
+
+
+def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
+    preset = PRESETS.get(plan.preset or "")
+    if preset is None or not preset.claims:
+        return []
+    blocks: list[Block] = [Heading(2, "Verdicts"), Paragraph(RULES)]
+    for claim, found in verdicts(preset, evidence, plan.datasets):
+        blocks.append(Heading(3, claim.statement))
+        rows = tuple((v.claim, f"**{v.verdict}**", v.numbers, v.reason) for v in found)
+        blocks.append(Table(("case", "verdict", "numbers", "reason"), rows))
+    return blocks
+
+
+def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[str, Any]], curves: dict) -> list[Block]:
+    mine = [r for r in table if r["dataset"] == dataset]
+    blocks: list[Block] = [Heading(2, f"Results on {dataset}")]
+    if not mine:
+        return [*blocks, Paragraph("No run has finished on this dataset yet.")]
+    header = (
+        "model",
+        "seeds",
+        "test acc % (mean ± std)",
+        "95% CI",
+        f"Δ vs {plan.baseline} (pp)",
+        "paired t p",
+        "Wilcoxon p",
+        "val acc %",
+        "params",
+        "MFLOPs",
+        "latency ms",
+        "train img/s",
+    )
+    rows = []
+    for r in mine:
+        is_base = r["model"] == plan.baseline
+        rows.append(
+            (
+                f"**{r['model']}**" if is_base else r["model"],
+                str(r["n"]),
+                f"{pct(r['test_acc_mean'])} ± {pct(r['test_acc_std'])}",
+                f"{pct(r['test_acc_ci_low'])}–{pct(r['test_acc_ci_high'])}",
+                "baseline" if is_base else f"{100 * r['delta_vs_baseline']:+.2f} (n={r['shared_seeds']})",
+                "–" if is_base else pvalue(r["t_p"]),
+                "–" if is_base else pvalue(r["wilcoxon_p"]),
+                f"{pct(r['val_acc_mean'])} ± {pct(r['val_acc_std'])}",
+                f"{r['params']:,.0f}",
+                f"{r['flops'] / 1e6:.1f}",
+                f"{r['latency_ms']:.2f}",
+                f"{r['train_img_per_s']:.0f}",
+            )
+        )
+    blocks.append(
+        Paragraph(
+            "Test accuracy is each run's last-epoch test accuracy (never the best epoch); validation accuracy, on a "
+            "split carved from the training set, is shown beside it. Δ and the paired tests use the seeds both "
+            "models share; the 95% CI is Student-t over seeds."
+        )
+    )
+    blocks.append(Table(header, tuple(rows)))
+    slug = dataset_slug(dataset)
+    by_model = {name: runs for (d, name), runs in curves.items() if d == dataset}
+    curve_png = plots.learning_curves(
+        by_model,
+        [e.name for e in plan.entries],
+        f"{dataset}: validation accuracy per epoch",
+        out / FIGURES / f"curves_{slug}.png",
+    )
+    blocks.append(
+        Image(
+            curve_png.relative_to(out).as_posix(),
+            "Validation accuracy per epoch: mean over seeds, band from the lowest to the highest seed.",
+        )
+    )
+    cost_png = out / FIGURES / f"cost_{slug}.png"
+    plots.accuracy_vs_cost(mine, [e.name for e in plan.entries], f"{dataset}: test accuracy against cost", cost_png)
+    blocks.append(
+        Image(
+            cost_png.relative_to(out).as_posix(),
+            "Test accuracy (mean ± std over seeds) against parameters and single-image latency.",
+        )
+    )
+    return blocks
+
+
+def _headline_cell(by_seed: dict[int, dict[str, Any]], label: str, metric: str) -> str:
+    """Mean of one headline metric over the seeds that have it, with half its range across seeds."""
+    values = [
+        float(result["headline"][label][metric])
+        for result in by_seed.values()
+        if isinstance((result.get("headline") or {}).get(label, {}).get(metric), int | float)
+    ]
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    spread = f" (±{num((max(values) - min(values)) / 2, 2)})" if len(values) > 1 else ""
+    return num(sum(values) / len(values)) + spread
+
+
+def _analysis_blocks(plan: Plan, out: Path, analyses: dict) -> list[Block]:
+    blocks: list[Block] = []
+    for (dataset, name), by_seed in analyses.items():
+        blocks.append(Heading(3, f"{name} on {dataset}"))
+        seeds = sorted(by_seed)
+        labels: list[str] = []
+        metrics: list[str] = []
+        for seed in seeds:
+            for label, values in (by_seed[seed].get("headline") or {}).items():
+                if label not in labels:
+                    labels.append(label)
+                for metric in values:
+                    if metric not in metrics:
+                        metrics.append(metric)
+        blocks.append(
+            Paragraph(
+                f"Headline numbers of `{name}.json`: mean over seed(s) {', '.join(map(str, seeds))}; (±x) is half "
+                f"the range across seeds. Plots from seed {seeds[0]}."
+            )
+        )
+        if labels:
+            rows = tuple((metric, *(_headline_cell(by_seed, label, metric) for label in labels)) for metric in metrics)
+            blocks.append(Table(("metric", *labels), rows))
+        folder = out / "analyses" / dataset_slug(dataset) / f"seed{seeds[0]}"
+        for png in by_seed[seeds[0]].get("plots") or []:
+            if (folder / png).is_file():
+                blocks.append(Image((folder / png).relative_to(out).as_posix(), f"{name}: {png}"))
+    return [Heading(2, "Analyses"), *blocks] if blocks else []
+
+
+def _runs_table(rows: Sequence[dict[str, Any]]) -> list[Block]:
+    header = (
+        "dataset",
+        "model",
+        "seed",
+        "val acc %",
+        "test acc %",
+        "test loss",
+        "params",
+        "MFLOPs",
+        "train img/s",
+        "latency ms",
+        "wall s",
+        "skipped steps",
+    )
+    body = tuple(
+        (
+            r["dataset"],
+            r["model"],
+            str(r["seed"]),
+            pct(r["val_acc"]),
+            pct(r["test_acc"]),
+            f"{r['test_loss']:.4f}",
+            f"{r['params']:,}",
+            f"{r['flops'] / 1e6:.1f}",
+            f"{r['train_img_per_s']:.0f}",
+            f"{r['latency_ms']:.2f}",
+            f"{r['wall_time_s']:.1f}",
+            str(r["skipped_steps"]),
+        )
+        for r in rows
+    )
+    return [
+        Heading(2, "All runs"),
+        Paragraph(
+            "From each run's `summary.json` (also in `results.csv`); skipped steps are optimiser steps dropped for "
+            "non-finite loss or gradients (`--nonfinite skip`)."
+        ),
+        Table(header, body),
+    ]
+
+
+def build_report(plan: Plan, out: Path) -> ReportFiles:
+    """Rebuild ``results.csv``, ``summary.csv``, the figures, ``report.md`` and ``report.html`` in ``out``."""
+    out = Path(out)
+    rows = collect_results(plan, out)
+    table = summarize(plan, rows)
+    files = ReportFiles(out / "results.csv", out / "summary.csv", out / "report.md", out / "report.html")
+    write_csv(files.results, rows, RESULT_FIELDS)
+    write_csv(files.summary, table, SUMMARY_FIELDS)
+    missing = missing_runs(plan, out)
+    analyses = load_analyses(plan, out)
+    preset = PRESETS.get(plan.preset or "")
+
+    title = f"attnlab compare: preset {plan.preset}" if plan.preset else "attnlab compare"
+    blocks: list[Block] = [Heading(1, title)]
+    if preset is not None and preset.small_budget:
+        blocks.append(
+            Callout(
+                f"**Small budget: these numbers are not evidence.** This is the `{plan.preset}` preset, a smoke test "
+                f"({_recipe_short(plan)}) that checks the whole pipeline end to end in minutes. Its verdicts can only "
+                'be "inconclusive at this budget" or chance; run the claim presets (`fmm`, `consistency`, '
+                "`smoothness`, `aw`, `cram`) at their full budget for evidence."
+            )
+        )
+    if preset is not None:
+        blocks.append(Paragraph(preset.description))
+    blocks += _budget(plan, out, rows, missing)
+    blocks += _verdict_blocks(plan, Evidence(rows, analyses))
+    curves = learning_curves(plan, out)
+    for dataset in plan.datasets:
+        blocks += _dataset_blocks(plan, out, dataset, table, curves)
+    blocks += _analysis_blocks(plan, out, analyses)
+    blocks += _runs_table(rows)
+    write_text_atomic(files.markdown, to_markdown(blocks))
+    write_text_atomic(files.html, to_html(blocks, out, title))
+    return files
+
+
+def _recipe_short(plan: Plan) -> str:
+    cfg = {**TrainConfig().to_dict(), **plan.recipe}
+    subset = f"{cfg['subset']} training images" if cfg.get("subset") else "the full training set"
+    return f"{cfg['epochs']} epoch(s) on {subset}, {len(plan.seeds)} seed(s)"

@@ -1,0 +1,335 @@
+"""What a comparison runs: entries (a model with options, under a display name), datasets, seeds, the shared recipe,
+and the analyses to run afterwards. The plan is stored as ``OUT/compare.json``; results and reports are rebuilt
+from it and the run folders, never from memory.
+
+An entry is written ``model[key=value,key=value]``: ``fmm_resnet20[merge=gate]`` is the model ``fmm_resnet20`` built
+with ``merge="gate"``; ``cram_resnet20[equivariance=0.1]`` trains ``cram_resnet20`` with the training setting
+``equivariance=0.1``. A key that is a `TrainConfig` field changes the recipe of that entry only; any other key is a
+model option. Values are read as YAML (``0.1`` a number, ``[1,2]`` a list, ``gate`` a string). The whole text is the
+entry's display name, so several entries of one model can be compared side by side.
+
+Run folders: ``OUT/runs/<dataset>/<entry>/seed<k>/``, folder names made shell-safe (``fmm_resnet20[merge=gate]`` →
+``fmm_resnet20-merge=gate``). Analyses of seed k: ``OUT/analyses/<dataset>/seed<k>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import AttnlabError, unknown_name
+from ..train.config import TrainConfig
+
+PER_RUN_FIELDS = ("model", "dataset", "seed", "out", "model_kwargs", "dataset_options")
+"""`TrainConfig` fields a comparison sets per run; an entry's options may not name them."""
+
+PLAN_FILE = "compare.json"
+FAILURE_FILE = "failure.txt"
+"""Written into a run folder whose training failed (the error's first line is what the report shows)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One compared network: display ``name``, registered ``model``, its ``model_kwargs`` and recipe overrides."""
+
+    name: str
+    model: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        """The entry's folder name: brackets and commas become dashes, anything unusual an underscore."""
+        text = self.name.replace("[", "-").replace(",", "-").replace("]", "")
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas that are not inside brackets: ``"a[x=1,y=2],b"`` → ``["a[x=1,y=2]", "b"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise AttnlabError(f"unbalanced ']' in {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise AttnlabError(f"unbalanced '[' in {text!r}")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _value(text: str) -> Any:
+    """An option's value read as YAML, plus the numbers YAML 1.1 leaves as strings (``1e-3``)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_entry(text: str) -> Entry:
+    """``"name[key=value,...]"`` → `Entry` (see the module docstring)."""
+    from ..models import list_models
+
+    text = text.strip()
+    match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[(.*)\])?", text, flags=re.S)
+    if not match:
+        raise AttnlabError(f"model entry {text!r}: expected NAME or NAME[key=value,...]")
+    model, options = match.group(1), match.group(2)
+    if model not in list_models():
+        raise unknown_name("model", model, list_models())
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_kwargs: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    for item in _split_top(options or ""):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise AttnlabError(f"model entry {text!r}: option {item!r} is not key=value")
+        parsed = _value(value)
+        if key in PER_RUN_FIELDS:
+            raise AttnlabError(f"model entry {text!r}: '{key}' is set by the comparison, not per entry")
+        (train if key in config_fields else model_kwargs)[key] = parsed
+    if options is not None and not (model_kwargs or train):
+        raise AttnlabError(f"model entry {text!r}: empty brackets")
+    return Entry(name=text, model=model, model_kwargs=model_kwargs, train=train)
+
+
+def check_buildable(entries: list[Entry]) -> None:
+    """Build each entry's model once (10 classes, 3 channels unless it says otherwise), so a bad option fails now, in
+    one line, not hours later when its run starts."""
+    from ..models import create_model
+
+    for e in entries:
+        try:
+            create_model(e.model, **{"num_classes": 10, "in_chans": 3, **e.model_kwargs})
+        except AttnlabError as err:
+            raise AttnlabError(f"model entry {e.name!r}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise AttnlabError(f"model entry {e.name!r}: {str(err).splitlines()[0]}") from None
+
+
+def parse_entries(text: str | list[str]) -> list[Entry]:
+    """A comma-separated list (or a list) of entries; display names and folder names must be unique."""
+    items = _split_top(text) if isinstance(text, str) else [t.strip() for t in text if t.strip()]
+    if not items:
+        raise AttnlabError("--models: no model given")
+    entries = [parse_entry(t) for t in items]
+    for attr in ("name", "slug"):
+        seen: set[str] = set()
+        for e in entries:
+            key = getattr(e, attr)
+            if key in seen:
+                raise AttnlabError(f"--models: {e.name!r} is given twice")
+            seen.add(key)
+    return entries
+
+
+def parse_seeds(text: str | int | list[int]) -> list[int]:
+    """``3`` → seeds 0, 1, 2; ``"0,4,7"`` → those seeds."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        values = list(range(text)) if text >= 1 else []
+    elif isinstance(text, list):
+        values = text
+    else:
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            raise AttnlabError(f"--seeds: expected a count or a list of integers, got {text!r}") from None
+        values = list(range(numbers[0])) if len(numbers) == 1 else numbers
+    if not values or any(not isinstance(s, int) or s < 0 for s in values):
+        raise AttnlabError(f"--seeds: expected a count ≥ 1 or non-negative integers, got {text!r}")
+    if len(set(values)) != len(values):
+        raise AttnlabError(f"--seeds: seed given twice in {text!r}")
+    return list(values)
+
+
+def dataset_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """An analysis to run on trained entries: ``attnlab.analysis.run_analysis(name, ...)``.
+
+    Attributes:
+        name: the analysis (consistency, smoothness, landscape, localization).
+        entries: display names of the entries it runs on (empty: all).
+        datasets: datasets it runs on (empty: all).
+        max_seeds: run it on the first this many seeds only (None: every seed).
+        options: keyword options passed on (``images``, analysis-specific ones).
+    """
+
+    name: str
+    entries: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    max_seeds: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "entries": list(self.entries), "datasets": list(self.datasets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnalysisSpec:
+        return cls(
+            name=d["name"],
+            entries=tuple(d.get("entries") or ()),
+            datasets=tuple(d.get("datasets") or ()),
+            max_seeds=d.get("max_seeds"),
+            options=dict(d.get("options") or {}),
+        )
+
+
+@dataclass
+class Plan:
+    """A comparison: every entry × dataset × seed trained with ``recipe``, then ``analyses``.
+
+    Attributes:
+        entries: the compared networks, baseline first unless ``baseline`` names another.
+        datasets: dataset names.
+        seeds: training seeds.
+        recipe: the shared `TrainConfig` settings (without the per-run fields).
+        dataset_options: options per dataset name.
+        baseline: display name of the entry every other one is compared with.
+        analyses: what to run after training.
+        preset: the preset's name, if one was used.
+        command: the command line, for the report.
+        machine: where it ran (``cpus``, ``platform``), for the report.
+        date: when the comparison was (last) started, ISO 8601.
+    """
+
+    entries: list[Entry]
+    datasets: list[str]
+    seeds: list[int]
+    recipe: dict[str, Any]
+    dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: str = ""
+    analyses: list[AnalysisSpec] = field(default_factory=list)
+    preset: str | None = None
+    command: str = ""
+    machine: dict[str, Any] = field(default_factory=dict)
+    date: str = ""
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.entries]
+        if not self.baseline:
+            self.baseline = names[0]
+        if self.baseline not in names:
+            raise unknown_name("baseline entry", self.baseline, names)
+        if not self.datasets:
+            raise AttnlabError("a comparison needs at least one dataset")
+        if len(set(self.datasets)) != len(self.datasets):
+            raise AttnlabError("--dataset: a dataset is given twice")
+        bad = sorted(set(self.recipe) & set(PER_RUN_FIELDS))
+        if bad:
+            raise AttnlabError(f"the shared recipe may not set '{bad[0]}'")
+        for spec in self.analyses:
+            for name in spec.entries:
+                if name not in names:
+                    raise unknown_name(f"entry of analysis {spec.name}", name, names)
+        self.run_config(self.datasets[0], self.entries[0], self.seeds[0], Path("."))  # validates the recipe
+
+    def entry(self, name: str) -> Entry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise unknown_name("entry", name, [e.name for e in self.entries])
+
+    def run_config(self, dataset: str, entry: Entry, seed: int, out: Path) -> TrainConfig:
+        """The `TrainConfig` of one run."""
+        values = {
+            **self.recipe,
+            **entry.train,
+            "model": entry.model,
+            "dataset": dataset,
+            "seed": seed,
+            "out": str(run_dir(out, dataset, entry, seed)),
+            "model_kwargs": dict(entry.model_kwargs),
+            "dataset_options": dict(self.dataset_options.get(dataset, {})),
+        }
+        return TrainConfig.from_dict(values, source=f"entry {entry.name}")
+
+    def analysis_datasets(self, spec: AnalysisSpec) -> list[str]:
+        return [d for d in self.datasets if not spec.datasets or d in spec.datasets]
+
+    def analysis_seeds(self, spec: AnalysisSpec) -> list[int]:
+        return list(self.seeds[: spec.max_seeds] if spec.max_seeds else self.seeds)
+
+    def runs(self, out: Path) -> list[tuple[str, Entry, int, Path]]:
+        """Every (dataset, entry, seed, folder), in report order."""
+        return [(d, e, s, run_dir(out, d, e, s)) for d in self.datasets for e in self.entries for s in self.seeds]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "datasets": list(self.datasets),
+            "entries": [e.name for e in self.entries],
+            "seeds": list(self.seeds),
+            "baseline": self.baseline,
+            "recipe": self.recipe,
+            "dataset_options": self.dataset_options,
+            "analyses": [a.to_dict() for a in self.analyses],
+            "command": self.command,
+            "machine": self.machine,
+            "date": self.date,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        return cls(
+            entries=parse_entries(list(d["entries"])),
+            datasets=list(d["datasets"]),
+            seeds=list(d["seeds"]),
+            recipe=dict(d["recipe"]),
+            dataset_options={k: dict(v) for k, v in (d.get("dataset_options") or {}).items()},
+            baseline=d.get("baseline", ""),
+            analyses=[AnalysisSpec.from_dict(a) for a in d.get("analyses") or []],
+            preset=d.get("preset"),
+            command=d.get("command", ""),
+            machine=dict(d.get("machine") or {}),
+            date=d.get("date", ""),
+        )
+
+    def save(self, out: Path) -> None:
+        from ..train.checkpoint import write_text_atomic
+
+        write_text_atomic(Path(out) / PLAN_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, out: Path) -> Plan:
+        path = Path(out) / PLAN_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AttnlabError(f"{out}: no {PLAN_FILE} here (not a folder written by `attnlab compare`)") from None
+        except (OSError, ValueError) as e:
+            raise AttnlabError(f"{path}: unreadable ({e})") from None
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError) as e:
+            raise AttnlabError(f"{path}: malformed plan ({e})") from None
+
+
+def run_dir(out: Path, dataset: str, entry: Entry, seed: int) -> Path:
+    return Path(out) / "runs" / dataset_slug(dataset) / entry.slug / f"seed{seed}"
+
+
+def analysis_dir(out: Path, dataset: str, seed: int) -> Path:
+    return Path(out) / "analyses" / dataset_slug(dataset) / f"seed{seed}"

@@ -1,0 +1,328 @@
+"""`attnlab compare` and `attnlab report` end to end on tiny synthetic runs: the CSV files and the report equal the
+runs' own summary.json files, resume never retrains or duplicates, a killed comparison resumes cleanly, parallel
+jobs give the same numbers, and the report is rebuilt byte for byte."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnlab.cli import main
+from attnlab.errors import AttnlabError
+from attnlab.report import (
+    INCONCLUSIVE,
+    PRESETS,
+    AnalysisSpec,
+    Plan,
+    build_report,
+    make_plan,
+    parse_entries,
+    parse_entry,
+    run_compare,
+)
+from attnlab.report.compare import check_analyses
+from attnlab.report.plan import parse_seeds
+from attnlab.report.results import RESULT_FIELDS
+from attnlab.report.stats import describe, paired_test
+
+SYNTH = {"shape": [1, 12, 12], "size": 256, "test_size": 64, "num_classes": 4}
+RECIPE = {"epochs": 1, "batch_size": 64, "val_size": 64, "lr": 0.05}
+MODELS = "resnet20,fmm_resnet20[merge=gate]"
+TIMING = {"train_img_per_s", "train_time_s", "latency_ms", "wall_time_s", "device"}
+
+
+def tiny_plan(**overrides) -> Plan:
+    values = dict(models=MODELS, datasets=["synthetic"], seeds=2, recipe=RECIPE, dataset_options=SYNTH)
+    values.update(overrides)
+    return make_plan(**values)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summaries(out: Path) -> dict[str, dict]:
+    return {
+        p.parent.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.glob("runs/*/*/*/summary.json")
+    }
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compare")
+    outcome = run_compare(tiny_plan(), out, log=quiet)
+    assert len(outcome.trained) == 4 and not outcome.skipped and not outcome.failed
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------------- entries
+
+
+def test_entries_parse_options_and_names():
+    e = parse_entry("fmm_resnet20[merge=gate]")
+    assert (e.name, e.model, e.model_kwargs, e.train) == (
+        "fmm_resnet20[merge=gate]",
+        "fmm_resnet20",
+        {"merge": "gate"},
+        {},
+    )
+    assert e.slug == "fmm_resnet20-merge=gate"
+    e = parse_entry("cram_resnet20[equivariance=0.1,attn_where=last]")
+    assert e.train == {"equivariance": 0.1} and e.model_kwargs == {"attn_where": "last"}
+    names = [x.name for x in parse_entries("resnet20, fmm_resnet20[merge=gate,zero_init_last=false],se_resnet20")]
+    assert names == ["resnet20", "fmm_resnet20[merge=gate,zero_init_last=false]", "se_resnet20"]
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds(2) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("resnt20", "unknown model 'resnt20'; did you mean resnet20"),
+        ("resnet20,resnet20", "given twice"),
+        ("resnet20[merge=gate", "unbalanced"),
+        ("resnet20[seed=1]", "'seed' is set by the comparison"),
+        ("resnet20[merge]", "not key=value"),
+        ("resnet20[]", "empty brackets"),
+    ],
+)
+def test_bad_entries_are_one_line_errors(text, message):
+    with pytest.raises(AttnlabError, match=message.replace("[", r"\[")):
+        parse_entries(text)
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(AttnlabError, match="unknown baseline entry 'vgg'"):
+        tiny_plan(baseline="vgg")
+    with pytest.raises(AttnlabError, match="fixes the models"):
+        make_plan(preset="quick", models="resnet20")
+    with pytest.raises(AttnlabError, match="unknown preset 'quik'; did you mean quick"):
+        make_plan(preset="quik")
+    with pytest.raises(AttnlabError, match="epochs must be ≥ 1"):
+        tiny_plan(recipe={"epochs": 0})
+    with pytest.raises(AttnlabError, match=r"model entry 'fmm_resnet20\[merge=sum\]': unknown merge 'sum'"):
+        tiny_plan(models="resnet20,fmm_resnet20[merge=sum]")
+    with pytest.raises(AttnlabError, match="unknown analysis 'smoothnes'; did you mean smoothness"):
+        tiny_plan(analyses=["smoothnes"])
+    with pytest.raises(AttnlabError, match="analysis smoothness: unknown option 'pair'; did you mean pairs"):
+        check_analyses([AnalysisSpec("smoothness", options={"pair": 3})])
+    for name in PRESETS:  # every preset names real models, options and analyses
+        assert make_plan(preset=name).preset == name
+
+
+def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
+    plan = tiny_plan(models="resnet20,resnet20[lr=1e12]", seeds=1)
+    outcome = run_compare(plan, tmp_path, log=quiet)
+    assert outcome.trained == ["runs/synthetic/resnet20/seed0"]
+    assert outcome.failed == ["runs/synthetic/resnet20-lr=1e12/seed0"]
+    failure = (tmp_path / outcome.failed[0] / "failure.txt").read_text()
+    assert failure.startswith("non-finite")
+    report = (tmp_path / "report.md").read_text()
+    assert f"**Failed**: `{outcome.failed[0]}`: {failure.splitlines()[0]}" in report
+    assert [r["model"] for r in read_csv(tmp_path / "results.csv")] == ["resnet20"]
+
+
+# -------------------------------------------------------------------------------------------------------------- compare
+
+
+def test_results_equal_the_runs_summaries(compared):
+    rows = read_csv(compared / "results.csv")
+    runs = summaries(compared)
+    assert [(r["model"], r["seed"]) for r in rows] == [
+        ("resnet20", "0"),
+        ("resnet20", "1"),
+        ("fmm_resnet20[merge=gate]", "0"),
+        ("fmm_resnet20[merge=gate]", "1"),
+    ]
+    for row in rows:
+        s = runs[row["run"]]
+        for key in RESULT_FIELDS:
+            if key in s and key != "model":
+                assert type(s[key])(row[key]) == s[key], key  # floats round-trip exactly
+        assert s["model"] == row["arch"]
+    config = (compared / "runs/synthetic/fmm_resnet20-merge=gate/seed0/config.yaml").read_text()
+    assert "merge: gate" in config
+
+
+def test_summary_equals_statistics_of_the_runs(compared):
+    runs = summaries(compared)
+    acc = {
+        m: [runs[f"runs/synthetic/{slug}/seed{s}"]["test_acc"] for s in (0, 1)]
+        for m, slug in (("resnet20", "resnet20"), ("fmm_resnet20[merge=gate]", "fmm_resnet20-merge=gate"))
+    }
+    table = {r["model"]: r for r in read_csv(compared / "summary.csv")}
+    for model, values in acc.items():
+        d = describe(values)
+        assert float(table[model]["test_acc_mean"]) == d.mean
+        assert float(table[model]["test_acc_std"]) == d.std
+        assert float(table[model]["test_acc_ci_low"]) == d.ci_low
+    fmm = table["fmm_resnet20[merge=gate]"]
+    test = paired_test(acc["fmm_resnet20[merge=gate]"], acc["resnet20"])
+    assert float(fmm["delta_vs_baseline"]) == test.mean_diff and fmm["shared_seeds"] == "2"
+    assert fmm["t_p"] == str(test.t_p)
+
+
+def test_report_shows_the_runs_numbers(compared):
+    report = (compared / "report.md").read_text()
+    for s in summaries(compared).values():
+        assert f"| {100 * s['val_acc']:.2f} | {100 * s['test_acc']:.2f} | {s['test_loss']:.4f} |" in report
+    table = {r["model"]: r for r in read_csv(compared / "summary.csv")}
+    mean, std = float(table["resnet20"]["test_acc_mean"]), float(table["resnet20"]["test_acc_std"])
+    assert f"| 2 | {100 * mean:.2f} ± {100 * std:.2f} |" in report
+    assert "**Runs finished**: 4 of 4" in report and "**Seeds**: 0, 1 (2)" in report
+    assert "Small budget" not in report  # only presets that declare it
+    html = (compared / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and 'src="figures/' not in html
+    for png in (compared / "figures").glob("*.png"):
+        assert png.stat().st_size < 100_000
+
+
+def test_report_command_rebuilds_the_same_files(compared, capsys):
+    before = {
+        name: (compared / name).read_bytes() for name in ("report.md", "report.html", "results.csv", "summary.csv")
+    }
+    for name in before:
+        (compared / name).unlink()
+    assert main(["report", str(compared)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    for name, content in before.items():
+        assert (compared / name).read_bytes() == content, name
+    assert main(["report", str(compared / "runs")]) == 2
+    assert "no compare.json here" in capsys.readouterr().err
+
+
+def test_resume_skips_finished_runs_and_refuses_without_it(compared):
+    before = {p: p.read_bytes() for p in compared.glob("runs/*/*/*/summary.json")}
+    outcome = run_compare(tiny_plan(), compared, resume=True, log=quiet)
+    assert outcome.trained == [] and len(outcome.skipped) == 4
+    assert {p: p.read_bytes() for p in compared.glob("runs/*/*/*/summary.json")} == before
+    assert len(read_csv(compared / "results.csv")) == 4
+    with pytest.raises(AttnlabError, match="holds an earlier comparison; pass --resume"):
+        run_compare(tiny_plan(), compared, log=quiet)
+    with pytest.raises(AttnlabError, match="finished with epochs=1 but this comparison asks for 2"):
+        run_compare(tiny_plan(recipe={**RECIPE, "epochs": 2}), compared, resume=True, log=quiet)
+
+
+def test_resume_adds_seeds_and_trains_only_the_new_runs(compared, tmp_path):
+    import shutil
+
+    out = tmp_path / "more"
+    shutil.copytree(compared, out)
+    outcome = run_compare(tiny_plan(seeds=3), out, resume=True, log=quiet)
+    assert sorted(outcome.trained) == ["runs/synthetic/fmm_resnet20-merge=gate/seed2", "runs/synthetic/resnet20/seed2"]
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 6 == len({(r["model"], r["seed"]) for r in rows})
+
+
+def test_killed_compare_resumes_without_duplicates_or_gaps(tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "attnlab", "compare", "--models", MODELS, "--seeds", "2", "--dataset", "synthetic"]
+    args += [f"--data-arg={k}={json.dumps(v)}" for k, v in {**SYNTH, "size": 512}.items()]
+    args += ["--epochs", "3", "--batch-size", "64", "--val-size", "64", "--lr", "0.05", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "runs/synthetic/resnet20/seed0/summary.json"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = list(out.glob("runs/*/*/*/summary.json"))
+    assert first.exists() and 1 <= len(finished) < 4, proc.stderr.read().decode()
+    kept = {p: p.read_bytes() for p in finished}
+
+    plan = Plan.load(out)
+    outcome = run_compare(plan, out, resume=True, log=quiet)
+    assert len(outcome.skipped) == len(finished) and len(outcome.trained) == 4 - len(finished)
+    assert all(p.read_bytes() == content for p, content in kept.items())
+    rows = read_csv(out / "results.csv")
+    assert sorted((r["model"], r["seed"]) for r in rows) == sorted(
+        (m, s) for m in ("resnet20", "fmm_resnet20[merge=gate]") for s in ("0", "1")
+    )
+
+
+def test_parallel_jobs_give_the_same_numbers(compared, tmp_path):
+    out = tmp_path / "jobs"
+    outcome = run_compare(tiny_plan(), out, jobs=2, log=quiet)
+    assert len(outcome.trained) == 4
+    serial, parallel = summaries(compared), summaries(out)
+    assert serial.keys() == parallel.keys()
+    for run, s in serial.items():
+        assert {k: v for k, v in s.items() if k not in TIMING} == {
+            k: v for k, v in parallel[run].items() if k not in TIMING
+        }, run
+
+
+def test_cli_compare_records_the_command(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["compare", "--models", "resnet20", "--seeds", "1", "--dataset", "synthetic", "--epochs", "1"]
+    args += ["--batch-size", "64", "--val-size", "64", "--out", str(out)]
+    args += [f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()]
+    assert main([*args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed
+    plan = json.loads((out / "compare.json").read_text())
+    assert plan["command"].startswith("attnlab compare --models resnet20 --dataset synthetic --seeds 1 --epochs 1")
+    assert plan["recipe"] == {"epochs": 1, "batch_size": 64, "val_size": 64}
+    assert main([*args, "--model", "se_resnet20"]) == 2
+    assert "compare: --model is set per run; use --models" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------------------- presets
+
+
+def test_small_preset_says_so_first_and_gives_verdicts(tmp_path):
+    """The report of a preset, built from runs trained here on synthetic data standing in for the preset's dataset."""
+    plan = make_plan(preset="quick", recipe={**RECIPE, "subset": None}, seeds=2)
+    fake = Plan(
+        entries=plan.entries,
+        datasets=["synthetic"],
+        seeds=plan.seeds,
+        recipe=plan.recipe,
+        dataset_options={"synthetic": SYNTH},
+        preset="quick",
+    )
+    trained = [fake.entry("resnet20"), fake.entry("fmm_resnet20")]  # the rest stay missing
+    small = Plan(**{**fake.__dict__, "entries": trained})
+    run_compare(small, tmp_path, log=quiet)
+    build_report(fake, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    head = report.splitlines()[:4]
+    assert any("Small budget: these numbers are not evidence" in line for line in head)
+    assert "## Verdicts" in report and f"**{INCONCLUSIVE}**" in report
+    assert "only 2 shared seed(s); a verdict needs at least 3" in report
+    assert "**Runs finished**: 4 of 12" in report and "**Not finished**" in report
+
+
+def test_analyses_run_once_per_seed_and_reach_the_report(compared, tmp_path):
+    import shutil
+
+    out = tmp_path / "analysed"
+    shutil.copytree(compared, out)
+    plan = tiny_plan()
+    options = {"images": 24, "pairs": 4, "steps": 5, "draws": 1, "jacobian_images": 4, "sigmas": [0.1]}
+    plan.analyses = [AnalysisSpec("smoothness", options=options)]
+    outcome = run_compare(plan, out, resume=True, log=quiet)
+    assert outcome.trained == [] and outcome.analysed == ["smoothness/synthetic/seed0", "smoothness/synthetic/seed1"]
+    results = [json.loads((out / f"analyses/synthetic/seed{s}/smoothness.json").read_text()) for s in (0, 1)]
+    assert list(results[0]["headline"]) == ["resnet20", "fmm_resnet20[merge=gate]"]
+    assert run_compare(plan, out, resume=True, log=quiet).analysed == []  # done, same spec: not rerun
+    tv = [r["headline"]["resnet20"]["tv_same"] for r in results]
+    report = (out / "report.md").read_text()
+    assert "### smoothness on synthetic" in report
+    assert f"| tv_same | {sum(tv) / 2:.4g} (±{abs(tv[0] - tv[1]) / 2:.2g}) |" in report
+    assert "![smoothness: smoothness_curves.png](analyses/synthetic/seed0/smoothness_curves.png)" in report
+    plan.analyses = [AnalysisSpec("smoothness", options={**options, "images": 16})]
+    assert len(run_compare(plan, out, resume=True, log=quiet).analysed) == 2  # options changed: rerun
