@@ -68,8 +68,12 @@ def _timed(what: str, fn) -> dict[str, Any]:
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
-    row = {"measurement": what, "seconds": round(seconds, 2), "load_before": round(load_before, 2),
-           "load_after": round(os.getloadavg()[0], 2)}
+    row = {
+        "measurement": what,
+        "seconds": round(seconds, 2),
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
     print(f"{what}: {seconds:.1f} s (load average {row['load_before']} → {row['load_after']})", flush=True)
     return row
 
@@ -84,8 +88,11 @@ def main() -> None:
     parser.add_argument("--methods", default="ablation", help="consistency methods, comma-separated")
     parser.add_argument("--controls", action="store_true", help="also the null and random-gate controls")
     parser.add_argument("--hessian-iters", type=int, default=20)
-    parser.add_argument("--hvp", default="double_backward,finite_difference",
-                        help="Hessian-vector product methods to time, comma-separated")
+    parser.add_argument(
+        "--hvp",
+        default="double_backward,finite_difference",
+        help="Hessian-vector product methods to time, comma-separated",
+    )
     parser.add_argument("--batch-size", type=int, default=250, help="images per Hessian-vector product batch")
     parser.add_argument("--skip", choices=("consistency", "hessian"), action="append", default=[])
     parser.add_argument("--out", default="results")
@@ -96,19 +103,30 @@ def main() -> None:
     rows = []
     if "consistency" not in args.skip:
         methods = [m.strip() for m in args.methods.split(",")]
-        rows.append(_timed(
-            f"consistency se_resnet20, {len(x)} images, methods={'+'.join(methods)}, controls={args.controls}",
-            lambda: consistency(model, x, y, methods=methods, null=args.controls, random_gate=args.controls),
-        ))
+        rows.append(
+            _timed(
+                f"consistency se_resnet20, {len(x)} images, methods={'+'.join(methods)}, controls={args.controls}",
+                lambda: consistency(model, x, y, methods=methods, null=args.controls, random_gate=args.controls),
+            )
+        )
     batches = list(zip(x.split(args.batch_size), y.split(args.batch_size)))
     for method in [] if "hessian" in args.skip else args.hvp.split(","):
         result: dict[str, Any] = {}
-        rows.append(_timed(
-            f"hessian top eigenvalue se_resnet20, {args.hessian_iters} iterations, {len(x)} images, hvp={method}",
-            lambda method=method, result=result: result.update(hessian_top_eigenvalue(
-                model, F.cross_entropy, batches, iters=args.hessian_iters, generator=torch.Generator().manual_seed(0),
-                hvp=method)),
-        ))
+        rows.append(
+            _timed(
+                f"hessian top eigenvalue se_resnet20, {args.hessian_iters} iterations, {len(x)} images, hvp={method}",
+                lambda method=method, result=result: result.update(
+                    hessian_top_eigenvalue(
+                        model,
+                        F.cross_entropy,
+                        batches,
+                        iters=args.hessian_iters,
+                        generator=torch.Generator().manual_seed(0),
+                        hvp=method,
+                    )
+                ),
+            )
+        )
         rows[-1]["note"] = f"eigenvalue {result['eigenvalue']:.6g} by {result['hvp']}"
     machine = {
         "cpu": platform.processor() or platform.machine(),

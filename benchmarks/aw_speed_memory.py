@@ -95,12 +95,19 @@ def layer_speed(batch: int, rounds: int) -> list[dict[str, Any]]:
             per_sample = time_forward_backward(lambda t, layer=layer: per_sample_reference(layer, t), x, grad, rounds)
             with torch.no_grad():
                 err = (layer(x) - per_sample_reference(layer, x)).abs().max().item()
-            rows.append({
-                "layer": f"{channels}->{channels} 3x3 at {size}x{size}", "generator": generator, "batch": batch,
-                "batched_cpu_s": batched[0], "per_sample_cpu_s": per_sample[0],
-                "batched_wall_s": batched[1], "per_sample_wall_s": per_sample[1],
-                "speedup_cpu": per_sample[0] / batched[0], "max_abs_diff": err,
-            })
+            rows.append(
+                {
+                    "layer": f"{channels}->{channels} 3x3 at {size}x{size}",
+                    "generator": generator,
+                    "batch": batch,
+                    "batched_cpu_s": batched[0],
+                    "per_sample_cpu_s": per_sample[0],
+                    "batched_wall_s": batched[1],
+                    "per_sample_wall_s": per_sample[1],
+                    "speedup_cpu": per_sample[0] / batched[0],
+                    "max_abs_diff": err,
+                }
+            )
     return rows
 
 
@@ -137,8 +144,11 @@ def memory_worker(spec: str, batch: int) -> dict[str, Any]:
         loss = F.cross_entropy(model(x), y)
     del loss
     return {
-        "model": spec, "batch": batch, "params": sum(p.numel() for p in model.parameters()),
-        "saved_MB": sum(saved.values()) / 2**20, "step_peak_rss_MB": (maxrss_after - before) / 2**20,
+        "model": spec,
+        "batch": batch,
+        "params": sum(p.numel() for p in model.parameters()),
+        "saved_MB": sum(saved.values()) / 2**20,
+        "step_peak_rss_MB": (maxrss_after - before) / 2**20,
         "step_set_new_peak": maxrss_after > maxrss_before,
     }
 
@@ -166,8 +176,13 @@ def steptime_worker(specs: list[str], batch: int, rounds: int) -> list[dict[str,
         for spec in specs:
             times[spec].append(cpu_and_wall(steps[spec]))
     return [
-        {"model": spec, "batch": batch, "rounds": rounds, "cpu_s": min(t[0] for t in ts),
-         "wall_s": min(t[1] for t in ts)}
+        {
+            "model": spec,
+            "batch": batch,
+            "rounds": rounds,
+            "cpu_s": min(t[0] for t in ts),
+            "wall_s": min(t[1] for t in ts),
+        }
         for spec, ts in times.items()
     ]
 
@@ -204,13 +219,26 @@ def main() -> None:
 
     started = time.time()
     layer = layer_speed(args.layer_batch, args.rounds)
-    memory = [run_worker(["--worker", "memory", "--models", s, "--memory-batch", str(args.memory_batch)], {},
-                         args.threads) for s in specs]
+    memory = [
+        run_worker(["--worker", "memory", "--models", s, "--memory-batch", str(args.memory_batch)], {}, args.threads)
+        for s in specs
+    ]
     steptime = {}
     for malloc, env in (("default", {}), ("mmap_max_0", TUNED_MALLOC)):
         steptime[malloc] = run_worker(
-            ["--worker", "steptime", "--models", ",".join(specs), "--time-batch", str(args.time_batch),
-             "--rounds", str(args.rounds)], env, args.threads)
+            [
+                "--worker",
+                "steptime",
+                "--models",
+                ",".join(specs),
+                "--time-batch",
+                str(args.time_batch),
+                "--rounds",
+                str(args.rounds),
+            ],
+            env,
+            args.threads,
+        )
 
     plain_mem = next(m for m in memory if m["model"] == "resnet20")
     for m in memory:
@@ -223,10 +251,18 @@ def main() -> None:
 
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
         "targets": {"layer_speedup": ">= 10", "memory_ratio": "<= 2", "step_time_ratio": "<= 1.5"},
-        "layer": layer, "memory": memory, "steptime": steptime, "seconds": time.time() - started,
+        "layer": layer,
+        "memory": memory,
+        "steptime": steptime,
+        "seconds": time.time() - started,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,17 +283,23 @@ def main() -> None:
 
     print(f"layer, batch {args.layer_batch} (forward+backward, CPU s; target speedup >= 10):")
     for r in layer:
-        print(f"  {r['layer']:<22} {r['generator']:<10} batched {r['batched_cpu_s']:.4f}  per-sample "
-              f"{r['per_sample_cpu_s']:.4f}  speedup {r['speedup_cpu']:.1f}x  max|diff| {r['max_abs_diff']:.1e}")
+        print(
+            f"  {r['layer']:<22} {r['generator']:<10} batched {r['batched_cpu_s']:.4f}  per-sample "
+            f"{r['per_sample_cpu_s']:.4f}  speedup {r['speedup_cpu']:.1f}x  max|diff| {r['max_abs_diff']:.1e}"
+        )
     print(f"memory, one train step at batch {args.memory_batch} (target ratio <= 2):")
     for m in memory:
-        print(f"  {m['model']:<24} params {m['params']:>7}  saved {m['saved_MB']:7.1f} MB ({m['saved_ratio']:.2f}x)"
-              f"  step peak RSS {m['step_peak_rss_MB']:7.1f} MB ({m['rss_ratio']:.2f}x)")
+        print(
+            f"  {m['model']:<24} params {m['params']:>7}  saved {m['saved_MB']:7.1f} MB ({m['saved_ratio']:.2f}x)"
+            f"  step peak RSS {m['step_peak_rss_MB']:7.1f} MB ({m['rss_ratio']:.2f}x)"
+        )
     print(f"train step time at batch {args.time_batch}, min of {args.rounds} (target ratio <= 1.5):")
     for malloc, rows in steptime.items():
         for r in rows:
-            print(f"  malloc={malloc:<10} {r['model']:<24} cpu {r['cpu_s']:.3f} s ({r['cpu_ratio']:.2f}x)  "
-                  f"wall {r['wall_s']:.3f} s ({r['wall_ratio']:.2f}x)")
+            print(
+                f"  malloc={malloc:<10} {r['model']:<24} cpu {r['cpu_s']:.3f} s ({r['cpu_ratio']:.2f}x)  "
+                f"wall {r['wall_s']:.3f} s ({r['wall_ratio']:.2f}x)"
+            )
     print(f"wrote {out / 'aw_speed_memory.json'} and .csv in {result['seconds']:.0f} s")
 
 

@@ -46,12 +46,25 @@ def run_one(merge: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if summary_file.exists() and not args.retrain:
         summary = json.loads(summary_file.read_text())
     else:
-        cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                          batch_size=args.batch_size, subset=args.subset, val_size=args.val_size, seed=seed,
-                          out=str(run_dir), model_kwargs={"merge": merge})
+        cfg = TrainConfig(
+            model=args.model,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            subset=args.subset,
+            val_size=args.val_size,
+            seed=seed,
+            out=str(run_dir),
+            model_kwargs={"merge": merge},
+        )
         try:
-            summary = train(cfg, resume=run_dir.exists(), progress=False,  # resume: finish an interrupted run
-                            log=lambda line: print(f"[{merge} seed {seed}] {line}", flush=True))
+            summary = train(
+                cfg,
+                resume=run_dir.exists(),
+                progress=False,  # resume: finish an interrupted run
+                log=lambda line: print(f"[{merge} seed {seed}] {line}", flush=True),
+            )
         except TrainingDiverged as e:
             return {**row, "status": f"diverged: {e}"}
     keys = ("val_acc", "test_acc", "val_loss", "train_time_s", "wall_time_s")
@@ -75,10 +88,15 @@ def summarise(rows: list[dict[str, Any]], merges: list[str]) -> dict[str, dict[s
         ok = [r for r in rows if r["merge"] == merge and r["status"] == "ok"]
         val_mean, val_std = mean_std([r["val_acc"] for r in ok])
         test_mean, test_std = mean_std([r["test_acc"] for r in ok])
-        table[merge] = {"val_acc_mean": val_mean, "val_acc_std": val_std, "test_acc_mean": test_mean,
-                        "test_acc_std": test_std, "runs": len([r for r in rows if r["merge"] == merge]),
-                        "diverged": len([r for r in rows if r["merge"] == merge and r["status"] != "ok"]),
-                        "run_time_s": sum(r["wall_time_s"] for r in ok)}
+        table[merge] = {
+            "val_acc_mean": val_mean,
+            "val_acc_std": val_std,
+            "test_acc_mean": test_mean,
+            "test_acc_std": test_std,
+            "runs": len([r for r in rows if r["merge"] == merge]),
+            "diverged": len([r for r in rows if r["merge"] == merge and r["status"] != "ok"]),
+            "run_time_s": sum(r["wall_time_s"] for r in ok),
+        }
     return table
 
 
@@ -95,8 +113,10 @@ def markdown(table: dict[str, dict[str, Any]], winner: str) -> str:
     lines = ["| merge | val acc % (mean ± std) | test acc % (not used to select) | diverged |", "|---|---|---|---|"]
     for merge, t in sorted(table.items(), key=lambda kv: -(kv[1]["val_acc_mean"] or 0.0)):
         name = f"**{merge}** (selected)" if merge == winner else merge
-        lines.append(f"| {name} | {pct(t['val_acc_mean'], t['val_acc_std'])} | "
-                     f"{pct(t['test_acc_mean'], t['test_acc_std'])} | {t['diverged']}/{t['runs']} |")
+        lines.append(
+            f"| {name} | {pct(t['val_acc_mean'], t['val_acc_std'])} | "
+            f"{pct(t['test_acc_mean'], t['test_acc_std'])} | {t['diverged']}/{t['runs']} |"
+        )
     return "\n".join(lines)
 
 
@@ -137,14 +157,21 @@ def main(argv: list[str] | None = None) -> None:
         "selected": winner,
         "selection": "best mean validation accuracy among multiplicative merges that never diverged",
         "table": table,
-        "budget": {"model": args.model, "dataset": args.dataset, "epochs": args.epochs, "subset": args.subset,
-                   "val_size": args.val_size, "batch_size": args.batch_size, "seeds": list(range(args.seeds)),
-                   "recipe": "TrainConfig defaults otherwise"},
+        "budget": {
+            "model": args.model,
+            "dataset": args.dataset,
+            "epochs": args.epochs,
+            "subset": args.subset,
+            "val_size": args.val_size,
+            "batch_size": args.batch_size,
+            "seeds": list(range(args.seeds)),
+            "recipe": "TrainConfig defaults otherwise",
+        },
         "run_time_s": sum(t["run_time_s"] for t in table.values()),  # wall time of the runs, summed
         "cpu_time_s": cpu_seconds(resource.RUSAGE_CHILDREN),  # the worker processes' user + system time
         "wall_time_s": time.time() - started,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jobs={args.jobs}, "
-                   f"threads per run={args.threads}",
+        f"threads per run={args.threads}",
         "command": command,
         "torch": torch.__version__,
     }

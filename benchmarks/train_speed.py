@@ -26,8 +26,18 @@ import torch
 from attnlab.train import TrainConfig, train
 from attnlab.train.bench import benchmark_models, format_table
 
-VARIANTS = ["resnet20", "se_resnet20", "eca_resnet20", "cbam_resnet20", "spatial_resnet20", "cram_resnet20",
-            "aw_resnet20", "aw_se_resnet20", "aw_cbam_resnet20", "fmm_resnet20"]
+VARIANTS = [
+    "resnet20",
+    "se_resnet20",
+    "eca_resnet20",
+    "cbam_resnet20",
+    "spatial_resnet20",
+    "cram_resnet20",
+    "aw_resnet20",
+    "aw_se_resnet20",
+    "aw_cbam_resnet20",
+    "fmm_resnet20",
+]
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -53,18 +63,39 @@ def time_to_accuracy(seeds: list[int], epochs: int | None, amp: str, extra: dict
     rows, finals = [], []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(model="resnet20", dataset="fashion-mnist", seed=seed, out=tmp, amp=amp,
-                              **({"epochs": epochs} if epochs else {}), **extra)
+            cfg = TrainConfig(
+                model="resnet20",
+                dataset="fashion-mnist",
+                seed=seed,
+                out=tmp,
+                amp=amp,
+                **({"epochs": epochs} if epochs else {}),
+                **extra,
+            )
             start = time.time()
             summary = train(cfg, progress=False)
             history = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         elapsed = 0.0
         for h in history:
             elapsed += h["epoch_time"]
-            rows.append({"seed": seed, "epoch": h["epoch"], "train_seconds": round(elapsed, 2),
-                         "val_acc": h["val_acc"], "img_per_s": round(h["img_per_s"], 1)})
-        finals.append({"seed": seed, "val_acc": summary["val_acc"], "test_acc": summary["test_acc"],
-                       "wall_time_s": time.time() - start, "train_img_per_s": summary["train_img_per_s"]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "epoch": h["epoch"],
+                    "train_seconds": round(elapsed, 2),
+                    "val_acc": h["val_acc"],
+                    "img_per_s": round(h["img_per_s"], 1),
+                }
+            )
+        finals.append(
+            {
+                "seed": seed,
+                "val_acc": summary["val_acc"],
+                "test_acc": summary["test_acc"],
+                "wall_time_s": time.time() - start,
+                "train_img_per_s": summary["train_img_per_s"],
+            }
+        )
     write_csv(RESULTS / "train_speed_tta.csv", rows)
     tests = [f["test_acc"] for f in finals]
     walls = [f["wall_time_s"] for f in finals]

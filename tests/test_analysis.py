@@ -72,8 +72,9 @@ def test_topk_overlap_and_mean_ci():
     np.testing.assert_allclose(topk_overlap(a, b, 5), [1.0, 1.0])
     values = np.array([0.1, 0.4, 0.35, np.nan, 0.2])
     ci = mean_ci(values)
-    low, high = scipy.stats.t.interval(0.95, 3, loc=np.mean(values[:3].tolist() + [0.2]),
-                                       scale=scipy.stats.sem([0.1, 0.4, 0.35, 0.2]))
+    low, high = scipy.stats.t.interval(
+        0.95, 3, loc=np.mean(values[:3].tolist() + [0.2]), scale=scipy.stats.sem([0.1, 0.4, 0.35, 0.2])
+    )
     assert ci["n"] == 4 and math.isclose(ci["ci_low"], low) and math.isclose(ci["ci_high"], high)
     assert mean_ci([])["n"] == 0 and math.isnan(mean_ci([])["mean"])
 
@@ -223,7 +224,8 @@ def test_consistency_on_a_resnet_reports_every_gate_and_control():
     result = consistency(model, x, y, control_images=4, captum_images=3, captum_steps=2, keep_values=True)
     assert [layer["path"] for layer in result["layers"]] == [s.path for s in gate_sites(model)]
     assert {"spearman_ablation", "spearman_grad_x_act", "null_spearman", "random_gate_spearman"} <= set(
-        result["summary"])
+        result["summary"]
+    )
     layer = result["layers"][1]
     assert layer["kind"] == "spatial" and result["values"][layer["path"]]["ablation"].shape == (8, layer["n_units"])
     with pytest.raises(AttnlabError, match="no attention"):
@@ -350,8 +352,9 @@ def test_sample_pairs_respect_the_labels(labels, seed):
 def test_true_class_loss_matches_cross_entropy():
     model = _spread_bn(create_model("se_resnet20", num_classes=3, in_chans=1))
     x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 1, 0])
-    torch.testing.assert_close(true_class_loss(model, x, y, batch_size=2),
-                               F.cross_entropy(model(x), y, reduction="none").detach())
+    torch.testing.assert_close(
+        true_class_loss(model, x, y, batch_size=2), F.cross_entropy(model(x), y, reduction="none").detach()
+    )
 
 
 def test_without_captum_the_result_says_it_was_skipped(monkeypatch):

@@ -37,11 +37,17 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     register_dataset(BOXES, load_boxes_dataset)
     common = dict(epochs=1, batch_size=64, val_size=32, augment=False)
-    for name, model, seed, data in (("se0", "se_resnet20", 0, "synthetic"), ("se1", "se_resnet20", 1, "synthetic"),
-                                    ("cbam", "cbam_resnet20", 0, "synthetic"), ("cram", "cram_resnet20", 0, BOXES)):
+    for name, model, seed, data in (
+        ("se0", "se_resnet20", 0, "synthetic"),
+        ("se1", "se_resnet20", 1, "synthetic"),
+        ("cbam", "cbam_resnet20", 0, "synthetic"),
+        ("cram", "cram_resnet20", 0, BOXES),
+    ):
         options = SYNTH if data == "synthetic" else {}
-        train(TrainConfig(model=model, dataset=data, dataset_options=options, seed=seed, out=str(root / name),
-                          **common), log=lambda _: None)
+        train(
+            TrainConfig(model=model, dataset=data, dataset_options=options, seed=seed, out=str(root / name), **common),
+            log=lambda _: None,
+        )
     return root
 
 
@@ -51,15 +57,36 @@ def _run(argv: list[str]) -> int:
 
 def test_consistency_writes_json_plots_and_seed_groups(runs, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["consistency", "--checkpoint", str(runs / "se0"), "--checkpoint", str(runs / "se1"), "--checkpoint",
-            str(runs / "cbam"), "--out", str(out), "--images", "12", "--option", "control_images=6",
-            "--option", "captum_images=4", "--option", "captum_steps=2"]
+    argv = [
+        "consistency",
+        "--checkpoint",
+        str(runs / "se0"),
+        "--checkpoint",
+        str(runs / "se1"),
+        "--checkpoint",
+        str(runs / "cbam"),
+        "--out",
+        str(out),
+        "--images",
+        "12",
+        "--option",
+        "control_images=6",
+        "--option",
+        "captum_images=4",
+        "--option",
+        "captum_steps=2",
+    ]
     assert _run(argv) == 0
     report = json.loads((out / "consistency.json").read_text())
     assert set(report["headline"]) == {"se0", "se1", "cbam"}
     for numbers in report["headline"].values():
-        assert {"spearman_ablation", "spearman_ablation_ci_low", "spearman_ablation_ci_high", "null_spearman",
-                "random_gate_spearman"} <= set(numbers)
+        assert {
+            "spearman_ablation",
+            "spearman_ablation_ci_low",
+            "spearman_ablation_ci_high",
+            "null_spearman",
+            "random_gate_spearman",
+        } <= set(numbers)
     (group,) = report["groups"].values()  # the two se_resnet20 seeds, not the cbam run
     assert group["members"] == ["se0", "se1"] and group["seeds"] == [0, 1]
     values = [report["headline"][m]["spearman_ablation"] for m in ("se0", "se1")]
@@ -74,15 +101,50 @@ def test_consistency_writes_json_plots_and_seed_groups(runs, tmp_path, capsys):
 def test_smoothness_and_landscape_compare_checkpoints(runs, tmp_path):
     out = tmp_path / "out"
     both = ["--checkpoint", str(runs / "se0"), "--checkpoint", str(runs / "cbam"), "--out", str(out), "--images", "16"]
-    assert _run(["smoothness", *both, "--option", "pairs=4", "--option", "steps=5", "--option", "sigmas=0.1,0.3",
-                 "--option", "jacobian_images=4", "--label", "SE", "--label", "CBAM"]) == 0
+    assert (
+        _run(
+            [
+                "smoothness",
+                *both,
+                "--option",
+                "pairs=4",
+                "--option",
+                "steps=5",
+                "--option",
+                "sigmas=0.1,0.3",
+                "--option",
+                "jacobian_images=4",
+                "--label",
+                "SE",
+                "--label",
+                "CBAM",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "smoothness.json").read_text())
     assert set(report["headline"]) == {"SE", "CBAM"}
     assert {"tv_same", "tv_diff", "flips_diff", "input_grad_norm", "jacobian_fro", "noise_acc_at_0.3"} <= set(
-        report["headline"]["SE"])
+        report["headline"]["SE"]
+    )
     assert report["plots"] == ["smoothness_curves.png"] and (out / "smoothness_curves.png").exists()
-    assert _run(["landscape", *both, "--option", "points=3", "--option", "grid=2", "--option", "hessian_iters=2",
-                 "--option", "trace_samples=2"]) == 0
+    assert (
+        _run(
+            [
+                "landscape",
+                *both,
+                "--option",
+                "points=3",
+                "--option",
+                "grid=2",
+                "--option",
+                "hessian_iters=2",
+                "--option",
+                "trace_samples=2",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "landscape.json").read_text())
     assert {"hessian_top_eig", "hessian_trace", "sharpness_1d"} <= set(report["headline"]["se0"])
     assert len(report["plots"]) == 5 and all((out / p).exists() for p in report["plots"])

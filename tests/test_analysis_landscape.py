@@ -64,8 +64,9 @@ def test_top_eigenvalue_matches_the_exact_hessian_whole_and_per_block():
     assert got["hvp"] == "double_backward" and got["params"] == len(exact)
     assert got["eigenvalue"] == pytest.approx(_top(exact), rel=1e-4)
     block = ["4.weight", "4.bias"]
-    got = hessian_top_eigenvalue(model, F.cross_entropy, batches, params_filter="4.*", iters=300,
-                                 generator=torch.Generator().manual_seed(0))
+    got = hessian_top_eigenvalue(
+        model, F.cross_entropy, batches, params_filter="4.*", iters=300, generator=torch.Generator().manual_seed(0)
+    )
     assert got["eigenvalue"] == pytest.approx(_top(_exact_hessian(model, x, y, block)), rel=1e-4)
 
 
@@ -98,8 +99,9 @@ def test_finite_difference_products_approximate_the_exact_ones():
     assert (approx - exact).norm() < 1e-2 * exact.norm()
     x, y, _ = _data()
     top = _top(_exact_hessian(model, x, y, [n for n, _ in model.named_parameters()]))
-    got = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=300, hvp="finite_difference",
-                                 generator=torch.Generator().manual_seed(0))
+    got = hessian_top_eigenvalue(
+        model, F.cross_entropy, batches, iters=300, hvp="finite_difference", generator=torch.Generator().manual_seed(0)
+    )
     assert got["hvp"] == "finite_difference" and got["eigenvalue"] == pytest.approx(top, rel=1e-2)
     with pytest.raises(AttnlabError, match="Hessian-vector product method"):
         HessianVectorProduct(model, batches, params, F.cross_entropy, "exact")
@@ -114,8 +116,9 @@ def test_filter_normalised_direction_has_the_weights_filter_norms():
         else:
             torch.testing.assert_close(d[name].flatten(1).norm(dim=1), p.detach().flatten(1).norm(dim=1))
             assert not torch.allclose(d[name], p.detach())
-    layer = filter_normalized_direction(model, generator=torch.Generator().manual_seed(0), norm="layer",
-                                        ignore_bn_bias=False, params_filter="layer2.*")
+    layer = filter_normalized_direction(
+        model, generator=torch.Generator().manual_seed(0), norm="layer", ignore_bn_bias=False, params_filter="layer2.*"
+    )
     for name, p in model.named_parameters():
         if name.startswith("layer2.") and p.detach().norm() > 0:
             assert layer[name].norm().item() == pytest.approx(p.detach().norm().item(), rel=1e-5)
@@ -151,8 +154,7 @@ def test_landscape_runs_end_to_end_and_keeps_the_weights():
     model = create_model("fmm_resnet20", num_classes=3, in_chans=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
-    result = landscape(model, x, y, points=3, grid=2, hessian_iters=2, trace_samples=2, per_block=True,
-                       batch_size=5)
+    result = landscape(model, x, y, points=3, grid=2, hessian_iters=2, trace_samples=2, per_block=True, batch_size=5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(result["surface_1d"]["loss"]) == 3 and len(result["surface_2d"]["loss"]) == 2
     assert {"stem", "layer1", "layer2", "layer3", "head"} == set(result["hessian_blocks"])

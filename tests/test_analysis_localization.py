@@ -43,14 +43,21 @@ def test_rotated_rectangles_analytic():
     inter = s * s - 2 * s * s * (1 - 1 / math.sqrt(2)) ** 2
     assert rectangle_box_iou(rect, box, (size, size)).item() == pytest.approx(inter / (2 * s * s - inter), rel=1e-6)
     # a w×h rectangle turned by 90° is the h×w box
-    rect = {"center": torch.tensor([[0.25, -0.125]]), "size": torch.tensor([[0.5, 0.25]]),
-            "angle": torch.tensor([math.pi / 2])}
+    rect = {
+        "center": torch.tensor([[0.25, -0.125]]),
+        "size": torch.tensor([[0.5, 0.25]]),
+        "angle": torch.tensor([math.pi / 2]),
+    }
     assert rectangle_box_iou(rect, torch.tensor([[18.0, 10.0, 22.0, 18.0]]), (size, size)).item() == pytest.approx(1)
     # the same diamond well inside a large box: IoU = its area / the box's
-    rect = {"center": center, "size": torch.full((1, 2), 0.25, dtype=torch.float64),
-            "angle": torch.tensor([math.pi / 4], dtype=torch.float64)}
+    rect = {
+        "center": center,
+        "size": torch.full((1, 2), 0.25, dtype=torch.float64),
+        "angle": torch.tensor([math.pi / 4], dtype=torch.float64),
+    }
     assert rectangle_box_iou(rect, torch.tensor([[0.0, 0.0, 32.0, 32.0]]), (size, size)).item() == pytest.approx(
-        16 / 1024)
+        16 / 1024
+    )
 
 
 def _slow_intersection(subject: list[tuple[float, float]], clip: list[tuple[float, float]]) -> float:
@@ -85,18 +92,29 @@ coordinate = st.floats(-1.2, 1.2)
 side = st.floats(0.05, 2.0)
 
 
-@given(coordinate, coordinate, side, side, st.floats(-math.pi, math.pi), st.floats(0, 30), st.floats(0, 30),
-       st.floats(0.5, 20), st.floats(0.5, 20))
+@given(
+    coordinate,
+    coordinate,
+    side,
+    side,
+    st.floats(-math.pi, math.pi),
+    st.floats(0, 30),
+    st.floats(0, 30),
+    st.floats(0.5, 20),
+    st.floats(0.5, 20),
+)
 def test_batched_clipping_equals_the_textbook_algorithm(cx, cy, w, h, angle, x0, y0, bw, bh):
     f64 = dict(dtype=torch.float64)
-    poly = rectangle_polygon(torch.tensor([[cx, cy]], **f64), torch.tensor([[w, h]], **f64),
-                             torch.tensor([angle], **f64), (32, 32))
+    poly = rectangle_polygon(
+        torch.tensor([[cx, cy]], **f64), torch.tensor([[w, h]], **f64), torch.tensor([angle], **f64), (32, 32)
+    )
     box = torch.tensor([[x0, y0, x0 + bw, y0 + bh]], dtype=torch.float64)
     fast = convex_intersection_area(poly, box_polygon(box)).item()
     slow = _slow_intersection([tuple(p) for p in poly[0].tolist()], [tuple(p) for p in box_polygon(box)[0].tolist()])
     assert fast == pytest.approx(slow, abs=1e-9)
-    other = rectangle_polygon(torch.tensor([[cy, cx]], **f64), torch.tensor([[h, w]], **f64),
-                              torch.tensor([angle / 2], **f64), (32, 32))
+    other = rectangle_polygon(
+        torch.tensor([[cy, cx]], **f64), torch.tensor([[h, w]], **f64), torch.tensor([angle / 2], **f64), (32, 32)
+    )
     assert polygon_iou(poly, other).item() == pytest.approx(polygon_iou(other, poly).item(), abs=1e-9)
 
 

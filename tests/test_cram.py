@@ -125,8 +125,14 @@ def boxes(draw, max_side: int = 10):
 
 
 @settings(max_examples=40)
-@given(spec=boxes(), flip=st.booleans(), turns=st.integers(0, 3), rotate=st.booleans(), seed=st.integers(0, 10**6),
-       data=st.data())
+@given(
+    spec=boxes(),
+    flip=st.booleans(),
+    turns=st.integers(0, 3),
+    rotate=st.booleans(),
+    seed=st.integers(0, 10**6),
+    data=st.data(),
+)
 def test_moments_predictor_is_exactly_equivariant(spec, flip, turns, rotate, seed, data):
     h, w, box = spec
     scores = window_scores(h, w, box, seed)
@@ -229,9 +235,15 @@ def test_isotropic_scores_give_angle_zero_and_finite_gradients(shape):
 
 
 @settings(max_examples=20)
-@given(h=st.integers(1, 9), w=st.integers(1, 9), predictor=st.sampled_from(["moments", "regress"]),
-       apply=st.sampled_from(["mul", "residual"]), rotate=st.booleans(), score=st.sampled_from(["conv", "pool"]),
-       seed=st.integers(0, 10**6))
+@given(
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    predictor=st.sampled_from(["moments", "regress"]),
+    apply=st.sampled_from(["mul", "residual"]),
+    rotate=st.booleans(),
+    score=st.sampled_from(["conv", "pool"]),
+    seed=st.integers(0, 10**6),
+)
 def test_any_map_size_gives_finite_outputs_and_gradients(h, w, predictor, apply, rotate, score, seed):
     torch.manual_seed(seed)
     module = CRAM(6, predictor=predictor, apply=apply, rotate=rotate, score=score)
@@ -348,8 +360,14 @@ def test_bad_arguments_raise_one_clear_line(kwargs, words):
 
 
 @settings(max_examples=30)
-@given(h=st.integers(1, 7), w=st.integers(1, 7), flip=st.booleans(), turns=st.integers(0, 3),
-       shift=st.tuples(st.integers(-3, 3), st.integers(-3, 3)), data=st.data())
+@given(
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    flip=st.booleans(),
+    turns=st.integers(0, 3),
+    shift=st.tuples(st.integers(-3, 3), st.integers(-3, 3)),
+    data=st.data(),
+)
 def test_transform_moves_a_pixel_where_its_action_moves_its_centre(h, w, flip, turns, shift, data):
     i, j = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
     image = torch.zeros(1, 1, h, w, dtype=F64)

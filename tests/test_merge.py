@@ -61,12 +61,18 @@ def test_forward_equals_documented_formula(name):
 def test_options_change_the_formula_as_documented():
     f, s = pair(3, 4, 5, 5)
     torch.testing.assert_close(create_merge("mul", 4, gain=2.0)(f, s), 2.0 * f * s)
-    torch.testing.assert_close(create_merge("gate", 4, offset=1.0, bn_shortcut=True)(f, s),
-                               (torch.sigmoid(f) + 1.0) * bn_ref(s), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(create_merge("gate_shortcut", 4, offset=0.0)(f, s),
-                               torch.sigmoid(bn_ref(s)) * f, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(create_merge("mul_bn", 4, bn_residual=True)(f, s),
-                               bn_ref(f) * bn_ref(s), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        create_merge("gate", 4, offset=1.0, bn_shortcut=True)(f, s),
+        (torch.sigmoid(f) + 1.0) * bn_ref(s),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        create_merge("gate_shortcut", 4, offset=0.0)(f, s), torch.sigmoid(bn_ref(s)) * f, rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        create_merge("mul_bn", 4, bn_residual=True)(f, s), bn_ref(f) * bn_ref(s), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", MERGES)
@@ -147,8 +153,11 @@ def test_unknown_name_and_bad_options_raise_one_line_errors():
 
 def block_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     outputs = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o: outputs.append(o.detach().float()))
-             for m in model.modules() if isinstance(m, BasicBlock)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: outputs.append(o.detach().float()))
+        for m in model.modules()
+        if isinstance(m, BasicBlock)
+    ]
     try:
         logits = model(x)
     finally:
@@ -238,8 +247,9 @@ def test_resnet110_one_sgd_step_moves_the_loss(name):
 def test_fmm_resnet20_forward_backward_reaches_every_parameter():
     torch.manual_seed(0)
     model = create_model("fmm_resnet20").train()
-    assert all(b.merge.__class__ is merge_mod._MERGES[DEFAULT_FMM_MERGE]
-               for b in model.modules() if isinstance(b, BasicBlock))
+    assert all(
+        b.merge.__class__ is merge_mod._MERGES[DEFAULT_FMM_MERGE] for b in model.modules() if isinstance(b, BasicBlock)
+    )
     logits = model(torch.randn(4, 3, 32, 32))
     assert logits.shape == (4, 10)
     nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()

@@ -44,8 +44,14 @@ METHODS = ("ablation", "grad_x_act", "captum")
 
 @torch.inference_mode()
 def gates_and_losses(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sites: list[GateSite], *, grid: int | None = 8,
-    aw_reduce: str = "mean", batch_size: int = 512,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sites: list[GateSite],
+    *,
+    grid: int | None = 8,
+    aw_reduce: str = "mean",
+    batch_size: int = 512,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every site's gate per unit ({path: N×U}) and the per-sample true-class loss, from one pass over ``x``."""
     gates: dict[str, list[torch.Tensor]] = {s.path: [] for s in sites}
@@ -173,11 +179,16 @@ def consistency(
         n = min(control_images, len(x))
         control = shuffle_attention(work, generator)
         control_sites = gate_sites(control)
-        control_gates, control_loss = gates_and_losses(control, x[:n], labels[:n], control_sites, grid=grid,
-                                                       aw_reduce=aw_reduce)
+        control_gates, control_loss = gates_and_losses(
+            control, x[:n], labels[:n], control_sites, grid=grid, aw_reduce=aw_reduce
+        )
         controls = {
-            s.path: spearman_rows(control_gates[s.path], ablation_importance(
-                control, x[:n], labels[:n], s, grid=grid, max_rows=max_rows, base_loss=control_loss))
+            s.path: spearman_rows(
+                control_gates[s.path],
+                ablation_importance(
+                    control, x[:n], labels[:n], s, grid=grid, max_rows=max_rows, base_loss=control_loss
+                ),
+            )
             for s in control_sites
         }
         notes["random_gate"] = f"attention parameters shuffled (seed {seed}), first {n} images, ablation importance"
@@ -188,8 +199,15 @@ def consistency(
         gate = gates[site.path]
         units = gate.shape[1]
         k = max(1, min(units, math.ceil(topk * units) if topk < 1 else int(topk)))
-        layer: dict[str, Any] = {"path": site.path, "kind": site.kind, "units": site.units, "n_units": units, "k": k,
-                                 "gate_mean": float(gate.mean()), "gate_std": float(gate.std())}
+        layer: dict[str, Any] = {
+            "path": site.path,
+            "kind": site.kind,
+            "units": site.units,
+            "n_units": units,
+            "k": k,
+            "gate_mean": float(gate.mean()),
+            "gate_std": float(gate.std()),
+        }
         for method in methods:
             importance = importances[method][site.path]
             rows = _row_stats(gate[: len(importance)], importance, k)

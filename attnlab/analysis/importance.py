@@ -115,8 +115,9 @@ def _site_shape(model: nn.Module, site: GateSite, x: torch.Tensor) -> tuple[int,
 @torch.inference_mode()
 def true_class_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Per-sample cross-entropy −log p_y, N."""
-    return torch.cat([F.cross_entropy(model(xb), yb, reduction="none") for xb, yb in zip(x.split(batch_size),
-                                                                                        y.split(batch_size))])
+    return torch.cat(
+        [F.cross_entropy(model(xb), yb, reduction="none") for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+    )
 
 
 def ablation_importance(
@@ -152,8 +153,10 @@ def ablation_importance(
                 try:
                     logits = model(xb)
                 except RuntimeError as e:
-                    raise AttnlabError(f"cannot ablate {site.path}: its output does not reach the loss as one batch "
-                                       f"({str(e).splitlines()[0]})") from None
+                    raise AttnlabError(
+                        f"cannot ablate {site.path}: its output does not reach the loss as one batch "
+                        f"({str(e).splitlines()[0]})"
+                    ) from None
             if logits.shape[0] != len(xb) * units:
                 raise AttnlabError(f"cannot ablate {site.path}: expected {len(xb) * units} rows, got {logits.shape[0]}")
             loss = F.cross_entropy(logits.float(), yb.repeat_interleave(units), reduction="none")
@@ -162,7 +165,12 @@ def ablation_importance(
 
 
 def gradient_x_activation(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sites: list[GateSite], *, grid: int | None = 8,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sites: list[GateSite],
+    *,
+    grid: int | None = 8,
     batch_size: int = 256,
 ) -> dict[str, torch.Tensor]:
     """First-order estimate of the ablation rise, −Σ_unit a ⊙ ∂(−log p_y)/∂a, for every site: {path: N×U}."""
@@ -205,7 +213,13 @@ def captum_available() -> bool:
 
 
 def captum_importance(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, site: GateSite, *, grid: int | None = 8, steps: int = 8,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    site: GateSite,
+    *,
+    grid: int | None = 8,
+    steps: int = 8,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """captum's layer integrated gradients of log p_y at ``site``'s output, summed per unit: N×U."""

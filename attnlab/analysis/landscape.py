@@ -134,7 +134,10 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def loss_surface_1d(
-    model: nn.Module, batches: Batches, direction: dict[str, torch.Tensor], alphas: Sequence[float],
+    model: nn.Module,
+    batches: Batches,
+    direction: dict[str, torch.Tensor],
+    alphas: Sequence[float],
     loss_fn: LossFn = F.cross_entropy,
 ) -> dict[str, list[float]]:
     """Loss and accuracy at w + α·d for each α; weights restored exactly afterwards."""
@@ -149,8 +152,12 @@ def loss_surface_1d(
 
 
 def loss_surface_2d(
-    model: nn.Module, batches: Batches, directions: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
-    alphas: Sequence[float], betas: Sequence[float], loss_fn: LossFn = F.cross_entropy,
+    model: nn.Module,
+    batches: Batches,
+    directions: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    loss_fn: LossFn = F.cross_entropy,
 ) -> dict[str, Any]:
     """Loss (len(betas)×len(alphas) nested lists, rows = β) at w + α·d + β·e; weights restored exactly."""
     grid = []
@@ -272,8 +279,13 @@ def hessian_top_eigenvalue(
         if norm == 0:
             break
         v = [h / norm.to(h.dtype) for h in hv]
-    return {"eigenvalue": history[-1], "history": history, "iters": len(history),
-            "params": sum(p.numel() for p in params), "hvp": hvp.method}
+    return {
+        "eigenvalue": history[-1],
+        "history": history,
+        "iters": len(history),
+        "params": sum(p.numel() for p in params),
+        "hvp": hvp.method,
+    }
 
 
 def hessian_trace(
@@ -295,8 +307,13 @@ def hessian_trace(
         values.append(float(_dot(v, hvp(v))))
     t = torch.tensor(values, dtype=torch.float64)
     stderr = float(t.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
-    return {"trace": float(t.mean()), "std_error": stderr, "samples": len(values),
-            "params": sum(p.numel() for p in params), "hvp": hvp.method}
+    return {
+        "trace": float(t.mean()),
+        "std_error": stderr,
+        "samples": len(values),
+        "params": sum(p.numel() for p in params),
+        "hvp": hvp.method,
+    }
 
 
 def _stage_filters(model: nn.Module) -> dict[str, str]:
@@ -357,13 +374,24 @@ def landscape(
     steps = torch.linspace(-span, span, grid).tolist()
     two = loss_surface_2d(model, surface_batches, (d2, d3), steps, steps)
     with _eval_mode(model):
-        top = hessian_top_eigenvalue(model, F.cross_entropy, hessian_batches, iters=hessian_iters, generator=generator,
-                                     hvp=hvp)
-        trace = (hessian_trace(model, F.cross_entropy, hessian_batches, samples=trace_samples, generator=generator,
-                               hvp=hvp) if trace_samples > 0 else None)
+        top = hessian_top_eigenvalue(
+            model, F.cross_entropy, hessian_batches, iters=hessian_iters, generator=generator, hvp=hvp
+        )
+        trace = (
+            hessian_trace(model, F.cross_entropy, hessian_batches, samples=trace_samples, generator=generator, hvp=hvp)
+            if trace_samples > 0
+            else None
+        )
         blocks = {
-            name: hessian_top_eigenvalue(model, F.cross_entropy, hessian_batches, params_filter=pattern,
-                                         iters=hessian_iters, generator=generator, hvp=hvp)
+            name: hessian_top_eigenvalue(
+                model,
+                F.cross_entropy,
+                hessian_batches,
+                params_filter=pattern,
+                iters=hessian_iters,
+                generator=generator,
+                hvp=hvp,
+            )
             for name, pattern in (_stage_filters(model).items() if per_block else ())
         }
     return {
@@ -375,17 +403,30 @@ def landscape(
         "hessian_top": top,
         "hessian_trace": trace,
         "hessian_blocks": {name: {"eigenvalue": r["eigenvalue"], "params": r["params"]} for name, r in blocks.items()},
-        "settings": {"points": points, "span": span, "grid": grid, "surface_images": n_surface,
-                     "hessian_images": n_hessian, "hessian_iters": hessian_iters, "trace_samples": trace_samples,
-                     "sharpness_step": sharpness_step, "ignore_bn_bias": ignore_bn_bias, "norm": norm, "hvp": hvp,
-                     "seed": seed},
+        "settings": {
+            "points": points,
+            "span": span,
+            "grid": grid,
+            "surface_images": n_surface,
+            "hessian_images": n_hessian,
+            "hessian_iters": hessian_iters,
+            "trace_samples": trace_samples,
+            "sharpness_step": sharpness_step,
+            "ignore_bn_bias": ignore_bn_bias,
+            "norm": norm,
+            "hvp": hvp,
+            "seed": seed,
+        },
     }
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
     """The few numbers a report quotes from a `landscape` result."""
-    out = {"hessian_top_eig": result["hessian_top"]["eigenvalue"], "sharpness_1d": result["sharpness_1d"],
-           "loss": result["loss"]}
+    out = {
+        "hessian_top_eig": result["hessian_top"]["eigenvalue"],
+        "sharpness_1d": result["sharpness_1d"],
+        "loss": result["loss"],
+    }
     if result["hessian_trace"] is not None:
         out["hessian_trace"] = result["hessian_trace"]["trace"]
     for name, block in result["hessian_blocks"].items():

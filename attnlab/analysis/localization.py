@@ -70,8 +70,9 @@ def rectangle_polygon(
     cos, sin = torch.cos(angle), torch.sin(angle)
     axis_u = torch.stack([cos, sin], 1) * size[:, :1] / 2  # half the width along the rotated u axis
     axis_v = torch.stack([-sin, cos], 1) * size[:, 1:] / 2
-    corners = torch.stack([center - axis_u - axis_v, center + axis_u - axis_v, center + axis_u + axis_v,
-                           center - axis_u + axis_v], 1)
+    corners = torch.stack(
+        [center - axis_u - axis_v, center + axis_u - axis_v, center + axis_u + axis_v, center - axis_u + axis_v], 1
+    )
     height, width = image_size
     return (corners + 1) / 2 * corners.new_tensor([width, height])
 
@@ -96,8 +97,10 @@ def _fill_dropped(points: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def clip_polygon(poly: torch.Tensor, normal: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Sutherland–Hodgman: the part of each polygon (N×M×2) with normal·p ≤ offset (normal N×2, offset N), N×2M×2."""
     nxt = poly.roll(-1, 1)
-    side, side_next = (poly * normal[:, None]).sum(-1) - offset[:, None], (nxt * normal[:, None]).sum(-1) - offset[
-        :, None]
+    side, side_next = (
+        (poly * normal[:, None]).sum(-1) - offset[:, None],
+        (nxt * normal[:, None]).sum(-1) - offset[:, None],
+    )
     inside, inside_next = side <= 0, side_next <= 0
     t = side / torch.where(side != side_next, side - side_next, torch.ones_like(side))
     crossing = poly + t.unsqueeze(-1) * (nxt - poly)
@@ -194,8 +197,9 @@ def _attention(model: nn.Module, x: torch.Tensor, sites: list[GateSite], batch_s
     out = {}
     for s in sites:
         values = parts[s.path]
-        out[s.path] = {k: torch.cat([v[k] for v in values]) for k in values[0]} if s.kind == "rectangle" else (
-            torch.cat(values))
+        out[s.path] = (
+            {k: torch.cat([v[k] for v in values]) for k in values[0]} if s.kind == "rectangle" else (torch.cat(values))
+        )
     return out
 
 
@@ -214,8 +218,11 @@ def grid_transforms(names: Sequence[str], image_size: tuple[int, int], step: int
         if name == "rot90" and image_size[0] != image_size[1]:
             continue
         shift = step * max(1, round(0.1 * min(image_size) / step))
-        out[name] = {"hflip": GridTransform(flip=True), "rot90": GridTransform(turns=1),
-                     "shift": GridTransform(shift=(shift, shift))}[name]
+        out[name] = {
+            "hflip": GridTransform(flip=True),
+            "rot90": GridTransform(turns=1),
+            "shift": GridTransform(shift=(shift, shift)),
+        }[name]
     return out
 
 
@@ -227,8 +234,12 @@ def _layer_ious(
         value = values[s.path]
         maps = value["mask"] if s.kind == "rectangle" else value
         target = boxes.to(maps.device).float()
-        layer = {"path": s.path, "kind": s.kind, "map_size": list(maps.shape[-2:]),
-                 "iou_map": box_iou(map_boxes(maps, image_size, **kw), target)}
+        layer = {
+            "path": s.path,
+            "kind": s.kind,
+            "map_size": list(maps.shape[-2:]),
+            "iou_map": box_iou(map_boxes(maps, image_size, **kw), target),
+        }
         if s.kind == "rectangle":
             layer["iou_rect"] = rectangle_box_iou(value, target, image_size)
         layers.append(layer)
@@ -243,15 +254,21 @@ def _spatial_sites(model: nn.Module) -> list[GateSite]:
 
 
 def localization_iou(
-    model: nn.Module, images: torch.Tensor, boxes: torch.Tensor, *, threshold: float = 0.5,
-    threshold_mode: str = "relative", batch_size: int = 256,
+    model: nn.Module,
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    *,
+    threshold: float = 0.5,
+    threshold_mode: str = "relative",
+    batch_size: int = 256,
 ) -> list[dict[str, Any]]:
     """Per spatial-attention layer: IoU with the true boxes (N×4, image pixels) of the thresholded map's box
     (``iou_map``, N) and, for CRAM, of the exact rectangle (``iou_rect``, N). The model must be in eval mode."""
     sites = _spatial_sites(model)
     values = _attention(model, images, sites, batch_size)
-    return _layer_ious(sites, values, boxes, tuple(images.shape[-2:]), threshold=threshold,
-                       threshold_mode=threshold_mode)
+    return _layer_ious(
+        sites, values, boxes, tuple(images.shape[-2:]), threshold=threshold, threshold_mode=threshold_mode
+    )
 
 
 def localization(
@@ -297,8 +314,12 @@ def localization(
 
         layers = []
         for s, layer in zip(sites, per_layer):
-            out = {"path": s.path, "kind": s.kind, "map_size": layer["map_size"],
-                   "iou_map": mean_ci(layer["iou_map"].cpu().numpy())}
+            out = {
+                "path": s.path,
+                "kind": s.kind,
+                "map_size": layer["map_size"],
+                "iou_map": mean_ci(layer["iou_map"].cpu().numpy()),
+            }
             if "iou_rect" in layer:
                 out["iou_rect"] = mean_ci(layer["iou_rect"].cpu().numpy())
             out["equivariance_error"] = equivariance[s.path]
@@ -309,17 +330,31 @@ def localization(
         result: dict[str, Any] = {
             "images": len(images),
             "layers": layers,
-            "cross_layer_iou": {"paths": [s.path for s in sites], "matrix": cross.tolist(),
-                                "mean": float(np.nanmean(off_diagonal)) if off_diagonal.size else float("nan")},
-            "settings": {"threshold": threshold, "threshold_mode": threshold_mode, "transforms": list(transforms),
-                         "shift_step": step},
+            "cross_layer_iou": {
+                "paths": [s.path for s in sites],
+                "matrix": cross.tolist(),
+                "mean": float(np.nanmean(off_diagonal)) if off_diagonal.size else float("nan"),
+            },
+            "settings": {
+                "threshold": threshold,
+                "threshold_mode": threshold_mode,
+                "transforms": list(transforms),
+                "shift_step": step,
+            },
         }
         if keep_examples:
             k = min(keep_examples, len(images))
             result["examples"] = {
-                "images": images[:k].cpu(), "boxes": boxes[:k].cpu(),
-                "attention": {s.path: ({key: v[:k].cpu() for key, v in values[s.path].items()}
-                                       if s.kind == "rectangle" else values[s.path][:k].cpu()) for s in sites},
+                "images": images[:k].cpu(),
+                "boxes": boxes[:k].cpu(),
+                "attention": {
+                    s.path: (
+                        {key: v[:k].cpu() for key, v in values[s.path].items()}
+                        if s.kind == "rectangle"
+                        else values[s.path][:k].cpu()
+                    )
+                    for s in sites
+                },
                 "kinds": {s.path: s.kind for s in sites},
             }
         return result
@@ -336,10 +371,14 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
             out[f"iou_map_{kind}"] = float(np.nanmean([layer["iou_map"]["mean"] for layer in layers]))
             if kind == "rectangle":
                 out["iou_rect"] = float(np.nanmean([layer["iou_rect"]["mean"] for layer in layers]))
-            out[f"equivariance_error_{kind}"] = float(np.nanmean([layer["equivariance_error_mean"]
-                                                                   for layer in layers]))
-    out["iou_best_layer"] = float(np.nanmax([max(layer["iou_map"]["mean"], layer.get("iou_rect", {}).get("mean", 0))
-                                             for layer in result["layers"]]))
+            out[f"equivariance_error_{kind}"] = float(
+                np.nanmean([layer["equivariance_error_mean"] for layer in layers])
+            )
+    out["iou_best_layer"] = float(
+        np.nanmax(
+            [max(layer["iou_map"]["mean"], layer.get("iou_rect", {}).get("mean", 0)) for layer in result["layers"]]
+        )
+    )
     out["cross_layer_iou"] = result["cross_layer_iou"]["mean"]
     out["equivariance_error"] = float(np.nanmean([layer["equivariance_error_mean"] for layer in result["layers"]]))
     return out

@@ -7,8 +7,18 @@ from typing import Any
 
 import numpy as np
 
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-          "tab:olive", "tab:cyan")
+COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
 def _pyplot():
@@ -41,8 +51,7 @@ def consistency_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
     reference method (ablation), markers for the other methods and for the two controls."""
     plt = _pyplot()
     widest = max(len(r["layers"]) for r in results.values())
-    fig, axes = plt.subplots(len(results), 1, figsize=(max(6.0, 0.45 * widest + 2), 2.8 * len(results)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(results), 1, figsize=(max(6.0, 0.45 * widest + 2), 2.8 * len(results)), squeeze=False)
     markers = {"grad_x_act": "x", "captum": "+", "null_spearman": "o", "random_gate_spearman": "^"}
     names = {"null_spearman": "shuffled null", "random_gate_spearman": "random gate"}
     for ax, (i, (label, result)) in zip(axes[:, 0], enumerate(results.items())):
@@ -50,16 +59,30 @@ def consistency_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
         x = np.arange(len(layers))
         stats = [layer["spearman"][method] for layer in layers]
         mean = np.array([_num(s["mean"]) for s in stats])
-        err = np.abs(np.array([[_num(s["mean"]) - _num(s["ci_low"]), _num(s["ci_high"]) - _num(s["mean"])]
-                               for s in stats]).T)
+        err = np.abs(
+            np.array([[_num(s["mean"]) - _num(s["ci_low"]), _num(s["ci_high"]) - _num(s["mean"])] for s in stats]).T
+        )
         ax.bar(x, mean, 0.7, yerr=err, color=COLORS[i % len(COLORS)], capsize=2, label=method)
         for other in [m for m in result["methods"] if m != method]:
-            ax.scatter(x, [_num(layer["spearman"][other]["mean"]) for layer in layers], marker=markers.get(other, "s"),
-                       color="k", zorder=3, label=other)
+            ax.scatter(
+                x,
+                [_num(layer["spearman"][other]["mean"]) for layer in layers],
+                marker=markers.get(other, "s"),
+                color="k",
+                zorder=3,
+                label=other,
+            )
         for key in ("null_spearman", "random_gate_spearman"):
             if all(key in layer for layer in layers):
-                ax.scatter(x, [_num(layer[key]["mean"]) for layer in layers], marker=markers[key], facecolors="none",
-                           edgecolors="grey", zorder=3, label=names[key])
+                ax.scatter(
+                    x,
+                    [_num(layer[key]["mean"]) for layer in layers],
+                    marker=markers[key],
+                    facecolors="none",
+                    edgecolors="grey",
+                    zorder=3,
+                    label=names[key],
+                )
         ax.set_xticks(x)
         ax.set_xticklabels([_short(layer["path"]) for layer in layers], rotation=45, ha="right", fontsize=7)
         ax.axhline(0, color="k", lw=0.8)
@@ -69,8 +92,9 @@ def consistency_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
     return _save(fig, path)
 
 
-def consistency_scatter(values: dict[str, dict[str, np.ndarray]], path: Path, label: str, *, points: int = 1500,
-                        seed: int = 0) -> str:
+def consistency_scatter(
+    values: dict[str, dict[str, np.ndarray]], path: Path, label: str, *, points: int = 1500, seed: int = 0
+) -> str:
     """Gate value against ablation importance for every (sample, unit), one panel per layer (subsampled)."""
     plt = _pyplot()
     paths = list(values)
@@ -87,7 +111,7 @@ def consistency_scatter(values: dict[str, dict[str, np.ndarray]], path: Path, la
         ax.set_xlabel("gate", fontsize=8)
         ax.set_ylabel(f"{method} importance", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(paths):]:
+    for ax in list(axes.flat)[len(paths) :]:
         ax.axis("off")
     fig.suptitle(f"{label}: gate vs importance per unit", fontsize=10)
     return _save(fig, path)
@@ -107,10 +131,19 @@ def smoothness_plot(results: dict[str, dict[str, Any]], path: Path) -> str:
         axes[2].plot(curves["same"]["t"], curves["same"]["loss"], color=color, label=f"{label}: same")
         axes[2].plot(curves["diff"]["t"], curves["diff"]["loss"], color=color, ls="--", label=f"{label}: diff")
         sigmas = [float(s) for s in result["noise"]]
-        axes[3].plot([0.0, *sigmas], [result["clean_acc"], *[v["acc"] for v in result["noise"].values()]],
-                     marker="o", color=color, label=label)
-    titles = ("same-class paths: p(true class)", "different-class paths", "loss along paths (mixup target)",
-              "accuracy under Gaussian noise")
+        axes[3].plot(
+            [0.0, *sigmas],
+            [result["clean_acc"], *[v["acc"] for v in result["noise"].values()]],
+            marker="o",
+            color=color,
+            label=label,
+        )
+    titles = (
+        "same-class paths: p(true class)",
+        "different-class paths",
+        "loss along paths (mixup target)",
+        "accuracy under Gaussian noise",
+    )
     for ax, title, xlabel in zip(axes, titles, ("t", "t", "t", "σ (normalised units)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
@@ -179,16 +212,19 @@ def localization_overlay(examples: dict[str, Any], path: Path, label: str) -> st
             ax.imshow(heat, cmap="jet", alpha=0.35, extent=(0, width, height, 0))
         for j, p in enumerate(rect_paths):
             rect = examples["attention"][p]
-            poly = rectangle_polygon(rect["center"][i : i + 1].double(), rect["size"][i : i + 1].double(),
-                                     rect["angle"][i : i + 1].double(), image_size)[0].numpy()
+            poly = rectangle_polygon(
+                rect["center"][i : i + 1].double(),
+                rect["size"][i : i + 1].double(),
+                rect["angle"][i : i + 1].double(),
+                image_size,
+            )[0].numpy()
             ax.add_patch(plt.Polygon(poly, fill=False, lw=1.2, color=cmap(j / max(1, len(rect_paths) - 1))))
         x0, y0, x1, y1 = examples["boxes"][i].tolist()
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color="lime"))
         ax.set_xlim(0, width)
         ax.set_ylim(height, 0)
         ax.axis("off")
-    fig.suptitle(f"{label}: true box (green), CRAM rectangles (yellow → red by depth), deepest map (heat)",
-                 fontsize=9)
+    fig.suptitle(f"{label}: true box (green), CRAM rectangles (yellow → red by depth), deepest map (heat)", fontsize=9)
     return _save(fig, path)
 
 
@@ -202,8 +238,14 @@ def localization_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
         color = COLORS[i % len(COLORS)]
         ax.plot(x, [layer["iou_map"]["mean"] for layer in layers], marker="o", color=color, label=f"{label}: map box")
         if any("iou_rect" in layer for layer in layers):
-            ax.plot(x, [layer.get("iou_rect", {}).get("mean", np.nan) for layer in layers], marker="s", ls="--",
-                    color=color, label=f"{label}: rectangle")
+            ax.plot(
+                x,
+                [layer.get("iou_rect", {}).get("mean", np.nan) for layer in layers],
+                marker="s",
+                ls="--",
+                color=color,
+                label=f"{label}: rectangle",
+            )
     ax.set_xlabel("spatial-attention layer (input → output)")
     ax.set_ylabel("IoU with true box")
     ax.set_ylim(0, 1)

@@ -222,9 +222,17 @@ def smoothness(
     model.eval()
     try:
         generator = torch.Generator().manual_seed(seed)
-        result: dict[str, Any] = {"images": len(images), "settings": {
-            "pairs": pairs, "steps": steps, "sigmas": [float(s) for s in sigmas], "draws": draws,
-            "jacobian_images": min(jacobian_images, len(images)), "seed": seed}}
+        result: dict[str, Any] = {
+            "images": len(images),
+            "settings": {
+                "pairs": pairs,
+                "steps": steps,
+                "sigmas": [float(s) for s in sigmas],
+                "draws": draws,
+                "jacobian_images": min(jacobian_images, len(images)),
+                "seed": seed,
+            },
+        }
         curves = {}
         for kind, same in (("same", True), ("diff", False)):
             index = sample_pairs(labels, pairs, same=same, generator=generator).to(images.device)
@@ -246,8 +254,10 @@ def smoothness(
         result["jacobian_fro"] = _summary(jac)
         result["jacobian_method"] = used
         result["clean_acc"] = float((_logits(model, images, 1024).argmax(1) == labels).float().mean())
-        result["noise"] = {str(s): v for s, v in noise_robustness(
-            model, images, labels, sigmas, draws=draws, generator=generator).items()}
+        result["noise"] = {
+            str(s): v
+            for s, v in noise_robustness(model, images, labels, sigmas, draws=draws, generator=generator).items()
+        }
         if keep_curves:
             result["curves"] = curves
         return result

@@ -199,7 +199,9 @@ class CRAM(nn.Module):
             hidden = max(channels // reduction, 8)
             self.pool = nn.AdaptiveAvgPool2d(grid)
             self.mlp = nn.Sequential(
-                nn.Flatten(), nn.Linear(channels * grid * grid, hidden), nn.ReLU(inplace=True),
+                nn.Flatten(),
+                nn.Linear(channels * grid * grid, hidden),
+                nn.ReLU(inplace=True),
                 nn.Linear(hidden, 5 if rotate else 4),
             )
             last = self.mlp[-1]

@@ -249,8 +249,7 @@ def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
         inspect.signature(cls).bind(channels, **kwargs)
     except TypeError:
         options = [p for p in inspect.signature(cls).parameters if p != "channels"]
-        raise AttnlabError(
-            f"merge '{name}' got options {sorted(kwargs)}; it accepts {options or 'none'}") from None
+        raise AttnlabError(f"merge '{name}' got options {sorted(kwargs)}; it accepts {options or 'none'}") from None
     return cls(channels, **kwargs)
 
 
