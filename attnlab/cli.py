@@ -217,11 +217,9 @@ def _input_size(text: str) -> tuple[int, int, int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import csv
-    from pathlib import Path
 
     from .models import list_models
-    from .train.bench import benchmark_models, format_table
+    from .train.bench import benchmark_models, format_table, write_csv
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in list_models()]
@@ -240,13 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(format_table(rows))
     if args.csv:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
+        print(f"wrote {write_csv(args.csv, rows)}")
     return 0
 
 

@@ -13,7 +13,6 @@ Usage: ``python benchmarks/train_speed.py [--seeds 0,1,2] [--epochs N] [--skip-s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from attnlab.train import TrainConfig, train
+from attnlab.train import TrainConfig, bench, train
 from attnlab.train.bench import benchmark_models, format_table
 
 VARIANTS = [
@@ -42,12 +41,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    print(f"wrote {bench.write_csv(path, rows)}")
 
 
 def step_throughput(repeats: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import pickle
@@ -19,57 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import runs
 from attnlab import AttnlabError
-from attnlab.train import TrainConfig, TrainingDiverged, load_trained, train
+from attnlab.train import TrainingDiverged, load_trained, train
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.rundir import RunDir
+from runs import same_weights, subprocess_env
 
-SYNTH = {"shape": [1, 12, 12], "size": 384, "test_size": 128, "num_classes": 4}
-
-
-def tiny(out: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model="resnet20",
-        dataset="synthetic",
-        dataset_options=SYNTH,
-        epochs=3,
-        batch_size=64,
-        val_size=64,
-        out=str(out),
-        lr=0.05,
-    )
-    return TrainConfig(**{**values, **overrides})
-
-
-def cli_train(out: Path, epochs: int = 5) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "attnlab",
-        "train",
-        "--dataset",
-        "synthetic",
-        *[f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()],
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "64",
-        "--val-size",
-        "64",
-        "--lr",
-        "0.05",
-        "--out",
-        str(out),
-    ]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+tiny = functools.partial(runs.tiny, epochs=3)
+cli_train = functools.partial(runs.cli_train, epochs=5)
 
 
 # ------------------------------------------------------------------------------------------------ kills and resumes
@@ -77,14 +36,14 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(tmp_path):
     reference = tmp_path / "reference"
-    subprocess.run(cli_train(reference), check=True, env=env(), capture_output=True)
+    subprocess.run(cli_train(reference), check=True, env=subprocess_env(), capture_output=True)
     out = tmp_path / "victim"
     rng = random.Random(1234)
     kills = 0
     for attempt in range(12):
         proc = subprocess.Popen(
             cli_train(out) + (["--resume"] if attempt else []),
-            env=env(),
+            env=subprocess_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -96,7 +55,7 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(tmp_p
         proc.wait()
         kills += 1
     else:
-        subprocess.run(cli_train(out) + ["--resume"], check=True, env=env(), capture_output=True)
+        subprocess.run(cli_train(out) + ["--resume"], check=True, env=subprocess_env(), capture_output=True)
     assert kills >= 2, "the kills must have interrupted the run"
     assert same_weights(reference / "model.safetensors", out / "model.safetensors")
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
@@ -121,18 +80,18 @@ KILL_DURING_SAVE = textwrap.dedent("""
 @pytest.mark.parametrize("dies_on_save", [1, 3])
 def test_kill_while_a_checkpoint_is_written_then_resume(tmp_path, dies_on_save):
     reference = tmp_path / "reference"
-    subprocess.run(cli_train(reference, epochs=4), check=True, env=env(), capture_output=True)
+    subprocess.run(cli_train(reference, epochs=4), check=True, env=subprocess_env(), capture_output=True)
     out = tmp_path / "victim"
     died = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, str(dies_on_save), *cli_train(out, 4)[3:]],
-        env=env(),
+        [sys.executable, "-c", KILL_DURING_SAVE, str(dies_on_save), *cli_train(out, epochs=4)[3:]],
+        env=subprocess_env(),
         capture_output=True,
     )
     assert died.returncode == -signal.SIGKILL
     # the half-saved checkpoint is invisible: only the epochs before it count
     names = sorted(p.name for p in (out / "checkpoints").glob("epoch-*.json"))
     assert names == [f"epoch-{e:04d}.json" for e in range(max(1, dies_on_save - 2), dies_on_save)]
-    subprocess.run(cli_train(out, 4) + ["--resume"], check=True, env=env(), capture_output=True)
+    subprocess.run(cli_train(out, epochs=4) + ["--resume"], check=True, env=subprocess_env(), capture_output=True)
     assert same_weights(reference / "model.safetensors", out / "model.safetensors")
     assert not list(out.rglob("*.tmp"))
 
@@ -193,14 +152,16 @@ def test_second_process_on_the_same_out_is_refused_and_stale_lock_is_cleared(tmp
 def test_concurrent_cli_trainings_on_one_out_the_second_refuses(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(
-        cli_train(out, epochs=500), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cli_train(out, epochs=500), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         deadline = time.time() + 60
         while not (out / ".lock").exists():
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.05)
-        second = subprocess.run(cli_train(out, epochs=500) + ["--resume"], env=env(), capture_output=True, text=True)
+        second = subprocess.run(
+            cli_train(out, epochs=500) + ["--resume"], env=subprocess_env(), capture_output=True, text=True
+        )
         assert second.returncode == 2
         assert "in use by process" in second.stderr and "Traceback" not in second.stderr
     finally:

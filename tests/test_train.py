@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,42 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from attnlab.cli import main
 from attnlab.train import TrainConfig, load_trained, train
+from runs import SYNTH, cli_train, metrics, same_weights, subprocess_env, tiny
 
-SYNTH = {"shape": [1, 12, 12], "size": 384, "test_size": 128, "num_classes": 4}
 TIMING = {"epoch_time", "img_per_s"}
-
-
-def tiny(out: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model="resnet20",
-        dataset="synthetic",
-        dataset_options=SYNTH,
-        epochs=2,
-        batch_size=64,
-        val_size=64,
-        out=str(out),
-        lr=0.05,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def numbers(out: Path) -> list[dict]:
     return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics(out)]
-
-
-def weights_equal(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_train_writes_every_file_and_learns(tmp_path):
@@ -74,7 +47,7 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     train(tiny(tmp_path / "b"), log=lambda _: None)
     train(tiny(tmp_path / "c", seed=1), log=lambda _: None)
     assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
-    assert weights_equal(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
+    assert same_weights(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
     assert numbers(tmp_path / "a") != numbers(tmp_path / "c")
 
 
@@ -101,41 +74,12 @@ def test_eval_command_reproduces_the_summary(tmp_path, capsys):
     )
 
 
-def _cli_train(out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "attnlab",
-        "train",
-        "--model",
-        "resnet20",
-        "--dataset",
-        "synthetic",
-        *[f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()],
-        "--epochs",
-        "4",
-        "--batch-size",
-        "64",
-        "--val-size",
-        "64",
-        "--lr",
-        "0.05",
-        "--out",
-        str(out),
-        *extra,
-    ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
 def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     reference = tmp_path / "reference"
-    subprocess.run(_cli_train(reference), check=True, env=_env(), capture_output=True)
+    subprocess.run(cli_train(reference), check=True, env=subprocess_env(), capture_output=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli_train(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_train(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "epoch-0002.json").exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -145,19 +89,19 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     assert not (out / "summary.json").exists()
     # refuses to overwrite without --resume, and changes nothing
     before = sorted(p.name for p in out.rglob("*"))
-    refused = subprocess.run(_cli_train(out), env=_env(), capture_output=True, text=True)
+    refused = subprocess.run(cli_train(out), env=subprocess_env(), capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(p.name for p in out.rglob("*")) == before
     # `attnlab train --out RUN --resume` takes the rest of the settings from the run itself
     resumed = subprocess.run(
         [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"],
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    assert weights_equal(reference / "model.safetensors", out / "model.safetensors")
+    assert same_weights(reference / "model.safetensors", out / "model.safetensors")
     assert numbers(reference) == numbers(out)
 
 
@@ -187,10 +131,9 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
         "2",
         "-m",
         "attnlab",
-        *_cli_train(out)[3:],
+        *cli_train(out, epochs=2)[3:],
     ]
-    cmd[cmd.index("4")] = "2"  # two epochs
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2

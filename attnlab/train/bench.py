@@ -6,9 +6,11 @@ process and the median of the repeats is reported, together with the ratio to th
 
 from __future__ import annotations
 
+import csv
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,3 +124,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['train_step_ms']:>9.1f} {r['train_img_per_s']:>8.0f} {r['train_step_ratio']:>7.3f}"
         )
     return "\n".join(lines)
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Write ``rows`` (dicts with the same keys) as a CSV file, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
