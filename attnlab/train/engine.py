@@ -304,6 +304,18 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
     train_images = 0
     train_seconds = 0.0
 
+    def evaluate_on(split: Split) -> dict[str, float]:
+        return evaluate(
+            net,
+            split,
+            bundle,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            dist=dist,
+            autocast_dtype=autocast_dtype,
+            channels_last=channels_last,
+        )
+
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         t0 = time.perf_counter()
@@ -383,16 +395,7 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
         count = max(count, 1)  # every step of the epoch may have been skipped
         train_images += count
         train_seconds += epoch_seconds
-        val = evaluate(
-            net,
-            bundle.val,
-            bundle,
-            batch_size=cfg.eval_batch_size,
-            device=device,
-            dist=dist,
-            autocast_dtype=autocast_dtype,
-            channels_last=channels_last,
-        )
+        val = evaluate_on(bundle.val)
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / count,
@@ -422,16 +425,7 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             )
         dist.barrier()
 
-    test = evaluate(
-        net,
-        bundle.test,
-        bundle,
-        batch_size=cfg.eval_batch_size,
-        device=device,
-        dist=dist,
-        autocast_dtype=autocast_dtype,
-        channels_last=channels_last,
-    )
+    test = evaluate_on(bundle.test)
     summary = None
     if dist.is_main:
         metadata = {
