@@ -17,18 +17,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_runs import same_weights, subprocess_env
 
-import runs
 from attnlab import AttnlabError
 from attnlab.train import TrainingDiverged, load_trained, train
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.rundir import RunDir
-from runs import same_weights, subprocess_env
 
-tiny = functools.partial(runs.tiny, epochs=3)
-cli_train = functools.partial(runs.cli_train, epochs=5)
+tiny = functools.partial(tiny_runs.tiny, epochs=3)
+cli_train = functools.partial(tiny_runs.cli_train, epochs=5)
 
 
 # ------------------------------------------------------------------------------------------------ kills and resumes

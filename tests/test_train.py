@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import SYNTH, cli_train, metrics, same_weights, subprocess_env, tiny
 
 from attnlab.cli import main
 from attnlab.train import TrainConfig, load_trained, train
-from runs import SYNTH, cli_train, metrics, same_weights, subprocess_env, tiny
 
 TIMING = {"epoch_time", "img_per_s"}
 
