@@ -30,7 +30,18 @@ from ..layers import AWConv2d, create_merge
 class _MergeAwMixin:
     """What our blocks add to timm's: a merge module, and optionally an AW conv2."""
 
-    def _setup(self, merge: str, merge_args: dict | None, aw: bool | dict, outplanes: int) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        *args,
+        merge: str = "add",
+        merge_args: dict | None = None,
+        aw: bool | dict = False,
+        **kwargs,
+    ):
+        super().__init__(inplanes, planes, *args, **kwargs)
+        outplanes = planes * self.expansion
         if aw:
             self.conv2 = AWConv2d.from_conv(self.conv2, **(aw if isinstance(aw, dict) else {}))
         self.merge = create_merge(merge, outplanes, **(merge_args or {}))
@@ -42,60 +53,32 @@ class _MergeAwMixin:
         if self.merge.zero_init_residual:
             super().zero_init_last()
 
-
-class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
-    """timm's basic block (two 3×3 convs) with ``merge`` and ``aw`` switches; other args as timm's."""
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        *args,
-        merge: str = "add",
-        merge_args: dict | None = None,
-        aw: bool | dict = False,
-        **kwargs,
-    ):
-        super().__init__(inplanes, planes, *args, **kwargs)
-        self._setup(merge, merge_args, aw, planes * self.expansion)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        x = self.bn2(self.conv2(x))
+    def _merge(self, x: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """Attention, stochastic depth, then act(merge(F, S)): the common end of both blocks."""
         if self.se is not None:
             x = self.se(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
-        return self.act2(self.merge(x, shortcut))
+        return act(self.merge(x, shortcut))
+
+
+class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
+    """timm's basic block (two 3×3 convs) with ``merge`` and ``aw`` switches; other args as timm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        return self._merge(self.bn2(self.conv2(x)), shortcut, self.act2)
 
 
 class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
     """timm's bottleneck (1×1, 3×3, 1×1) with ``merge`` and ``aw`` (on the middle 3×3) switches."""
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        *args,
-        merge: str = "add",
-        merge_args: dict | None = None,
-        aw: bool | dict = False,
-        **kwargs,
-    ):
-        super().__init__(inplanes, planes, *args, **kwargs)
-        self._setup(merge, merge_args, aw, planes * self.expansion)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        x = self.bn3(self.conv3(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return self.act3(self.merge(x, shortcut))
+        return self._merge(self.bn3(self.conv3(x)), shortcut, self.act3)
 
 
 class CifarResNet(nn.Module):
