@@ -118,8 +118,16 @@ def test_bad_plans_are_refused():
         tiny_plan(analyses=["smoothnes"])
     with pytest.raises(AttnlabError, match="analysis smoothness: unknown option 'pair'; did you mean pairs"):
         check_analyses([AnalysisSpec("smoothness", options={"pair": 3})])
+    with pytest.raises(AttnlabError, match="--preset cram runs on cluttered-fashion-mnist; --dataset fashion-mnist is"):
+        make_plan(preset="cram", datasets=["fashion-mnist"])
     for name in PRESETS:  # every preset names real models, options and analyses
         assert make_plan(preset=name).preset == name
+
+
+def test_a_preset_can_run_on_one_of_its_datasets():
+    """Each dataset of a preset can get its own budget (one --out per dataset)."""
+    assert make_plan(preset="fmm", datasets=["cluttered-fashion-mnist"]).datasets == ["cluttered-fashion-mnist"]
+    assert make_plan(preset="fmm").datasets == ["fashion-mnist", "cluttered-fashion-mnist"]
 
 
 def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):

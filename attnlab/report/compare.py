@@ -75,7 +75,8 @@ def make_plan(
 
     Args:
         models: entries (``"a,b[k=v]"`` or a list); required without a preset, refused with one.
-        datasets: dataset names; required without a preset, refused with one.
+        datasets: dataset names; required without a preset; with one, a choice among the preset's datasets (to give
+            each its own budget, e.g. fewer images on the larger cluttered canvas).
         seeds: a count or a list (default: the preset's, else 3).
         recipe: `TrainConfig` settings shared by every run (override the preset's budget).
         dataset_options: options given to every dataset.
@@ -90,10 +91,15 @@ def make_plan(
     if chosen is not None:
         if models:
             raise AttnlabError(f"--preset {preset} fixes the models; drop --models (or drop --preset)")
-        if datasets:
-            raise AttnlabError(f"--preset {preset} fixes the datasets; drop --dataset (or drop --preset)")
-        entries = parse_entries(list(chosen.models))
         dataset_list = list(chosen.datasets)
+        if datasets:
+            foreign = [d for d in datasets if d not in dataset_list]
+            if foreign:
+                raise AttnlabError(
+                    f"--preset {preset} runs on {', '.join(dataset_list)}; --dataset {foreign[0]} is not one of them"
+                )
+            dataset_list = [d for d in dataset_list if d in datasets]
+        entries = parse_entries(list(chosen.models))
         seed_list = parse_seeds(chosen.seeds if seeds is None else seeds)
         merged_recipe = {**chosen.recipe, **(recipe or {})}
         options = {d: {**chosen.dataset_options.get(d, {}), **(dataset_options or {})} for d in dataset_list}
