@@ -334,3 +334,28 @@ def test_analyses_run_once_per_seed_and_reach_the_report(compared, tmp_path):
     assert "![smoothness: smoothness_curves.png](analyses/synthetic/seed0/smoothness_curves.png)" in report
     plan.analyses = [AnalysisSpec("smoothness", options={**options, "images": 16})]
     assert len(run_compare(plan, out, resume=True, log=quiet).analysed) == 2  # options changed: rerun
+
+
+def test_a_claim_preset_run_below_its_budget_says_so_first(tmp_path):
+    from attnlab.report.document import changes_from_preset
+
+    own = make_plan(preset="cram")
+    assert changes_from_preset(own, PRESETS["cram"]) == []
+    plan = make_plan(
+        preset="fmm",
+        datasets=["cluttered-fashion-mnist"],
+        seeds=3,
+        recipe={"epochs": 5, "subset": 4000, "device": "cpu"},
+        analysis_images=None,
+    )
+    assert changes_from_preset(plan, PRESETS["fmm"]) == [
+        "seeds 5 → 3",
+        "datasets fashion-mnist, cluttered-fashion-mnist → cluttered-fashion-mnist",
+        "epochs 15 → 5",
+        "subset all → 4000",
+    ]  # the device says where it ran, not how much
+    smaller = make_plan(preset="consistency", analysis_images=300)
+    assert changes_from_preset(smaller, PRESETS["consistency"]) == ["consistency images 1000 → 300"]
+    build_report(plan, tmp_path)  # no run finished yet: the report still says what it is
+    head = (tmp_path / "report.md").read_text().splitlines()[:4]
+    assert any("**Not the preset's own budget**: seeds 5 → 3" in line for line in head)

@@ -17,7 +17,7 @@ from ..train.checkpoint import write_text_atomic
 from ..train.config import TrainConfig
 from . import plots
 from .plan import FAILURE_FILE, Plan, dataset_slug
-from .presets import PRESETS, verdicts
+from .presets import PRESETS, Preset, verdicts
 from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
 from .results import (
     RESULT_FIELDS,
@@ -77,6 +77,30 @@ def _recipe_text(plan: Plan) -> str:
     cfg = {**TrainConfig().to_dict(), **plan.recipe}
     keys = [*RECIPE_SHOWN, *(k for k in plan.recipe if k not in RECIPE_SHOWN)]
     return ", ".join(f"{k} {cfg[k]}" for k in keys)
+
+
+NOT_BUDGET = frozenset({"device", "data_dir", "progress"})
+"""Settings that say where a comparison ran, not how much it trained: never reported as budget changes."""
+
+
+def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
+    """How ``plan`` departs from ``preset``'s own budget, as ``"epochs 15 → 5"`` items (empty if it does not)."""
+    changes = []
+    if len(plan.seeds) != preset.seeds:
+        changes.append(f"seeds {preset.seeds} → {len(plan.seeds)}")
+    if list(plan.datasets) != list(preset.datasets):
+        changes.append(f"datasets {', '.join(preset.datasets)} → {', '.join(plan.datasets)}")
+    defaults = TrainConfig().to_dict()
+    for key in sorted((set(preset.recipe) | set(plan.recipe)) - NOT_BUDGET):
+        before, after = preset.recipe.get(key, defaults.get(key)), plan.recipe.get(key, defaults.get(key))
+        if before != after:
+            shown = ["all" if key == "subset" and v is None else v for v in (before, after)]
+            changes.append(f"{key} {shown[0]} → {shown[1]}")
+    own = {spec.name: spec.options.get("images") for spec in preset.analyses}
+    for spec in plan.analyses:
+        if spec.name in own and spec.options.get("images") != own[spec.name]:
+            changes.append(f"{spec.name} images {own[spec.name]} → {spec.options.get('images')}")
+    return changes
 
 
 def _failure(out: Path, run: str) -> str | None:
@@ -312,6 +336,13 @@ def build_report(plan: Plan, out: Path) -> ReportFiles:
                 f"({_recipe_short(plan)}) that checks the whole pipeline end to end in minutes. Its verdicts can only "
                 'be "inconclusive at this budget" or chance; run the claim presets (`fmm`, `consistency`, '
                 "`smoothness`, `aw`, `cram`) at their full budget for evidence."
+            )
+        )
+    elif preset is not None and (changes := changes_from_preset(plan, preset)):
+        blocks.append(
+            Callout(
+                f"**Not the preset's own budget**: {', '.join(changes)}. Every number and verdict below is for this "
+                'budget; "inconclusive at this budget" says nothing about the preset\'s full one.'
             )
         )
     if preset is not None:
