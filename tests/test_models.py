@@ -134,6 +134,12 @@ def test_capture_attention_channel_gates_have_channel_shape(name):
         (lambda: create_model("resnet20")(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)), "floating point"),
         (lambda: create_model("resnet20")(torch.randn(3, 32, 32)), "B×C×H×W"),
         (lambda: attnlab.create_attn("cbma", 16), "did you mean cbam"),
+        (
+            lambda: create_model("resnet20", zero_init_lst=False),
+            "unknown resnet20 option 'zero_init_lst'; did you mean",
+        ),
+        (lambda: timm.create_model("fmm_resnet20", stem_type="deep"), "unknown fmm_resnet20 option 'stem_type'"),
+        (lambda: timm.create_model("aw_resnet18", foo=1), "unknown aw_resnet18 option 'foo'"),
     ],
 )
 def test_bad_model_input_gives_one_clear_line(build, message):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,7 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         create_attn(attn, 8, **attn_kwargs)  # fail early, with a clear message, on a bad name or argument
         block_args["attn_layer"] = functools.partial(create_attn, attn, **attn_kwargs)
     kwargs.setdefault("num_classes", ARCH_DEFAULT_CLASSES[arch.imagenet])
+    _check_options(name, kwargs, timm_resnet.ResNet if arch.imagenet else CifarResNet)
     cfg_kwargs = dict(block=arch.block, layers=arch.layers, block_args=block_args, **kwargs)
     if arch.imagenet:
         model = build_model_with_cfg(timm_resnet.ResNet, name, False, **cfg_kwargs)
@@ -160,6 +162,21 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 ARCH_DEFAULT_CLASSES = {False: 10, True: 1000}
+FEATURE_OPTIONS = frozenset({"features_only", "out_indices", "feature_cls", "output_fmt", "flatten_sequential"})
+"""Options timm's builder takes for feature extraction (``features_only=True``) rather than passing on."""
+
+
+def _check_options(name: str, kwargs: dict[str, Any], model_cls: type) -> None:
+    """Refuse options neither the network nor timm's builder knows (our CIFAR ResNet must accept, and so would
+    otherwise swallow, the ResNet-only arguments timm's builder hands every model)."""
+    own = {*inspect.signature(model_cls).parameters, *FEATURE_OPTIONS} - {"block", "layers", "block_args", "_ignored"}
+    for key in kwargs:
+        if key not in own and key not in inspect.signature(build_model_with_cfg).parameters:
+            raise unknown_name(
+                f"{name} option",
+                key,
+                [*own, "attn_layer", "attn_kwargs", "attn_where", "merge", "merge_args", "aw", "check_finite"],
+            )
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
