@@ -170,6 +170,21 @@ def test_probe_sees_the_weight_attention():
     torch.testing.assert_close(captured, seen[0])
 
 
+def test_factorized_attention_is_built_only_for_observers():
+    torch.manual_seed(3)
+    layer = randomize_generator(AWConv2d(4, 6, 3, padding=1, generator="factorized"))
+    x = torch.randn(2, 4, 6, 6)
+    assert not layer.probe.observed
+    with attnlab.capture_attention(layer) as record:
+        assert layer.probe.observed
+        layer(x)
+    assert not layer.probe.observed
+    torch.testing.assert_close(record[next(iter(record))], layer.attention(x))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)  # a global hook sees it too
+    assert layer.probe.observed
+    handle.remove()
+
+
 def test_loss_on_the_attention_alone_backpropagates():
     """When only A is used downstream (an attention loss), its gradient still reaches the generator."""
     torch.manual_seed(4)

@@ -356,7 +356,8 @@ class AWConv2d(nn.Conv2d):
         else:
             attn_out, attn_in = self._factors(logits)
             out = _FactorizedAWConvFunction.apply(x, attn_out, attn_in, self.weight, geometry)
-            self.probe(attn_out.unsqueeze(2) * attn_in.unsqueeze(1))  # built for observers only; not kept
+            if self.probe.observed:  # the weight-shaped attention exists only for observers here: skip it otherwise
+                self.probe(attn_out.unsqueeze(2) * attn_in.unsqueeze(1))
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:

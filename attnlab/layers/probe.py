@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.nn.modules import module as _module
 
 
 class AttentionProbe(nn.Module):
@@ -25,6 +26,17 @@ class AttentionProbe(nn.Module):
 
     def forward(self, value: Any) -> Any:
         return value
+
+    @property
+    def observed(self) -> bool:
+        """Whether a forward hook (its own or a global one) would see the value: a layer may skip building a value
+        that exists only for observers when nobody looks."""
+        return bool(
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks
+        )
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
