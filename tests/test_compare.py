@@ -234,9 +234,30 @@ def test_resume_adds_seeds_and_trains_only_the_new_runs(compared, tmp_path):
     assert len(rows) == 6 == len({(r["model"], r["seed"]) for r in rows})
 
 
-def test_killed_compare_resumes_without_duplicates_or_gaps(tmp_path):
+def pid_alive(pid: int) -> bool:
+    """Running (a zombie nobody has reaped yet counts as dead)."""
+    try:
+        return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
+    except (OSError, IndexError):
+        return False
+
+
+def lock_holders(out: Path) -> list[int]:
+    holders = []
+    for lock in out.glob("runs/*/*/*/.lock"):
+        try:
+            holders.append(json.loads(lock.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            pass  # half-written by a worker killed while taking it
+    return holders
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_killed_compare_resumes_without_duplicates_or_gaps(tmp_path, jobs):
+    """SIGKILL the comparison after its first finished run; with workers, they die with it (no orphan keeps a lock)."""
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "attnlab", "compare", "--models", MODELS, "--seeds", "2", "--dataset", "synthetic"]
+    args += ["--jobs", str(jobs)]
     args += [f"--data-arg={k}={json.dumps(v)}" for k, v in {**SYNTH, "size": 512}.items()]
     args += ["--epochs", "3", "--batch-size", "64", "--val-size", "64", "--lr", "0.05", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -247,6 +268,12 @@ def test_killed_compare_resumes_without_duplicates_or_gaps(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    if jobs > 1 and sys.platform.startswith("linux"):
+        holders = lock_holders(out)
+        deadline = time.time() + 10
+        while any(map(pid_alive, holders)) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(map(pid_alive, holders)), "a worker outlived the killed comparison"
     finished = list(out.glob("runs/*/*/*/summary.json"))
     assert first.exists() and 1 <= len(finished) < 4, proc.stderr.read().decode()
     kept = {p: p.read_bytes() for p in finished}

@@ -149,6 +149,24 @@ def test_second_process_on_the_same_out_is_refused_and_stale_lock_is_cleared(tmp
     assert (run.root / "summary.json").exists() and not run.lock.exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_lock_of_an_exited_but_unreaped_process_is_stale(tmp_path):
+    """An orphaned worker whose init does not reap it stays a zombie: it holds nothing, so its lock is cleared."""
+    run = RunDir(tmp_path / "run")
+    run.prepare(resume=False)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while "Z" not in Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        run.lock.write_text(json.dumps({"pid": zombie.pid, "host": os.uname().nodename}))
+        with run.locked():
+            assert json.loads(run.lock.read_text())["pid"] == os.getpid()
+    finally:
+        zombie.wait()
+
+
 def test_concurrent_cli_trainings_on_one_out_the_second_refuses(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(

@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import platform
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -194,10 +195,27 @@ def _train_one(cfg_values: dict[str, Any], resume: bool, progress: bool | None, 
     return summary
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """On Linux, have the kernel kill this worker when the comparison that started it dies (even by SIGKILL), so no
+    orphan keeps training, and holding a run's lock, for a comparison nobody waits for. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _relative(path: Path, out: Path) -> str:
@@ -269,7 +287,9 @@ def _train_all(todo, resume: bool, jobs: int, progress, log, outcome: CompareOut
     threads = max(1, (os.cpu_count() or 1) // workers)
     log(f"compare: training {len(todo)} runs in {workers} processes of {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")
-    pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+    pool = futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
+    )
     with pool:
         pending = {pool.submit(_train_one, cfg.to_dict(), resume, False, f"[{name}]"): name for name, cfg in todo}
         try:

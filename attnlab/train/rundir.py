@@ -86,4 +86,14 @@ def _alive(owner: dict) -> bool:
         return False
     except (PermissionError, KeyError, ValueError, TypeError):
         return True
-    return True
+    return not _zombie(int(owner["pid"]))
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but was not reaped yet (e.g. a worker orphaned by a killed parent, under an init that
+    does not reap): it holds nothing, so its lock is stale. Linux only; elsewhere False."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
