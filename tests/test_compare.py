@@ -341,6 +341,26 @@ def test_small_preset_says_so_first_and_gives_verdicts(tmp_path):
     assert "**Runs finished**: 4 of 12" in report and "**Not finished**" in report
 
 
+def test_an_analysis_goes_on_without_a_failed_run(compared, tmp_path):
+    import shutil
+
+    from attnlab.report.compare import CompareOutcome, _analyse_all
+
+    out = tmp_path / "partial"
+    shutil.copytree(compared, out)
+    (out / "runs/synthetic/fmm_resnet20-merge=gate/seed1/summary.json").unlink()  # as if it had failed
+    plan = tiny_plan()
+    options = {"images": 16, "pairs": 2, "steps": 3, "draws": 1, "jacobian_images": 2, "sigmas": [0.1]}
+    plan.analyses = [AnalysisSpec("smoothness", options=options)]
+    said = []
+    _analyse_all(plan, out, said.append, CompareOutcome())
+    headline = [json.loads((out / f"analyses/synthetic/seed{s}/smoothness.json").read_text())["headline"] for s in "01"]
+    assert list(headline[0]) == ["resnet20", "fmm_resnet20[merge=gate]"] and list(headline[1]) == ["resnet20"]
+    assert "compare: smoothness on synthetic seed 1: fmm_resnet20[merge=gate] not finished; analysing the others" in (
+        said
+    )
+
+
 def test_analyses_run_once_per_seed_and_reach_the_report(compared, tmp_path):
     import shutil
 

@@ -444,6 +444,10 @@ def test_penalty_reuses_the_callers_rectangles():
     torch.testing.assert_close(reused, equivariance_penalty(model, x, rng(5)))
     with pytest.raises(AttnlabError, match="capture_rectangles"):
         equivariance_penalty(model, x, rng(5), rectangles=[])
+    with capture_rectangles(model) as growing:  # called inside the capture (T(x)'s rectangles also land in the list)
+        model(x)
+        inside = equivariance_penalty(model, x, rng(5), rectangles=growing)
+    torch.testing.assert_close(inside, reused)
 
 
 def test_penalty_is_zero_without_cram():

@@ -51,6 +51,15 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     assert numbers(tmp_path / "a") != numbers(tmp_path / "c")
 
 
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_cram_trains_with_the_equivariance_term(tmp_path, amp):
+    """The penalty's extra forward on T(x) trains alongside the loss (and changes the weights), in fp32 and bf16."""
+    for name, weight in (("plain", 0.0), ("equi", 0.5)):
+        train(tiny(tmp_path / name, model="cram_resnet20", epochs=1, amp=amp, equivariance=weight), log=lambda _: None)
+    assert numbers(tmp_path / "equi")[0]["train_loss"] > 0
+    assert not same_weights(tmp_path / "plain" / "model.safetensors", tmp_path / "equi" / "model.safetensors")
+
+
 def test_eval_command_reproduces_the_summary(tmp_path, capsys):
     out = tmp_path / "run"
     summary = train(tiny(out), log=lambda _: None)

@@ -384,6 +384,7 @@ def equivariance_penalty(
     if rectangles is None:
         with capture_rectangles(model) as rectangles:
             model(x)
+    rectangles = list(rectangles)  # a snapshot: called inside the caller's capture, the list also grows with T(x)'s
     if not rectangles:
         raise AttnlabError("no CRAM rectangles for x: capture them with capture_rectangles(model) around model(x)")
     size = tuple(x.shape[-2:])

@@ -315,14 +315,18 @@ def _analyse_all(plan: Plan, out: Path, log, outcome: CompareOutcome) -> None:
         for dataset in plan.analysis_datasets(spec):
             for seed in plan.analysis_seeds(spec):
                 folder = analysis_dir(out, dataset, seed)
-                runs = [run_dir(out, dataset, e, seed) for e in entries]
                 where = f"{spec.name} on {dataset} seed {seed}"
-                if not all((r / "summary.json").is_file() for r in runs):
-                    log(f"compare: skipping {where}: not every run it needs has finished")
+                finished = [e for e in entries if (run_dir(out, dataset, e, seed) / "summary.json").is_file()]
+                if not finished:
+                    log(f"compare: skipping {where}: none of its runs has finished")
                     continue
+                if len(finished) < len(entries):  # a failed run does not cost the others their analysis
+                    absent = ", ".join(e.name for e in entries if e not in finished)
+                    log(f"compare: {where}: {absent} not finished; analysing the others")
+                runs = [run_dir(out, dataset, e, seed) for e in finished]
                 record = {
                     "analysis": spec.name,
-                    "labels": [e.name for e in entries],
+                    "labels": [e.name for e in finished],
                     "runs": [_relative(r, out) for r in runs],
                     "options": spec.options,
                 }

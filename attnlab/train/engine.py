@@ -347,11 +347,9 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
             saved_buffers = [b.clone() for b in model.buffers()] if cfg.nonfinite == "skip" else None
             if cram_model:  # CRAM's mask sharpness may anneal over the run
                 anneal_beta(model, (epoch * steps_per_epoch + step) / (cfg.epochs * steps_per_epoch))
-            with (
-                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-                capture_rectangles(model) if cfg.equivariance else contextlib.nullcontext() as rectangles,
-            ):
-                logits = net(x)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with capture_rectangles(model) if cfg.equivariance else contextlib.nullcontext() as rectangles:
+                    logits = net(x)  # only this forward's rectangles: the penalty's own forward on T(x) stays out
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 total = loss
                 if cfg.equivariance:  # one extra forward on T(x), through the bare model (DDP: one forward each)
