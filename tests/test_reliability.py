@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import os
 import pickle
 import random
@@ -270,8 +271,9 @@ def test_no_code_path_calls_torch_load_without_weights_only():
 # --------------------------------------------------------------------------------------------------- numerical faults
 
 
-def _poison(monkeypatch, at_step: int):
-    """Make the model's output NaN on training step ``at_step`` of the run (counted over the whole run)."""
+def _poison(monkeypatch, at_step: int | None):
+    """Make the model's output NaN on training step ``at_step`` of the run (counted over the whole run; None: every
+    step)."""
     import attnlab.train.engine as engine
 
     original = engine.build_model
@@ -283,7 +285,7 @@ def _poison(monkeypatch, at_step: int):
         def hook(module, args, output):
             if module.training:
                 steps["n"] += 1
-                if steps["n"] == at_step:
+                if at_step is None or steps["n"] == at_step:
                     return output * float("nan")
             return output
 
@@ -312,3 +314,12 @@ def test_nan_loss_can_be_skipped_by_option(tmp_path, monkeypatch):
     weights = load_file(str(out / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
     assert summary["test_acc"] > 0
+
+
+def test_an_epoch_whose_every_step_was_skipped_reports_no_training_loss(tmp_path, monkeypatch):
+    _poison(monkeypatch, at_step=None)
+    out = tmp_path / "run"
+    train(tiny(out, nonfinite="skip", epochs=1), log=lambda _: None)
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["skipped_steps"] == 5 and record["img_per_s"] == 0
+    assert math.isnan(record["train_loss"]) and math.isnan(record["train_acc"])  # not a loss of 0 nobody had

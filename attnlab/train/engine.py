@@ -15,6 +15,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -371,7 +372,9 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
                 with torch.no_grad():
                     for buffer, saved in zip(model.buffers(), saved_buffers):
                         buffer.copy_(saved)
-                scheduler.step()
+                with warnings.catch_warnings():  # a skipped step keeps the schedule on time, on purpose
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                    scheduler.step()
                 continue
             scaler.step(optimizer)
             scaler.update()
@@ -389,15 +392,14 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_seconds = time.perf_counter() - t0
-        loss_sum, correct, count = dist.all_sum(sums).tolist()
-        count = max(count, 1)  # every step of the epoch may have been skipped
+        loss_sum, correct, count = dist.all_sum(sums).tolist()  # count: images of the steps not skipped
         train_images += count
         train_seconds += epoch_seconds
         val = evaluate_on(bundle.val)
         record = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / count,
-            "train_acc": correct / count,
+            "train_loss": loss_sum / count if count else math.nan,  # NaN: every step of the epoch was skipped
+            "train_acc": correct / count if count else math.nan,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
             "lr": scheduler.get_last_lr()[0],
