@@ -62,7 +62,7 @@ def learning_curves(curves: dict[str, dict[int, list[float]]], order: Sequence[s
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")  # curves may end anywhere: let matplotlib avoid them
     return save(fig, path)
 
 
