@@ -170,8 +170,9 @@ def _check_options(name: str, kwargs: dict[str, Any], model_cls: type) -> None:
     """Refuse options neither the network nor timm's builder knows (our CIFAR ResNet must accept, and so would
     otherwise swallow, the ResNet-only arguments timm's builder hands every model)."""
     own = {*inspect.signature(model_cls).parameters, *FEATURE_OPTIONS} - {"block", "layers", "block_args", "_ignored"}
+    builder = inspect.signature(build_model_with_cfg).parameters
     for key in kwargs:
-        if key not in own and key not in inspect.signature(build_model_with_cfg).parameters:
+        if key not in own and key not in builder:
             raise unknown_name(
                 f"{name} option",
                 key,

@@ -202,6 +202,9 @@ def _init_worker(threads: int, parent: int) -> None:
     _die_with(parent)
 
 
+PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies
+
+
 def _die_with(parent: int) -> None:
     """On Linux, have the kernel kill this worker when the comparison that started it dies (even by SIGKILL), so no
     orphan keeps training, and holding a run's lock, for a comparison nobody waits for. Elsewhere a no-op."""
@@ -213,9 +216,6 @@ def _die_with(parent: int) -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the line above
         os._exit(1)
-
-
-PR_SET_PDEATHSIG = 1
 
 
 def _relative(path: Path, out: Path) -> str:
