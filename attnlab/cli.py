@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)  # the shared recipe; --model and --seed are per run, so compare refuses them
     g = p.add_argument_group("comparison")
     g.add_argument("--models", help="comma-separated entries, e.g. resnet20,fmm_resnet20[merge=gate]; first = baseline")
-    g.add_argument("--dataset", help="dataset name(s), comma-separated")
+    g.add_argument("--dataset", help="dataset name(s), comma-separated (with --preset: some of its datasets)")
     g.add_argument("--seeds", help="number of seeds (0..N-1) or a list such as 0,3,7 (default 3, or the preset's)")
     g.add_argument("--out", help="the comparison's folder (required); runs go to OUT/runs/<dataset>/<model>/seed<k>")
     g.add_argument("--resume", action="store_true", help="skip finished runs and continue unfinished ones")
