@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import AttnlabError, unknown_name
 from ..train.checkpoint import write_text_atomic
-from ..train.config import RESUMABLE_CHANGES, TrainConfig, read_yaml
+from ..train.config import RESUMABLE_CHANGES, TrainConfig, first_difference, read_yaml
 from ..train.rundir import RunDir
 from .document import ReportFiles, build_report
 from .plan import (
@@ -165,14 +165,12 @@ def _prepare(out: Path, resume: bool) -> None:
 
 def check_finished(run: Path, cfg: TrainConfig) -> None:
     """Refuse to reuse a finished run trained with other settings than the plan now asks for."""
-    saved = read_yaml(run / "config.yaml")
-    wanted = cfg.to_dict()
-    for key, value in wanted.items():
-        if key not in SETTINGS_THAT_MAY_DIFFER and saved.get(key) != value:
-            raise AttnlabError(
-                f"{run}: finished with {key}={saved.get(key)!r} but this comparison asks for {value!r}; "
-                "use another --out"
-            )
+    differs = first_difference(read_yaml(run / "config.yaml"), cfg.to_dict(), SETTINGS_THAT_MAY_DIFFER)
+    if differs:
+        key, saved, wanted = differs
+        raise AttnlabError(
+            f"{run}: finished with {key}={saved!r} but this comparison asks for {wanted!r}; use another --out"
+        )
 
 
 def _train_one(cfg_values: dict[str, Any], resume: bool, progress: bool | None, prefix: str) -> dict[str, Any]:

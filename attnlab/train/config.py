@@ -123,3 +123,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 # Settings that may differ between a run and its resumption (they do not change the numbers a run computes).
 RESUMABLE_CHANGES = frozenset({"out", "device", "epochs", "data_dir", "eval_batch_size", "detect_anomaly"})
+
+
+def first_difference(saved: dict[str, Any], wanted: dict[str, Any], may_differ: frozenset[str]) -> tuple | None:
+    """The first setting on which two configs differ, as ``(key, saved value, wanted value)``, ignoring the keys in
+    ``may_differ``; None when they agree. Resuming a run and reusing a finished one both ask this."""
+    for key in dict.fromkeys([*saved, *wanted]):
+        if key not in may_differ and saved.get(key) != wanted.get(key):
+            return key, saved.get(key), wanted.get(key)
+    return None

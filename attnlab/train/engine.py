@@ -39,7 +39,7 @@ from .checkpoint import (
     save_tensors_atomic,
     write_text_atomic,
 )
-from .config import RESUMABLE_CHANGES, TrainConfig, read_yaml
+from .config import RESUMABLE_CHANGES, TrainConfig, first_difference, read_yaml
 from .optim import make_optimizer, make_scheduler, schedule_for
 from .rundir import RunDir
 
@@ -193,14 +193,13 @@ def _epoch_generator(seed: int, epoch: int, salt: int) -> torch.Generator:
 
 def _check_resumable(cfg: TrainConfig, run: RunDir) -> None:
     """Refuse to resume a run with settings that would change its numbers."""
-    saved = read_yaml(run.config)
-    current = cfg.to_dict()
-    for key, value in saved.items():
-        if key not in RESUMABLE_CHANGES and current.get(key) != value:
-            raise AttnlabError(
-                f"--resume: {run.config} has {key}={value!r} but this command asks for {current.get(key)!r}; "
-                "resume with the saved settings or use another --out"
-            )
+    differs = first_difference(read_yaml(run.config), cfg.to_dict(), RESUMABLE_CHANGES)
+    if differs:
+        key, saved, wanted = differs
+        raise AttnlabError(
+            f"--resume: {run.config} has {key}={saved!r} but this command asks for {wanted!r}; "
+            "resume with the saved settings or use another --out"
+        )
 
 
 def _versions() -> dict[str, str]:
