@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
 from .errors import AttnlabError
+from .io import key_value
 
 EXIT_USAGE = 2
 
@@ -24,19 +22,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key, value
-    if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return key, float(parsed)
-        except ValueError:
-            pass
-    return key, parsed
+        return key_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------- train
@@ -111,28 +100,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """`TrainConfig` from defaults ← --config file ← flags given on the command line."""
-    from .train.config import TrainConfig, read_yaml
+    """`TrainConfig` from defaults ← --config file (or, with --resume, the run's own) ← flags on the command line."""
+    from .train.config import TrainConfig
     from .train.rundir import RunDir
 
-    values: dict[str, Any] = {}
-    if args.config:
-        values = read_yaml(args.config)
-    elif args.resume and RunDir(args.out or TrainConfig.out).config.exists():
-        values = read_yaml(RunDir(args.out or TrainConfig.out).config)  # resume with the run's own settings
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in names:
-        given = getattr(args, name, None)
-        if given is not None and name not in ("model_kwargs", "dataset_options"):
-            values[name] = given
-    if args.val_size is not None and args.val_size >= 1:
-        values["val_size"] = int(args.val_size)
-    model_kwargs = dict(values.get("model_kwargs") or {}, **dict(args.model_arg))
-    if args.in_chans is not None:
-        model_kwargs["in_chans"] = args.in_chans
-    values["model_kwargs"] = model_kwargs
-    values["dataset_options"] = dict(values.get("dataset_options") or {}, **dict(args.data_arg))
-    return TrainConfig.from_dict(values, source=args.config or "command line")
+    return TrainConfig.from_flags(args, saved=RunDir(args.out or TrainConfig.out).config if args.resume else None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -147,26 +119,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .train import evaluate, load_trained
+    from .train import check_fits, evaluate, load_trained, run_data
 
     model, cfg = load_trained(args.checkpoint, device=args.device)
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise AttnlabError(f"{args.checkpoint}: no config.yaml beside the weights; pass --dataset")
-    same_data = cfg is not None and dataset == cfg.dataset
-    options = dict(cfg.dataset_options) if same_data else {}
-    options.update(dict(args.data_arg))
-    bundle = load_dataset(
-        dataset,
-        args.data_dir or (cfg.data_dir if same_data else None),
-        val_size=cfg.val_size if same_data else None,
-        **options,
-    )
-    if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
-        raise AttnlabError(
-            f"{dataset} has {bundle.in_chans} channel(s) and {bundle.num_classes} classes; the model takes "
-            f"{model.in_chans} and {model.num_classes}"
-        )
+    if cfg is None:
+        bundle = load_dataset(dataset, args.data_dir, **dict(args.data_arg))
+    else:
+        bundle = run_data(cfg, dataset, args.data_dir, **dict(args.data_arg))
+    check_fits(model, bundle, dataset)
     split = getattr(bundle, args.split)
     result = evaluate(model, split, bundle, batch_size=args.batch_size, device=args.device)
     print(
@@ -218,8 +181,9 @@ def _input_size(text: str) -> tuple[int, int, int]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
 
+    from .io import write_csv
     from .models import list_models
-    from .train.bench import benchmark_models, format_table, write_csv
+    from .train.cost import benchmark_models, format_table
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in list_models()]
@@ -283,8 +247,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str] | None, dict[str, Any]]:
     """(shared recipe, datasets, dataset options) from --config and the training flags given on the command line."""
-    from .report.plan import PER_RUN_FIELDS
-    from .train.config import TrainConfig, read_yaml
+    from .experiment.plan import PER_RUN_FIELDS
+    from .io import read_yaml
+    from .train.config import given_flags
 
     for flag, given, instead in (
         ("--model", args.model, "--models"),
@@ -303,12 +268,7 @@ def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
         bad = sorted(set(recipe) & set(PER_RUN_FIELDS))
         if bad:
             raise AttnlabError(f"{args.config}: '{bad[0]}' is set per run by compare; remove it")
-    for f in dataclasses.fields(TrainConfig):
-        given = getattr(args, f.name, None)
-        if given is not None and f.name not in PER_RUN_FIELDS:
-            recipe[f.name] = given
-    if args.val_size is not None and args.val_size >= 1:
-        recipe["val_size"] = int(args.val_size)
+    recipe.update(given_flags(args, exclude=PER_RUN_FIELDS))
     if args.dataset:
         datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
     options.update(dict(args.data_arg))
@@ -343,7 +303,8 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .report import make_plan, run_compare
+    from .experiment import make_plan, run_compare
+    from .report import build_report
 
     if not args.out:
         raise AttnlabError("compare: --out DIR is required")
@@ -365,14 +326,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         jobs=args.jobs,
     )
     outcome = run_compare(plan, args.out, resume=args.resume, jobs=args.jobs, progress=args.progress)
-    print(f"report: {outcome.files.markdown}  (self-contained: {outcome.files.html})")
+    files = build_report(plan, args.out)
+    print(f"compare: report written to {files.markdown} and {files.html}")
+    print(f"report: {files.markdown}  (self-contained: {files.html})")
     return 1 if outcome.failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import Plan, build_report
+    from .experiment import Plan
+    from .report import build_report
 
     files = build_report(Plan.load(Path(args.dir)), Path(args.dir))
     print(f"report: {files.markdown}  (self-contained: {files.html})")
@@ -450,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_analyze)
 
-    from .report.presets import list_presets
+    from .experiment.presets import list_presets
 
     p = sub.add_parser(
         "compare",

@@ -35,8 +35,8 @@ from ..data.cluttered import tight_boxes
 from ..errors import AttnlabError, unknown_name
 from ..layers.cram import GridTransform, pixel_centers
 from ..models.capture import capture_attention
+from ..stats import mean_ci
 from .sites import GateSite, gate_sites
-from .stats import mean_ci
 
 SPATIAL_KINDS = ("spatial", "rectangle")
 THRESHOLD_MODES = ("relative", "absolute")
@@ -360,6 +360,15 @@ def localization(
         return result
     finally:
         model.train(was_training)
+
+
+IOU_BEST_LAYER = "iou_best_layer"
+"""Headline: IoU with the true box of the best-localising layer."""
+CROSS_LAYER_IOU = "cross_layer_iou"
+"""Headline: IoU between the regions of different layers (stability across layers)."""
+EQUIVARIANCE_ERROR = "equivariance_error"
+"""Headline: 1 − IoU between the transformed region and the region of the transformed image, mean over layers."""
+METRICS = (IOU_BEST_LAYER, CROSS_LAYER_IOU, EQUIVARIANCE_ERROR)
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

@@ -13,13 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..train.checkpoint import write_text_atomic
-from ..train.config import TrainConfig
-from . import plots
-from .plan import FAILURE_FILE, Plan, dataset_slug
-from .presets import PRESETS, Preset, verdicts
-from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
-from .results import (
+from ..experiment.claims import RULES, Evidence, decide_claims
+from ..experiment.plan import FAILURE_FILE, Plan, analysis_dir, dataset_slug
+from ..experiment.presets import PRESETS, Preset
+from ..experiment.results import (
     RESULT_FIELDS,
     SUMMARY_FIELDS,
     collect_results,
@@ -27,9 +24,11 @@ from .results import (
     load_analyses,
     missing_runs,
     summarize,
-    write_csv,
 )
-from .verdicts import RULES, Evidence
+from ..io import write_csv, write_text_atomic
+from ..train.config import NEUTRAL, TrainConfig
+from . import plots
+from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
 
 FIGURES = "figures"
 RECIPE_SHOWN = (
@@ -79,10 +78,6 @@ def _recipe_text(plan: Plan) -> str:
     return ", ".join(f"{k} {cfg[k]}" for k in keys)
 
 
-NOT_BUDGET = frozenset({"device", "data_dir", "progress"})
-"""Settings that say where a comparison ran, not how much it trained: never reported as budget changes."""
-
-
 def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
     """How ``plan`` departs from ``preset``'s own budget, as ``"epochs 15 → 5"`` items (empty if it does not)."""
     changes = []
@@ -91,7 +86,7 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
     if list(plan.datasets) != list(preset.datasets):
         changes.append(f"datasets {', '.join(preset.datasets)} → {', '.join(plan.datasets)}")
     defaults = TrainConfig().to_dict()
-    for key in sorted((set(preset.recipe) | set(plan.recipe)) - NOT_BUDGET):
+    for key in sorted((set(preset.recipe) | set(plan.recipe)) - NEUTRAL):  # where it ran, not how much it trained
         before, after = preset.recipe.get(key, defaults.get(key)), plan.recipe.get(key, defaults.get(key))
         if before != after:
             shown = ["all" if key == "subset" and v is None else v for v in (before, after)]
@@ -151,7 +146,7 @@ def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
     if preset is None or not preset.claims:
         return []
     blocks: list[Block] = [Heading(2, "Verdicts"), Paragraph(RULES)]
-    for claim, found in verdicts(preset, evidence, plan.datasets):
+    for claim, found in decide_claims(preset.claims, evidence, plan.datasets):
         blocks.append(Heading(3, claim.statement))
         rows = tuple((v.claim, f"**{v.verdict}**", v.numbers, v.reason) for v in found)
         blocks.append(Table(("case", "verdict", "numbers", "reason"), rows))
@@ -266,7 +261,7 @@ def _analysis_blocks(plan: Plan, out: Path, analyses: dict) -> list[Block]:
         if labels:
             rows = tuple((metric, *(_headline_cell(by_seed, label, metric) for label in labels)) for metric in metrics)
             blocks.append(Table(("metric", *labels), rows))
-        folder = out / "analyses" / dataset_slug(dataset) / f"seed{seeds[0]}"
+        folder = analysis_dir(out, dataset, seeds[0])
         for png in by_seed[seeds[0]].get("plots") or []:
             if (folder / png).is_file():
                 blocks.append(Image((folder / png).relative_to(out).as_posix(), f"{name}: {png}"))
