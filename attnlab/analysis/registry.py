@@ -40,6 +40,8 @@ class Analysis:
         extra: a key the runner takes out of each result for the figures (per-sample data the JSON does not keep).
         needs_boxes: called with the ground-truth boxes instead of the labels (needs a dataset with boxes).
         seeded: takes ``seed=`` (every random draw of the analysis).
+        selects_on_validation: chooses something (a layer) on held-out validation images, given to it as
+            ``select_images`` and ``select_boxes``, before scoring the test images.
     """
 
     name: str
@@ -51,17 +53,20 @@ class Analysis:
     extra: str | None = None
     needs_boxes: bool = False
     seeded: bool = True
+    selects_on_validation: bool = False
 
     def options(self) -> dict[str, Any]:
         """The user options (keyword → default) of the analysis."""
         return {
             p.name: p.default
             for p in inspect.signature(self.function).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {*self.internal, "seed"}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {*self.internal, *RUNNER_SETS}
         }
 
 
 OVERLAY_EXAMPLES = 6
+RUNNER_SETS = ("seed", "select_images", "select_boxes")
+"""Keyword arguments the runner always sets itself where an analysis takes them (never user options)."""
 
 ANALYSES: dict[str, Analysis] = {
     a.name: a
@@ -94,6 +99,7 @@ ANALYSES: dict[str, Analysis] = {
             extra="examples",
             needs_boxes=True,
             seeded=False,
+            selects_on_validation=True,
         ),
     )
 }

@@ -117,6 +117,10 @@ def _analyse_one(analysis: Analysis, path: Path, model, cfg, bundle, images: int
     target = split.boxes.to(device) if analysis.needs_boxes else y
     keywords = {**analysis.internal, **options, **({"seed": seed} if analysis.seeded else {})}
     started = time.perf_counter()
+    if analysis.selects_on_validation:  # what it chooses (a layer), it chooses here, not on the scored test images
+        held_out = _test_subset(bundle.val, images, seed)
+        keywords["select_images"], _ = next(batches(held_out, bundle, len(held_out), train=False, device=device))
+        keywords["select_boxes"] = held_out.boxes.to(device)
     result = analysis.function(model, x, target, **keywords)
     seconds = time.perf_counter() - started
     extra = result.pop(analysis.extra) if analysis.extra else None

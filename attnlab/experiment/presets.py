@@ -13,6 +13,7 @@ the `Plan` a comparison runs (it lives here, above `plan`, because it resolves p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from collections.abc import Sequence
@@ -26,11 +27,32 @@ from .claims import (
     Claim,
     attention_weakly_consistent,
     cram_beats_spatial,
-    multiplication_beats_addition,
+    products_beat_addition,
     smoother_than_plain,
     weight_attention_adds,
 )
 from .plan import AnalysisSpec, Plan, check_buildable, parse_entries, parse_seeds
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One named budget of a preset: how much it trains and analyses, over the preset's own ``recipe``.
+
+    Attributes:
+        seeds: number of seeds (0, 1, ...).
+        recipe: `TrainConfig` settings shared by every run.
+        dataset_recipe: `TrainConfig` settings per dataset (over ``recipe``).
+        dataset_options: dataset options per dataset (e.g. the cluttered canvas).
+        analysis_images: images per analysis name (missing: the preset's own).
+        note: how the numbers were chosen (what was measured, on which machine).
+    """
+
+    seeds: int
+    recipe: dict[str, Any] = field(default_factory=dict)
+    dataset_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    analysis_images: dict[str, int] = field(default_factory=dict)
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,7 @@ class Preset:
         analyses: analyses run after training.
         claims: the claims it decides.
         small_budget: say in the report's first lines that its numbers are not evidence.
+        budgets: other named budgets (``--budget NAME``) beside the preset's own, ``"full"``.
     """
 
     name: str
@@ -60,15 +83,52 @@ class Preset:
     analyses: tuple[AnalysisSpec, ...] = ()
     claims: tuple[Claim, ...] = ()
     small_budget: bool = False
+    budgets: dict[str, Budget] = field(default_factory=dict)
+
+    def budget(self, name: str) -> Budget:
+        """Budget ``name``: ``"full"`` (the preset's own settings) or one of ``budgets``."""
+        if name == "full":
+            return Budget(self.seeds, dict(self.recipe), dataset_options=dict(self.dataset_options))
+        try:
+            return self.budgets[name]
+        except KeyError:
+            raise unknown_name(f"budget of preset {self.name}", name, ["full", *self.budgets]) from None
 
 
 # ------------------------------------------------------------------------------------------------------------ presets
 
-FMM_FORMS = ("gate", "gate_shortcut", "mul", "mul_bn", "mul_residual")
 FULL_RECIPE: dict[str, Any] = {"epochs": 15, "subset": None}
 CLUTTERED = "cluttered-fashion-mnist"
 CRAM_EQ = "cram_resnet20[equivariance=0.1]"
 GATED = ("se_resnet20", "cbam_resnet20", "cram_resnet20")
+FMM_PLAIN = (
+    "fmm_resnet20[merge=mul]",
+    "fmm_resnet20[merge=mul_bn]",
+    "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1]",
+    "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,post_act=false]",
+)
+"""The paper's literal products, with the two fixes the author's later Caltech log found decisive (BN biases fixed at
+1; no activation after the merge)."""
+FMM_GATED = (
+    "fmm_resnet20[merge=gate]",
+    "fmm_resnet20[merge=gate_shortcut]",
+    "fmm_resnet20[merge=gate_shortcut,merge_args.residual_bias=1]",
+    "fmm_resnet20[merge=mul_residual]",
+)
+
+CPU = Budget(
+    seeds=3,
+    recipe={"epochs": 15, "subset": None, "amp": "bf16"},
+    dataset_recipe={CLUTTERED: {"epochs": 10, "subset": 12000, "val_size": 2000}},
+    dataset_options={CLUTTERED: {"canvas": 48}},
+    analysis_images={"consistency": 1000, "localization": 1000, "smoothness": 1000, "landscape": 500},
+    note=(
+        "converged on the 2-core CPU: Fashion-MNIST's whole training split (55,000 train / 5,000 validation), 15 "
+        "epochs, bf16 autocast; cluttered-fashion-mnist at the largest canvas and training set that keep its slowest "
+        "run (CRAM with the equivariance term) near 15 minutes for 10 epochs"
+    ),
+)
+"""The ``cpu`` budget of every claim preset (``--budget cpu``): what converges on the project's 2-core machine."""
 
 PRESETS: dict[str, Preset] = {}
 
@@ -80,12 +140,17 @@ def _add(preset: Preset) -> None:
 _add(
     Preset(
         name="fmm",
-        description="ResNet-20 against FMMNet-20 in every product form, on Fashion-MNIST and its cluttered version.",
-        models=("resnet20", *(f"fmm_resnet20[merge={m}]" for m in FMM_FORMS)),
+        description="ResNet-20 against FMMNet-20 with plain and with gated products, on Fashion-MNIST and its "
+        "cluttered version.",
+        models=("resnet20", *FMM_PLAIN, *FMM_GATED),
         datasets=("fashion-mnist", CLUTTERED),
         seeds=5,
         recipe={**FULL_RECIPE, "nonfinite": "skip"},  # a product that blows up still finishes, with its accuracy
-        claims=(multiplication_beats_addition("resnet20", [f"fmm_resnet20[merge={m}]" for m in FMM_FORMS]),),
+        claims=(
+            products_beat_addition("plain", "resnet20", FMM_PLAIN),
+            products_beat_addition("gated", "resnet20", FMM_GATED),
+        ),
+        budgets={"cpu": dataclasses.replace(CPU, recipe={**CPU.recipe, "nonfinite": "skip"})},
     )
 )
 _add(
@@ -98,6 +163,7 @@ _add(
         recipe=dict(FULL_RECIPE),
         analyses=(AnalysisSpec("consistency", GATED, options={"images": 1000}),),
         claims=(attention_weakly_consistent(GATED),),
+        budgets={"cpu": CPU},
     )
 )
 _add(
@@ -113,17 +179,23 @@ _add(
             AnalysisSpec("landscape", options={"images": 1000}),
         ),
         claims=(smoother_than_plain("resnet20", ("fmm_resnet20", "se_resnet20", "cbam_resnet20", "cram_resnet20")),),
+        budgets={"cpu": CPU},
     )
 )
 _add(
     Preset(
         name="aw",
-        description="AW-convolution alone and on top of SE.",
-        models=("resnet20", "aw_resnet20", "se_resnet20", "aw_se_resnet20"),
+        description="AW-convolution alone and on top of SE and CBAM.",
+        models=("resnet20", "aw_resnet20", "se_resnet20", "aw_se_resnet20", "cbam_resnet20", "aw_cbam_resnet20"),
         datasets=("fashion-mnist",),
         seeds=5,
         recipe=dict(FULL_RECIPE),
-        claims=(weight_attention_adds((("aw_resnet20", "resnet20"), ("aw_se_resnet20", "se_resnet20"))),),
+        claims=(
+            weight_attention_adds(
+                (("aw_resnet20", "resnet20"), ("aw_se_resnet20", "se_resnet20"), ("aw_cbam_resnet20", "cbam_resnet20"))
+            ),
+        ),
+        budgets={"cpu": CPU},
     )
 )
 _add(
@@ -136,6 +208,7 @@ _add(
         recipe=dict(FULL_RECIPE),
         analyses=(AnalysisSpec("localization", options={"images": 1000}),),
         claims=(cram_beats_spatial("spatial_resnet20", ("cram_resnet20", CRAM_EQ), CRAM_EQ, localize=True),),
+        budgets={"cpu": CPU},
     )
 )
 _add(
@@ -162,7 +235,7 @@ _add(
             ),
         ),
         claims=(
-            multiplication_beats_addition("resnet20", ("fmm_resnet20",)),
+            products_beat_addition("gated", "resnet20", ("fmm_resnet20",)),
             attention_weakly_consistent(("se_resnet20", "cram_resnet20")),
             smoother_than_plain("resnet20", ("fmm_resnet20", "se_resnet20")),
             weight_attention_adds((("aw_resnet20", "resnet20"),)),
@@ -195,6 +268,7 @@ def make_plan(
     recipe: dict[str, Any] | None = None,
     dataset_options: dict[str, Any] | None = None,
     preset: str | None = None,
+    budget: str = "full",
     analyses: Sequence[str] | None = None,
     analysis_images: int | None = None,
     baseline: str | None = None,
@@ -211,6 +285,7 @@ def make_plan(
         recipe: `TrainConfig` settings shared by every run (override the preset's budget).
         dataset_options: options given to every dataset.
         preset: a name from `PRESETS`.
+        budget: the preset's budget (``"full"``: its own; e.g. ``"cpu"``), which explicit settings override.
         analyses: analysis names run on every entry (replace the preset's; ``[]`` runs none).
         analysis_images: images per analysis (overrides every analysis's ``images``).
         baseline: the entry others are compared with (default: the first).
@@ -218,20 +293,10 @@ def make_plan(
         jobs: worker processes, recorded with the machine.
     """
     if preset:
-        entries, dataset_list, seed_list, merged_recipe, options, specs = _from_preset(
-            get_preset(preset), models, datasets, seeds, recipe, dataset_options
-        )
+        parts = _from_preset(get_preset(preset), budget, models, datasets, seeds, recipe, dataset_options)
     else:
-        if not models:
-            raise AttnlabError("compare needs --models (or a --preset)")
-        if not datasets:
-            raise AttnlabError("compare needs --dataset (or a --preset)")
-        entries = parse_entries(models if isinstance(models, str) else list(models))
-        dataset_list = list(datasets)
-        seed_list = parse_seeds(3 if seeds is None else seeds)
-        merged_recipe = dict(recipe or {})
-        options = {d: dict(dataset_options or {}) for d in dataset_list}
-        specs = []
+        parts = _explicit(budget, models, datasets, seeds, recipe, dataset_options)
+    entries, dataset_list, seed_list, merged_recipe, dataset_recipe, options, specs = parts
     if analyses is not None:
         specs = [AnalysisSpec(name) for name in analyses]
     if analysis_images is not None:
@@ -246,6 +311,8 @@ def make_plan(
         seeds=seed_list,
         recipe=merged_recipe,
         dataset_options={d: o for d, o in options.items() if o},
+        dataset_recipe={d: r for d, r in dataset_recipe.items() if r},
+        budget=budget,
         baseline=baseline or "",
         analyses=specs,
         preset=preset,
@@ -255,8 +322,23 @@ def make_plan(
     )
 
 
-def _from_preset(chosen: Preset, models, datasets, seeds, recipe, dataset_options) -> tuple:
-    """(entries, datasets, seeds, recipe, dataset options, analyses) of a preset, with the explicit choices applied."""
+def _explicit(budget: str, models, datasets, seeds, recipe, dataset_options) -> tuple:
+    """The parts of a plan given without a preset (see `_from_preset`)."""
+    if budget != "full":
+        raise AttnlabError(f"--budget {budget} needs a --preset (budgets belong to presets)")
+    if not models:
+        raise AttnlabError("compare needs --models (or a --preset)")
+    if not datasets:
+        raise AttnlabError("compare needs --dataset (or a --preset)")
+    entries = parse_entries(models if isinstance(models, str) else list(models))
+    seed_list = parse_seeds(3 if seeds is None else seeds)
+    options = {d: dict(dataset_options or {}) for d in datasets}
+    return entries, list(datasets), seed_list, dict(recipe or {}), {}, options, []
+
+
+def _from_preset(chosen: Preset, budget: str, models, datasets, seeds, recipe, dataset_options) -> tuple:
+    """(entries, datasets, seeds, recipe, recipe per dataset, dataset options, analyses) of a preset at ``budget``,
+    with the explicit choices applied over it."""
     if models:
         raise AttnlabError(f"--preset {chosen.name} fixes the models; drop --models (or drop --preset)")
     dataset_list = list(chosen.datasets)
@@ -267,14 +349,23 @@ def _from_preset(chosen: Preset, models, datasets, seeds, recipe, dataset_option
                 f"--preset {chosen.name} runs on {', '.join(dataset_list)}; --dataset {foreign[0]} is not one of them"
             )
         dataset_list = [d for d in dataset_list if d in datasets]
-    options = {d: {**chosen.dataset_options.get(d, {}), **(dataset_options or {})} for d in dataset_list}
+    own = chosen.budget(budget)
+    dataset_recipe = {  # a setting given explicitly wins over the budget's per-dataset one
+        d: {k: v for k, v in own.dataset_recipe.get(d, {}).items() if k not in (recipe or {})} for d in dataset_list
+    }
+    options = {d: {**own.dataset_options.get(d, {}), **(dataset_options or {})} for d in dataset_list}
+    specs = [
+        replace(s, options={**s.options, "images": own.analysis_images[s.name]}) if s.name in own.analysis_images else s
+        for s in chosen.analyses
+    ]
     return (
         parse_entries(list(chosen.models)),
         dataset_list,
-        parse_seeds(chosen.seeds if seeds is None else seeds),
-        {**chosen.recipe, **(recipe or {})},
+        parse_seeds(own.seeds if seeds is None else seeds),
+        {**chosen.recipe, **own.recipe, **(recipe or {})},
+        dataset_recipe,
         options,
-        list(chosen.analyses),
+        specs,
     )
 
 
