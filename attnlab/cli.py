@@ -86,22 +86,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detect-anomaly", action="store_true", default=None, help="autograd anomaly mode (slow)")
     g = p.add_argument_group("model and data options")
     g.add_argument("--in-chans", type=int, help="input channels the model expects (must match the data)")
-    g.add_argument(
-        "--model-arg",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model option, e.g. merge=gate, attn_where=last, attn_layer=se",
-    )
-    g.add_argument(
-        "--data-arg",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dataset option, e.g. canvas=64 for cluttered-fashion-mnist",
-    )
+    _key_values(g, "--model-arg", "model option, e.g. merge=gate, attn_where=last, attn_layer=se")
+    _key_values(g, "--data-arg", "dataset option, e.g. canvas=64 for cluttered-fashion-mnist")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -363,12 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; writes config, metrics, checkpoints, weights, summary")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
+    _add_tool_commands(sub)
+    _add_study_commands(sub)
+    return parser
 
+
+def _key_values(p: argparse.ArgumentParser, flag: str, help: str | None = None) -> None:
+    """A repeatable ``FLAG KEY=VALUE`` option, collected as a list of (key, YAML value) pairs."""
+    p.add_argument(flag, type=_key_value, action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_tool_commands(sub) -> None:
+    """eval, models, bench, data."""
     p = sub.add_parser("eval", help="evaluate a trained run (or a model.safetensors) on a dataset split")
     p.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
     p.add_argument("--dataset", help="default: the run's own dataset")
     p.add_argument("--data-dir")
-    p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    _key_values(p, "--data-arg")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="cpu")
@@ -400,9 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name, e.g. fashion-mnist")
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="fetch it from its official source if it is not found")
-    p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    _key_values(p, "--data-arg")
     p.set_defaults(func=cmd_data)
 
+
+def _add_study_commands(sub) -> None:
+    """analyze, compare, report."""
     p = sub.add_parser("analyze", help="test the papers' claims on trained runs; writes OUT/NAME.json and PNG plots")
     p.add_argument("name", help="consistency, smoothness, landscape or localization")
     p.add_argument("--checkpoint", action="append", required=True, help="run folder; repeat to compare several")
@@ -411,13 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", action="append", default=[], help="name of each checkpoint in tables and plots")
-    p.add_argument(
-        "--option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="analysis option, e.g. methods=ablation,grad_x_act  grid=4  hessian_iters=10  per_block=true",
+    _key_values(
+        p, "--option", "analysis option, e.g. methods=ablation,grad_x_act  grid=4  hessian_iters=10  per_block=true"
     )
     p.set_defaults(func=cmd_analyze)
 
@@ -449,7 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild a comparison's CSV files and report from its folder, without training")
     p.add_argument("dir", help="a folder written by `attnlab compare`")
     p.set_defaults(func=cmd_report)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

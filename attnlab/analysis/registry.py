@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import unknown_name
+from ..errors import lookup, unknown_name
 from . import plots
 from .consistency import METRICS as CONSISTENCY_METRICS
 from .consistency import consistency
@@ -107,10 +107,7 @@ ANALYSES: dict[str, Analysis] = {
 
 def get_analysis(name: str) -> Analysis:
     """The record of analysis ``name`` (`AttnlabError` with close matches if there is none)."""
-    try:
-        return ANALYSES[name]
-    except KeyError:
-        raise unknown_name("analysis", name, ANALYSES) from None
+    return lookup(ANALYSES, name, "analysis")
 
 
 def analysis_options(name: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from ..analysis import get_analysis
-from ..errors import AttnlabError, unknown_name
+from ..errors import AttnlabError, lookup, unknown_name
 from .claims import (
     Claim,
     attention_weakly_consistent,
@@ -89,10 +89,9 @@ class Preset:
         """Budget ``name``: ``"full"`` (the preset's own settings) or one of ``budgets``."""
         if name == "full":
             return Budget(self.seeds, dict(self.recipe), dataset_options=dict(self.dataset_options))
-        try:
-            return self.budgets[name]
-        except KeyError:
-            raise unknown_name(f"budget of preset {self.name}", name, ["full", *self.budgets]) from None
+        if name not in self.budgets:
+            raise unknown_name(f"budget of preset {self.name}", name, ["full", *self.budgets])
+        return self.budgets[name]
 
 
 # ------------------------------------------------------------------------------------------------------------ presets
@@ -247,10 +246,7 @@ _add(
 
 
 def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise unknown_name("preset", name, PRESETS) from None
+    return lookup(PRESETS, name, "preset")
 
 
 def list_presets() -> list[str]:

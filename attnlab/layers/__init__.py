@@ -14,7 +14,7 @@ from timm.layers import EcaModule, SEModule
 from timm.layers.cbam import CbamModule
 from torch import nn
 
-from ..errors import unknown_name
+from ..errors import lookup
 from .awconv import AWConv2d, aw_module
 from .cram import CRAM
 from .hooks import StepHook, register_training_hook, training_hooks
@@ -38,10 +38,7 @@ def register_attn(name: str, factory: AttnFactory | None = None):
 
 def get_attn(name: str) -> AttnFactory:
     """The factory registered under ``name`` (``AttnlabError`` with close matches if there is none)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise unknown_name("attention", name, _REGISTRY) from None
+    return lookup(_REGISTRY, name, "attention")
 
 
 def create_attn(name: str, channels: int, device=None, dtype=None, **kwargs) -> nn.Module:

@@ -397,7 +397,9 @@ def aw_module(channels: int, **kwargs: Any) -> AWModule:
     return AWModule(channels, **kwargs)
 
 
-@register_training_hook("aw")
 def _aw_training(model: nn.Module, settings) -> StepHook | None:
     """AW-convolution's batch-folded grouped convolution is about 1.5× slower in channels-last on CPU."""
     return StepHook(channels_last=False) if any(isinstance(m, AWConv2d) for m in model.modules()) else None
+
+
+register_training_hook("aw", _aw_training)

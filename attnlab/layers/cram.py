@@ -480,7 +480,6 @@ class CramTraining(StepHook):
         )
 
 
-@register_training_hook("cram")
 def _cram_training(model: nn.Module, settings) -> CramTraining | None:
     weight = getattr(settings, "equivariance", 0.0)
     if not has_cram(model):
@@ -488,6 +487,9 @@ def _cram_training(model: nn.Module, settings) -> CramTraining | None:
             raise AttnlabError(f"--equivariance needs a model with CRAM layers; {settings.model} has none")
         return None
     return CramTraining(model, weight, getattr(settings, "equivariance_transforms", DEFAULT_EQUIVARIANCE_TRANSFORMS))
+
+
+register_training_hook("cram", _cram_training)
 
 
 __all__ = [

@@ -43,14 +43,9 @@ HookFactory = Callable[[nn.Module, Any], StepHook | None]
 _HOOKS: dict[str, HookFactory] = {}
 
 
-def register_training_hook(name: str, factory: HookFactory | None = None):
-    """Register ``factory(model, settings) -> StepHook | None`` under ``name``; usable as a decorator."""
-
-    def add(f: HookFactory) -> HookFactory:
-        _HOOKS[name] = f
-        return f
-
-    return add(factory) if factory is not None else add
+def register_training_hook(name: str, factory: HookFactory) -> None:
+    """Register ``factory(model, settings) -> StepHook | None`` under ``name`` (a mechanism's module does, once)."""
+    _HOOKS[name] = factory
 
 
 def training_hooks(model: nn.Module, settings: Any) -> list[StepHook]:

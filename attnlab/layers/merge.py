@@ -37,7 +37,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..errors import AttnlabError, unknown_name
+from ..errors import AttnlabError, lookup
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -263,10 +263,7 @@ DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fm
 
 def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
     """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
-    try:
-        cls = _MERGES[name]
-    except KeyError:
-        raise unknown_name("merge", name, _MERGES) from None
+    cls = lookup(_MERGES, name, "merge")
     try:
         inspect.signature(cls).bind(channels, **kwargs)
     except TypeError:
