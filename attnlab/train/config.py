@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
-from ..errors import AttnlabError, unknown_name
+from ..errors import AttnlabError
 from ..io import read_yaml
 from ..layers.cram import DEFAULT_EQUIVARIANCE_TRANSFORMS, check_transforms
+from ..schema import check_fields, check_keys
 
 AMP_CHOICES = ("off", "auto", "bf16", "fp16")
 SCHEDULES = ("cosine", "onecycle")
@@ -60,6 +61,7 @@ class TrainConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every field against its annotation: types, finite floats, 64-bit integers
         checks = [
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
@@ -76,6 +78,7 @@ class TrainConfig:
             (self.equivariance >= 0, f"equivariance must be ≥ 0, got {self.equivariance}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
             (self.subset is None or self.subset > 0, f"subset must be > 0, got {self.subset}"),
+            (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {self.device!r}"),
         ]
         for ok, message in checks:
@@ -89,15 +92,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise AttnlabError(f"{source}: {unknown_name('setting', unknown[0], known)}")
+    def from_dict(cls, values: dict[str, Any], source: str | None = "config") -> TrainConfig:
+        """The config of ``values`` (setting → value); a bad key or value is one line, prefixed with ``source``."""
         try:
+            check_keys(values, [f.name for f in fields(cls)])
             return cls(**values)
-        except TypeError as e:
-            raise AttnlabError(f"{source}: {e}") from None
+        except AttnlabError as e:
+            raise AttnlabError(f"{source}: {e}" if source else str(e)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -114,14 +115,13 @@ class TrainConfig:
         elif saved is not None and Path(saved).exists():
             values = read_yaml(saved)
         values.update(given_flags(flags))
-        model_kwargs = dict(values.get("model_kwargs") or {}, **dict(getattr(flags, "model_arg", None) or []))
+        model_args = dict(getattr(flags, "model_arg", None) or [])
         if getattr(flags, "in_chans", None) is not None:
-            model_kwargs["in_chans"] = flags.in_chans
-        values["model_kwargs"] = model_kwargs
-        values["dataset_options"] = dict(
-            values.get("dataset_options") or {}, **dict(getattr(flags, "data_arg", None) or [])
-        )
-        return cls.from_dict(values, source=getattr(flags, "config", None) or "command line")
+            model_args["in_chans"] = flags.in_chans
+        for key, extra in (("model_kwargs", model_args), ("dataset_options", getattr(flags, "data_arg", None))):
+            given = values.get(key, {})
+            values[key] = {**given, **dict(extra or [])} if isinstance(given, dict) else given  # else: the check says
+        return cls.from_dict(values, source=getattr(flags, "config", None))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
