@@ -240,6 +240,7 @@ def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
     """(shared recipe, datasets, dataset options) from --config and the training flags given on the command line."""
     from .experiment.plan import PER_RUN_FIELDS
     from .io import read_yaml
+    from .schema import check
     from .train.config import given_flags
 
     for flag, given, instead in (
@@ -254,9 +255,12 @@ def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
     datasets, options = None, {}
     if args.config:
         recipe = read_yaml(args.config)
-        datasets = [recipe.pop("dataset")] if "dataset" in recipe else None
-        options = dict(recipe.pop("dataset_options", None) or {})
-        bad = sorted(set(recipe) & set(PER_RUN_FIELDS))
+        try:
+            datasets = [check("dataset", recipe.pop("dataset"), str)] if "dataset" in recipe else None
+            options = check("dataset_options", recipe.pop("dataset_options", {}), dict[str, Any])
+        except AttnlabError as e:
+            raise AttnlabError(f"{args.config}: {e}") from None
+        bad = sorted(set(recipe) & set(PER_RUN_FIELDS), key=str)
         if bad:
             raise AttnlabError(f"{args.config}: '{bad[0]}' is set per run by compare; remove it")
     recipe.update(given_flags(args, exclude=PER_RUN_FIELDS))

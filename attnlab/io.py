@@ -66,9 +66,11 @@ def remove_stale_temporaries(directory: Path) -> None:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``, or a one-line `AttnlabError` saying what is wrong with the file."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise AttnlabError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise AttnlabError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as e:

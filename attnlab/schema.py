@@ -66,7 +66,9 @@ def describe(tp: Any) -> str:
         return "a mapping"
     if origin in (list, tuple, abc.Sequence) or tp in (list, tuple):
         return "a list"
-    return _NAMES.get(tp, f"a {getattr(tp, '__name__', tp)} (not settable as text)")
+    if origin is abc.Callable or tp in (abc.Callable, typing.Callable):
+        return "a Python callable (not settable as text)"
+    return _NAMES.get(tp, f"a Python {getattr(tp, '__name__', tp)} (not settable as text)")
 
 
 _NAMES = {int: "a 64-bit integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "null"}
@@ -134,7 +136,7 @@ def _scalar(value: Any, tp: Any, origin: Any) -> Any:
     elif tp is str:
         if type(value) is str:
             return value
-    elif origin is abc.Callable or tp is abc.Callable:
+    elif origin is abc.Callable or tp in (abc.Callable, typing.Callable):
         if callable(value):
             return value
     elif isinstance(tp, type):
@@ -170,8 +172,12 @@ def check(key: str, value: Any, tp: Any) -> Any:
 
 @functools.cache
 def annotations(obj: Any) -> dict[str, Any]:
-    """The resolved annotations of a dataclass or a function (``Annotated`` kept)."""
-    return typing.get_type_hints(obj, include_extras=True)
+    """The resolved annotations of a dataclass, a function or a class's constructor (``Annotated`` kept); none where
+    they cannot be resolved (then values pass unchecked)."""
+    try:
+        return typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj, include_extras=True)
+    except (NameError, TypeError, AttributeError):
+        return {}
 
 
 def check_keys(values: Mapping, known: abc.Collection[str], kind: str = "setting") -> None:
@@ -192,9 +198,19 @@ def check_fields(obj: Any) -> None:
         setattr(obj, f.name, check(f.name, getattr(obj, f.name), hints[f.name]))
 
 
-def check_options(function: Callable, options: Mapping[str, Any], kind: str = "option") -> dict[str, Any]:
-    """``options`` checked against the annotations of ``function``'s parameters of those names (unknown names are
-    the caller's to refuse: it knows which parameters are options)."""
-    check_keys(options, options, kind)
-    hints = annotations(function)
-    return {key: check(key, value, hints.get(key, Any)) for key, value in options.items()}
+def check_call(
+    function: Callable, options: Mapping[str, Any], what: str, declared: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Keyword ``options`` for ``function`` (a class: its constructor), checked: names it takes (any, if it takes
+    ``**kwargs``) and values of the types it declares (or ``declared`` does, first). Errors start with ``what``."""
+    params = inspect.signature(function).parameters
+    named = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    hints = {**annotations(function), **(declared or {})}
+    try:
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            check_keys(options, named, "option")
+        else:
+            check_keys(options, options, "option")
+        return {key: check(key, value, hints.get(key, Any)) for key, value in options.items()}
+    except AttnlabError as e:
+        raise AttnlabError(f"{what}: {e}") from None

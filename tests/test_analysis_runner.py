@@ -168,7 +168,10 @@ def test_localization_on_a_dataset_with_boxes(runs, tmp_path):
         (["consistency", "--checkpoint", "{missing}"], "no such run folder"),
         (["localization", "--checkpoint", "{se0}"], "has no ground-truth boxes"),
         (["consistency", "--checkpoint", "{se0}", "--option", "gird=4"], "unknown option 'gird'; did you mean grid?"),
-        (["smoothness", "--checkpoint", "{se0}", "--option", "draws=many"], "option draws must be a number"),
+        (
+            ["smoothness", "--checkpoint", "{se0}", "--option", "draws=many"],
+            "draws must be a 64-bit integer",
+        ),
         (["consistency", "--checkpoint", "{se0}", "--label", "a", "--label", "b"], "2 labels for 1 checkpoints"),
         (["consistency", "--checkpoint", "{se0}", "--images", "0"], "images must be a positive integer"),
     ],

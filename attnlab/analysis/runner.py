@@ -17,36 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..data import DataBundle, Split, batches
 from ..data.bundle import seeded_generator
-from ..errors import AttnlabError, unknown_name
+from ..errors import AttnlabError
 from ..io import jsonable
+from ..schema import check_call, check_keys
 from ..stats import mean_ci
 from ..train.config import SAME_RECIPE
 from .registry import Analysis, analysis_options, get_analysis
 
 
-def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
-    """Options from the command line arrive as YAML scalars: "a,b" becomes a list where the default is a sequence."""
-    if isinstance(default, tuple | list) and isinstance(value, str):
-        return [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise AttnlabError(f"{name} option {key} must be true or false, got {value!r}")
-    if isinstance(default, int | float) and not isinstance(default, bool) and not isinstance(value, int | float):
-        raise AttnlabError(f"{name} option {key} must be a number, got {value!r}")
-    return value
-
-
-def _check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    known = analysis_options(name)
-    checked = {}
-    for key, value in options.items():
-        if key not in known:
-            raise AttnlabError(f"{name}: {unknown_name('option', key, known)}")
-        checked[key] = _coerce(name, key, value, known[key])
-    return checked
+def check_analysis_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The analysis's own options (not the runner's), of the types its function declares."""
+    try:
+        check_keys(options, analysis_options(name), "option")
+    except AttnlabError as e:
+        raise AttnlabError(f"{name}: {e}") from None
+    return check_call(get_analysis(name).function, options, name)
 
 
 def _labels(checkpoints: list[Path], labels: Sequence[str] | None) -> list[str]:
@@ -155,7 +143,7 @@ def run_analysis(
         ``plots`` (PNG file names).
     """
     analysis = get_analysis(name)
-    options = _check_options(name, options)
+    options = check_analysis_options(name, options)
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise AttnlabError(f"images must be a positive integer, got {images!r}")
     paths = [Path(c) for c in checkpoints]
@@ -196,4 +184,4 @@ def run_analysis(
     return report
 
 
-__all__ = ["run_analysis"]
+__all__ = ["check_analysis_options", "run_analysis"]

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..errors import AttnlabError, unknown_name
+from ..schema import check_call
 from .augment import draw_params, flip, normalize, random_crop
 from .bundle import SPLIT_SEED, DataBundle, Source, Split, carve, channel_stats, seeded_generator, take_subset
 from .cifar import load_cifar10, load_cifar100
@@ -114,7 +115,7 @@ def load_dataset(
     if unknown:
         takes = f"its options: {', '.join(allowed)}" if allowed else "it takes none"
         raise AttnlabError(f"dataset '{name}' has no option '{unknown[0]}' ({takes})")
-    kwargs = dict(options)
+    kwargs = check_call(loader, options, f"dataset '{name}'")
     if "data_dir" in params:
         kwargs["data_dir"] = data_dir
     if "download" in params:

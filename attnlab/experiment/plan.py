@@ -244,7 +244,8 @@ class Plan:
                 if name not in names:
                     raise unknown_name(f"entry of analysis {spec.name}", name, names)
         for dataset in self.datasets:
-            self.run_config(dataset, self.entries[0], self.seeds[0], Path("."))  # validates the recipe
+            for entry in self.entries:  # validates the recipe and every entry's own settings
+                self.run_config(dataset, entry, self.seeds[0], Path("."))
 
     def entry(self, name: str) -> Entry:
         for e in self.entries:

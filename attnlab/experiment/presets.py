@@ -19,10 +19,11 @@ import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from ..analysis import get_analysis
+from ..analysis.runner import check_analysis_options
 from ..errors import AttnlabError, lookup, unknown_name
+from ..schema import Range, check
 from .claims import (
     Claim,
     attention_weakly_consistent,
@@ -366,9 +367,11 @@ def _from_preset(chosen: Preset, budget: str, models, datasets, seeds, recipe, d
 
 
 def check_analyses(specs: Sequence[AnalysisSpec]) -> None:
-    """Refuse unknown analyses and options now, not after hours of training."""
+    """Refuse unknown analyses, unknown options and values of the wrong type now, not after hours of training."""
     for spec in specs:
-        known = {"images", *get_analysis(spec.name).options()}
-        for key in spec.options:
-            if key not in known:
-                raise AttnlabError(f"analysis {spec.name}: {unknown_name('option', key, known)}")
+        options = dict(spec.options)
+        try:
+            check("images", options.pop("images", 1), Annotated[int, Range(1)])
+            check_analysis_options(spec.name, options)
+        except AttnlabError as e:
+            raise AttnlabError(f"analysis {spec.name}: {e}") from None

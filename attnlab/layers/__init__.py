@@ -15,6 +15,7 @@ from timm.layers.cbam import CbamModule
 from torch import nn
 
 from ..errors import lookup
+from ..schema import check_call
 from .awconv import AWConv2d, aw_module
 from .cram import CRAM
 from .hooks import StepHook, register_training_hook, training_hooks
@@ -46,7 +47,8 @@ def create_attn(name: str, channels: int, device=None, dtype=None, **kwargs) -> 
 
     ``device``/``dtype`` (passed by timm's blocks) are applied after construction, so factories need not take them.
     """
-    module = get_attn(name)(channels, **kwargs)
+    factory = get_attn(name)
+    module = factory(channels, **check_call(factory, kwargs, f"attention '{name}'"))
     return module.to(device=device, dtype=dtype) if device is not None or dtype is not None else module
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttnlabError, unknown_name
+from ..schema import check_call
 from .hooks import StepHook, register_training_hook
 from .probe import AttentionProbe
 
@@ -308,6 +309,7 @@ class AWConv2d(nn.Conv2d):
         """
         if not isinstance(conv, nn.Conv2d):
             raise AttnlabError(f"AWConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__}")
+        kwargs = check_call(cls, kwargs, "aw")
         aw = cls(
             conv.in_channels,
             conv.out_channels,

@@ -32,12 +32,11 @@ benchmarks/fmm_variants.py (the run and its table: docs/MEASUREMENTS.md).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from ..errors import AttnlabError, lookup
+from ..schema import check_call
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -264,12 +263,7 @@ DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fm
 def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
     """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
     cls = lookup(_MERGES, name, "merge")
-    try:
-        inspect.signature(cls).bind(channels, **kwargs)
-    except TypeError:
-        options = [p for p in inspect.signature(cls).parameters if p != "channels"]
-        raise AttnlabError(f"merge '{name}' got options {sorted(kwargs)}; it accepts {options or 'none'}") from None
-    return cls(channels, **kwargs)
+    return cls(channels, **check_call(cls, kwargs, f"merge '{name}'"))
 
 
 def list_merges() -> list[str]:

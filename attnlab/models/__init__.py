@@ -26,6 +26,7 @@ from ..errors import AttnlabError, unknown_name
 from ..layers import create_attn
 from ..layers.merge import DEFAULT_FMM_MERGE
 from .capture import capture_attention
+from .options import check_model_options
 from .resnet import BasicBlock, Bottleneck, CifarResNet, restrict_attention
 
 
@@ -128,6 +129,7 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         raise unknown_name("model", name, MODEL_NAMES)
     variant_name, arch_name = _split_name(name) if name not in ARCHS else ("", name)
     variant, arch = VARIANTS[variant_name], ARCHS[arch_name]
+    kwargs = check_model_options(name, kwargs, timm_resnet.ResNet if arch.imagenet else CifarResNet)
     attn = kwargs.pop("attn_layer", variant.attn)
     attn_kwargs = kwargs.pop("attn_kwargs", None) or {}
     where = kwargs.pop("attn_where", "all")

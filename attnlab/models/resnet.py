@@ -202,6 +202,8 @@ def restrict_attention(model: nn.Module, where: str | Sequence[int]) -> None:
     stages = stages_of(model)
     if where == "all":
         return
+    if isinstance(where, int):
+        where = [where]
     if where == "last":
         keep = {(s, len(stage) - 1) for s, stage in enumerate(stages)}
     else:
