@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -163,7 +164,9 @@ def _input_size(text: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {text!r}") from None
+        c = h = w = 0
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W of positive integers such as 3,32,32, got {text!r}")
     return c, h, w
 
 
@@ -172,11 +175,17 @@ def _input_size(text: str) -> tuple[int, int, int]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
 
-    from .io import write_csv
+    from .io import check_writable, write_csv
     from .models import list_models
     from .train.cost import benchmark_models, format_table
+    from .train.engine import resolve_device
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if not names:
+        raise AttnlabError("bench: --models names no model")
+    resolve_device(args.device)
+    if args.csv:
+        check_writable(args.csv, "--csv", folder=False)
     unknown = [n for n in names if n not in list_models()]
     if unknown:
         from .errors import unknown_name
@@ -300,10 +309,12 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .experiment import make_plan, run_compare
+    from .io import check_writable
     from .report import build_report
 
     if not args.out:
         raise AttnlabError("compare: --out DIR is required")
+    check_writable(args.out, "--out")
     recipe, datasets, options = _compare_recipe(args)
     analyses = None
     if args.analyses is not None:
@@ -333,8 +344,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .experiment import Plan
+    from .io import check_writable
     from .report import build_report
 
+    check_writable(args.dir, "report")
     files = build_report(Plan.load(Path(args.dir)), Path(args.dir))
     print(f"report: {files.markdown}  (self-contained: {files.html})")
     return 0
@@ -460,6 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("attnlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`attnlab models | head`): stop quietly, like any filter
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 0
+    except OSError as e:  # the machine refused a read or write the checks above could not foresee (disk full, ...)
+        print(f"attnlab: error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

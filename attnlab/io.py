@@ -49,6 +49,32 @@ def atomic_path(target: Path) -> Iterator[Path]:
         raise
 
 
+def check_writable(path: str | Path, flag: str, folder: bool = True) -> Path:
+    """Refuse, before any work, an output ``path`` (a folder, or a file if not ``folder``) that cannot be written: a
+    file where a folder belongs or the reverse, a path under a file, a place without write permission. Creates
+    nothing; ``flag`` names the option in the one-line error."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise AttnlabError(f"{flag} {path}: {'exists and is not a directory' if folder else 'is a directory'}")
+    start = path if folder else path.parent
+    existing = next((p for p in (start, *start.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise AttnlabError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise AttnlabError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
+def make_dir(path: str | Path, flag: str) -> Path:
+    """Create output folder ``path`` (and its parents) after `check_writable`; an `AttnlabError` if that fails."""
+    path = check_writable(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AttnlabError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    return path
+
+
 def write_text_atomic(target: Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text)

@@ -44,6 +44,10 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}]"
 
 
+PositiveInt = Annotated[int, Range(1)]
+Probability = Annotated[float, Range(0, 1)]
+
+
 class _Mismatch(Exception):
     pass
 

@@ -21,7 +21,7 @@ import torch
 from ..data import DataBundle, Split, batches
 from ..data.bundle import seeded_generator
 from ..errors import AttnlabError
-from ..io import jsonable
+from ..io import check_writable, jsonable, make_dir, write_json_atomic
 from ..schema import check_call, check_keys
 from ..stats import mean_ci
 from ..train.config import SAME_RECIPE
@@ -144,6 +144,7 @@ def run_analysis(
     """
     analysis = get_analysis(name)
     options = check_analysis_options(name, options)
+    check_writable(out, "--out")
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise AttnlabError(f"images must be a positive integer, got {images!r}")
     paths = [Path(c) for c in checkpoints]
@@ -159,8 +160,7 @@ def run_analysis(
         if extra is not None:
             extras[label] = extra
     headlines = {label: analysis.headline(r) for label, r in results.items()}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out, "--out")
     written = analysis.figures(results, extras, out)
     for result in results.values():
         result.pop("curves", None)  # drawn; the JSON keeps the numbers
@@ -180,7 +180,7 @@ def run_analysis(
         "plots": written,
     }
     report = jsonable(report)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(out / f"{name}.json", report, indent=1)
     return report
 
 

@@ -4,22 +4,21 @@ builder) declares. A bad value is one line naming the model, the option, the val
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from timm.models import build_model_with_cfg
 
 from ..errors import AttnlabError
-from ..schema import Range, annotations, check
-
-Stage = Annotated[int, Range(1)]
-Probability = Annotated[float, Range(0, 1)]
+from ..schema import PositiveInt, Probability, annotations, check
 
 OPTIONS: dict[str, Any] = {
-    "num_classes": Annotated[int, Range(1)],
-    "in_chans": Annotated[int, Range(1)],
+    "num_classes": PositiveInt,
+    "in_chans": PositiveInt,
     "attn_layer": str,
     "attn_kwargs": dict[str, Any] | None,
-    "attn_where": str | Stage | list[Stage],  # "all", "last", "2,3", 2 or [2, 3]; stages that exist: restrict_attention
+    "attn_where": str
+    | PositiveInt
+    | list[PositiveInt],  # "all", "last", "2,3", 2 or [2, 3]; stages that exist: restrict_attention
     "merge": str,
     "merge_args": dict[str, Any] | None,
     "post_act": bool,

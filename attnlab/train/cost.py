@@ -10,14 +10,16 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import AttnlabError
 from ..models import create_model
+from ..schema import PositiveInt, Range, check_call
 
 
 def _sync(device: torch.device) -> None:
@@ -59,14 +61,14 @@ def measure_latency(
 def benchmark_models(
     names: Sequence[str],
     *,
-    input_size: tuple[int, int, int] = (3, 32, 32),
-    batch_size: int = 256,
-    num_classes: int = 10,
+    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (3, 32, 32),
+    batch_size: PositiveInt = 256,
+    num_classes: PositiveInt = 10,
     amp: bool = False,
     channels_last: bool = True,
-    repeats: int = 10,
-    warmup: int = 3,
-    latency_batch: int = 1,
+    repeats: PositiveInt = 10,
+    warmup: Annotated[int, Range(0)] = 3,
+    latency_batch: PositiveInt = 1,
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Measure every model in ``names``; the first is the baseline of the ``*_ratio`` columns.
@@ -74,6 +76,10 @@ def benchmark_models(
     Returns one dict per model: params, flops (forward, one image), latency_ms (median forward of ``latency_batch``
     images, eval mode), train_step_ms and train_img_per_s (median SGD step at ``batch_size``), and their ratios.
     """
+    sizes = dict(input_size=input_size, batch_size=batch_size, num_classes=num_classes, repeats=repeats)
+    check_call(benchmark_models, {**sizes, "warmup": warmup, "latency_batch": latency_batch}, "bench")
+    if not names:
+        raise AttnlabError("bench: no model given")
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -59,7 +59,10 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AttnlabError(f"--device {name}: expected cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AttnlabError(f"--device {name}: CUDA is not available on this machine")
     return device

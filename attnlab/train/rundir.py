@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import AttnlabError
+from ..io import check_writable, make_dir
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoints")
 
@@ -36,18 +37,12 @@ class RunDir:
 
     def prepare(self, resume: bool) -> None:
         """Create the folder; refuse an existing run unless resuming, and an unwritable place always."""
-        if self.root.exists() and not self.root.is_dir():
-            raise AttnlabError(f"--out {self.root}: exists and is not a directory")
+        check_writable(self.root, "--out")
         if self.has_run() and not resume:
             raise AttnlabError(
                 f"--out {self.root}: holds an earlier run; pass --resume to continue it, or pick another --out"
             )
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AttnlabError(f"--out {self.root}: cannot create it ({e.strerror})") from None
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise AttnlabError(f"--out {self.root}: not writable")
+        make_dir(self.root, "--out")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
