@@ -38,3 +38,16 @@ def check_model_options(name: str, kwargs: dict[str, Any], model_cls: type) -> d
         return {key: check(key, value, hints.get(key, Any)) for key, value in kwargs.items()}
     except AttnlabError as e:
         raise AttnlabError(f"{name}: {e}") from None
+
+
+def check_buildable(name: str, kwargs: dict[str, Any]) -> None:
+    """Build model ``name`` once with ``kwargs`` (10 classes, 3 channels unless they say otherwise), so that an option
+    only the built network can refuse (``attn_where`` beyond its last stage) fails before anything is written."""
+    from . import create_model
+
+    try:
+        create_model(name, **{"num_classes": 10, "in_chans": 3, **kwargs})
+    except AttnlabError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as err:  # from timm or torch: their first line, named
+        raise AttnlabError(f"{name}: {(str(err) or type(err).__name__).splitlines()[0]}") from None

@@ -33,6 +33,7 @@ from ..errors import AttnlabError
 from ..io import read_yaml, remove_stale_temporaries, write_text_atomic
 from ..layers import StepHook, training_hooks
 from ..models import create_model
+from ..models.options import check_buildable
 from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
 from .config import RESUMABLE_CHANGES, TrainConfig, first_difference
@@ -168,6 +169,7 @@ def train(
     try:
         folder = RunDir(cfg.out)
         if dist.is_main:
+            check_buildable(cfg.model, cfg.model_kwargs)  # a bad model option fails before anything is written
             folder.prepare(resume)
             if resume and folder.config.exists():
                 _check_resumable(cfg, folder)
