@@ -135,8 +135,8 @@ def _scalar(value: Any, tp: Any, origin: Any) -> Any:
         if type(value) is int and -INT_BOUND <= value < INT_BOUND:
             return value
     elif tp is float:
-        if type(value) in (int, float) and abs(value) < 2.0**1023 and math.isfinite(value):
-            return float(value)
+        if type(value) in (int, float) and math.isfinite(number := _as_float(value)):
+            return number
     elif tp is str:
         if type(value) is str:
             return value
@@ -149,6 +149,13 @@ def _scalar(value: Any, tp: Any, origin: Any) -> Any:
     else:
         return value  # a typing construct we do not check
     raise _Mismatch
+
+
+def _as_float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond every float
+        return math.inf
 
 
 def show(value: Any, limit: int = 80) -> str:

@@ -27,7 +27,7 @@ OPTIONS: dict[str, Any] = {
     "drop_rate": Probability,
     "drop_path_rate": Probability,
     "drop_block_rate": Probability,
-    "block_args": dict[str, Any] | None,
+    "block_args": dict[str, Any],
 }
 
 

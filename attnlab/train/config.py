@@ -84,7 +84,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise AttnlabError(message)
-        self.equivariance_transforms = list(check_transforms(self.equivariance_transforms))
+        try:
+            self.equivariance_transforms = list(check_transforms(self.equivariance_transforms))
+        except AttnlabError as e:
+            raise AttnlabError(f"equivariance_transforms: {e}") from None
         if self.equivariance > 0 and not self.equivariance_transforms:
             raise AttnlabError("equivariance > 0 needs at least one of equivariance_transforms: hflip, rot90, shift")
 
