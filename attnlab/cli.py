@@ -151,12 +151,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not names:
         raise AttnlabError(f"no model matches {args.pattern!r}")
     chans, h, w = args.input_size
-    print(f"{'model':<22} {'params':>12} {'MFLOPs':>10}   (input {chans}×{h}×{w}, {args.num_classes} classes)")
+    print(
+        f"{'model':<22} {'params':>12} {'MFLOPs':>10}   (input {chans}×{h}×{w}, {args.num_classes} classes)", flush=True
+    )
     for name in names:
         model = create_model(name, num_classes=args.num_classes, in_chans=chans)
         params = sum(p.numel() for p in model.parameters())
         flops = count_flops(model, chans, (h, w), torch.device("cpu"))
-        print(f"{name:<22} {params:>12,} {flops / 1e6:>10.1f}")
+        print(f"{name:<22} {params:>12,} {flops / 1e6:>10.1f}", flush=True)  # each row as soon as it is measured
     return 0
 
 
@@ -466,7 +468,9 @@ def _add_study_commands(sub) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that left shows here, inside the handlers below, not at exit
+        return code
     except AttnlabError as e:
         print(f"attnlab: error: {e}", file=sys.stderr)
         return EXIT_USAGE

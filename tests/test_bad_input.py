@@ -135,9 +135,9 @@ CATALOGUE = [
     ),
     (["train", *SYNTH, "--model", "se_resnet20", "--model-arg", "attn_where=5", "--out", "{fresh}"], "stage 5 does"),
     (["train", *SYNTH, "--model-arg", "zero_init_last=maybe"], "zero_init_last must be true or false, got 'maybe'"),
-    (["train", *SYNTH, "--model-arg", "merge=gate", "--model-arg", "merge_args={offset: x}"], "offset must be a"),
-    (["train", *SYNTH, "--model-arg", "aw={gate: 3}"], "aw: gate must be a string, got 3"),
-    (["train", *SYNTH, "--model-arg", "attn_layer=se", "--model-arg", "attn_kwargs={rd_ratio: []}"], "rd_ratio must"),
+    (["train", *SYNTH, "--model-arg", "merge=gate", "--model-arg", "merge_args={{offset: x}}"], "offset must be a"),
+    (["train", *SYNTH, "--model-arg", "aw={{gate: 3}}"], "aw: gate must be a string, got 3"),
+    (["train", *SYNTH, "--model-arg", "attn_layer=se", "--model-arg", "attn_kwargs={{rd_ratio: []}}"], "rd_ratio must"),
     (["train", *SYNTH, "--data-arg", "num_classes=four"], "dataset 'synthetic': num_classes must be a 64-bit integer"),
     (["analyze", "smoothness", "--checkpoint", "{run}", "--out", "{fresh}", "--option", "pairs=[1]"], "pairs must be"),
     (["analyze", "landscape", "--checkpoint", "{run}", "--out", "{fresh}", "--option", "span=.inf"], "span must be a"),
@@ -275,15 +275,17 @@ def test_unwritable_output_folder_gives_one_line(argv, files, capsys):
 # ---------------------------------------------------------------------------------------------------- a closed pipe
 
 
-def test_closed_pipe_ends_quietly():
-    """``attnlab models | head -1``: the reader leaves after one line; attnlab stops with exit 0 and says nothing."""
+@pytest.mark.parametrize("lines", [1, 0])
+def test_closed_pipe_ends_quietly(lines):
+    """``attnlab models | head -1`` (and ``head -0``): the reader leaves; attnlab stops with exit 0 and says nothing."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "attnlab", "models", "*resnet20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline().startswith("model")
+    for _ in range(lines):
+        assert proc.stdout.readline().startswith("model")
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == "", err
