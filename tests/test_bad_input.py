@@ -275,7 +275,7 @@ def test_unwritable_output_folder_gives_one_line(argv, files, capsys):
 # ---------------------------------------------------------------------------------------------------- a closed pipe
 
 
-@pytest.mark.parametrize("lines", [1, 0])
+@pytest.mark.parametrize("lines", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_closed_pipe_ends_quietly(lines):
     """``attnlab models | head -1`` (and ``head -0``): the reader leaves; attnlab stops with exit 0 and says nothing."""
     proc = subprocess.Popen(
