@@ -29,7 +29,7 @@ def _fake_comparison(out: Path, accuracies: dict[str, list[float]]) -> None:
     plan = make_plan(preset="aw", budget="cpu")
     out.mkdir()
     plan.save(out)
-    for dataset, entry, seed, folder in plan.runs(out):
+    for _dataset, entry, seed, folder in plan.runs(out):
         folder.mkdir(parents=True)
         summary = {
             "model": entry.model,
