@@ -79,6 +79,11 @@ class TrainConfig:
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
             (self.subset is None or self.subset > 0, f"subset must be > 0, got {self.subset}"),
             (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
+            (
+                self.val_size is None
+                or (0 <= self.val_size < 1 if isinstance(self.val_size, float) else self.val_size >= 0),
+                f"val_size must be a count ≥ 0 or a fraction in [0, 1), got {self.val_size}",
+            ),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {self.device!r}"),
         ]
         for ok, message in checks:
@@ -152,8 +157,8 @@ def given_flags(flags: Any, exclude: Collection[str] = ()) -> dict[str, Any]:
         given = getattr(flags, f.name, None)
         if given is not None and f.name not in exclude and f.name not in ENTRY_SETTINGS:
             values[f.name] = given
-    if isinstance(values.get("val_size"), float) and values["val_size"] >= 1:
-        values["val_size"] = int(values["val_size"])
+    if isinstance(values.get("val_size"), float) and values["val_size"] >= 1 and values["val_size"].is_integer():
+        values["val_size"] = int(values["val_size"])  # a count; 32.5 stays a float, which the check refuses
     return values
 
 
