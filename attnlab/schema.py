@@ -212,10 +212,12 @@ def check_fields(obj: Any) -> None:
 def check_call(
     function: Callable, options: Mapping[str, Any], what: str, declared: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Keyword ``options`` for ``function`` (a class: its constructor), checked: names it takes (any, if it takes
-    ``**kwargs``) and values of the types it declares (or ``declared`` does, first). Errors start with ``what``."""
+    """Keyword ``options`` for ``function`` (a class: its constructor), checked: names it takes as options (any, if
+    it takes ``**kwargs``) and values of the types it declares (or ``declared`` does, first). Errors start with
+    ``what``."""
     params = inspect.signature(function).parameters
-    named = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]  # options are keyword-only where it has any,
+    named = named or [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # else all but `channels`
     hints = {**annotations(function), **(declared or {})}
     try:
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):

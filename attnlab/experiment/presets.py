@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Annotated, Any
 
+from ..analysis import get_analysis
 from ..analysis.runner import check_analysis_options
 from ..errors import AttnlabError, lookup, unknown_name
 from ..schema import Range, check
@@ -373,6 +374,10 @@ def check_analyses(specs: Sequence[AnalysisSpec]) -> None:
         options = dict(spec.options)
         try:
             check("images", options.pop("images", 1), Annotated[int, Range(1)])
-            check_analysis_options(spec.name, options)
         except AttnlabError as e:
             raise AttnlabError(f"analysis {spec.name}: {e}") from None
+        get_analysis(spec.name)
+        try:
+            check_analysis_options(spec.name, options)  # its errors start with the analysis's name
+        except AttnlabError as e:
+            raise AttnlabError(f"analysis {e}") from None
