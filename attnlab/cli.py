@@ -474,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild a comparison's CSV files and report from its folder, without training")
     p.add_argument("dir", help="a folder written by `attnlab compare`")
     p.set_defaults(func=cmd_report)
+
+    from .detection.cli import add_parser as add_detect_parser
+
+    add_detect_parser(sub, _key_value)  # `attnlab detect train|eval`
     return parser
 
 
