@@ -69,6 +69,8 @@ def _open(annotations: Path, images: Path) -> CocoDetection:
             (i["file_name"] for i in coco.dataset["images"] if not (images / i["file_name"]).is_file()), None
         )
         bad = next((a for a in coco.dataset.get("annotations", []) if _bad_annotation(a, coco.cats)), None)
+    except ImportError:
+        raise AttnlabError("coco:PATH needs pycocotools: pip install 'attnlab[detection]'") from None
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
         reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise AttnlabError(f"{annotations}: not a readable COCO annotation file ({reason})") from None

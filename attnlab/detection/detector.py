@@ -10,10 +10,13 @@ resampled.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from ..errors import AttnlabError, unknown_name
@@ -76,11 +79,27 @@ def create_detector(
     std = list(image_std) if image_std is not None else [0.25] * in_chans
     if len(mean) != in_chans or len(std) != in_chans:
         raise AttnlabError(f"image_mean/image_std need {in_chans} value(s), got {len(mean)}/{len(std)}")
+    _check_options(detector, detector_kwargs or {})
     common = dict(min_size=min_size, max_size=max_size, image_mean=mean, image_std=std, **(detector_kwargs or {}))
     try:
         return _assemble(detector, body, num_classes, strides, anchor_scale, fpn_channels, common)
     except TypeError as e:
         raise AttnlabError(f"detector {detector}: {str(e).splitlines()[0]}") from None
+
+
+def _check_options(detector: str, options: dict) -> None:
+    """Refuse an option torchvision's detector would silently pass on (its ``**kwargs`` reach the transform)."""
+    cls = RetinaNet if detector == "retinanet" else FasterRCNN
+    named = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    known = {
+        name
+        for fn in (cls.__init__, GeneralizedRCNNTransform.__init__)
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind in named and name != "self"
+    } - {"backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std"}
+    for key in options:
+        if key not in known:
+            raise unknown_name(f"{cls.__name__} option", key, known)
 
 
 def _assemble(detector, body, num_classes, strides, anchor_scale, fpn_channels, common) -> nn.Module:

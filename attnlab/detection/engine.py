@@ -50,6 +50,7 @@ from ..train.rundir import RunDir
 from .config import RESUMABLE_CHANGES, DetectConfig
 from .detector import create_detector
 
+INSTALL_HINT = "pip install 'attnlab[detection]'"
 METRICS = {  # our key: torchmetrics' key
     "ap": "map",
     "ap50": "map_50",
@@ -115,7 +116,10 @@ def evaluate_detector(
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float | None]:
     """COCO box metrics of ``model`` on ``split`` (gathered over ranks when distributed)."""
-    from torchmetrics.detection import MeanAveragePrecision
+    try:
+        from torchmetrics.detection import MeanAveragePrecision
+    except ImportError:
+        raise AttnlabError(f"detection metrics need torchmetrics and pycocotools: {INSTALL_HINT}") from None
 
     dist = dist or distributed.Dist()
     device = torch.device(device)
