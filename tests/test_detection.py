@@ -245,7 +245,7 @@ def test_batches_shard_and_flip_boxes_with_images(garments):
 
 def test_bad_dataset_options_are_one_line(garments):
     for options, fragment in [
-        ({"objects": [0, 2]}, "objects must be (min, max)"),
+        ({"objects": [0, 2]}, "objects must be [min, max]"),
         ({"max_overlap": 2}, "max_overlap"),
         ({"canvas": 20}, "cannot hold"),
         ({"colour": 1}, "has no option 'colour'"),

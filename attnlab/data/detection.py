@@ -248,7 +248,7 @@ def load_detection_fashion_mnist(
     counts += (("size", size, 2), ("test_size", test_size, 1), ("data_seed", data_seed, 0))
     scale = check_options(what, counts, scale)
     if not isinstance(objects, tuple | list) or len(objects) != 2 or not 1 <= int(objects[0]) <= int(objects[1]):
-        raise AttnlabError(f"{what} option objects must be (min, max) with 1 <= min <= max, got {objects!r}")
+        raise AttnlabError(f"{what} option objects must be [min, max] with 1 <= min <= max, got {objects!r}")
     if isinstance(max_overlap, bool) or not isinstance(max_overlap, int | float) or not 0 <= max_overlap <= 1:
         raise AttnlabError(f"{what} option max_overlap must be a number in [0, 1], got {max_overlap!r}")
     objects = (int(objects[0]), int(objects[1]))
