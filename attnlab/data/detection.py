@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import AttnlabError, unknown_name
+from ..io import atomic_path
 from .bundle import Split, carve, channel_stats, loader_kwargs, seeded_generator, take_subset
 from .cluttered import check_options, paste_clutter, place, tight_boxes
 from .idx import load_fashion_mnist
@@ -204,13 +204,8 @@ def cached_splits(key: dict, sources: tuple[Split, ...], render) -> tuple[Canvas
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
     except OSError:
         pass
     return splits

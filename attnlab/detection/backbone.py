@@ -49,7 +49,7 @@ def freeze_layers(body: nn.Module, trainable_layers: int | None) -> None:
 
 def _load_classifier(body: nn.Module, name: str, weights: str | Path) -> None:
     """Copy a trained classifier's weights (a run folder or its ``model.safetensors``) into ``body``."""
-    from ..train.saved import _weights_path, read_metadata
+    from ..train.load import _weights_path, read_metadata
 
     path = _weights_path(Path(weights))
     trained = read_metadata(path).get("attnlab_model")

@@ -85,7 +85,7 @@ def _int_list(text: str) -> list[int]:
 
 def config_from_args(args: argparse.Namespace):
     """`DetectConfig` from defaults ← --config file (or, resuming, the run's own) ← flags given here."""
-    from ..train.config import read_yaml
+    from ..io import read_yaml
     from ..train.rundir import RunDir
     from .config import DetectConfig
 

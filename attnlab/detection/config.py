@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from ..errors import AttnlabError, unknown_name
+from ..io import read_yaml
 from ..models import list_models
-from ..train.config import AMP_CHOICES, SCHEDULES, read_yaml
+from ..train.config import AMP_CHOICES, SCHEDULES
 from .detector import DETECTORS
 
 

@@ -27,30 +27,32 @@ from tqdm import tqdm
 
 from ..data.detection import DetectionData, detection_batches, load_detection_dataset
 from ..errors import AttnlabError
+from ..io import read_yaml, remove_stale_temporaries, write_text_atomic
 from ..train import distributed
-from ..train.checkpoint import (
-    latest_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-    save_tensors_atomic,
-    write_text_atomic,
-)
-from ..train.config import first_difference, read_yaml
-from ..train.engine import (
-    TrainingDiverged,
-    _device_name,
-    _rng_state,
-    _set_rng_state,
-    _versions,
-    amp_dtype,
-    resolve_device,
-)
+from ..train.checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
+from ..train.config import first_difference
+from ..train.engine import TrainingDiverged, _device_name, _versions, amp_dtype, resolve_device
 from ..train.optim import make_optimizer, make_scheduler, schedule_for
 from ..train.rundir import RunDir
 from .config import RESUMABLE_CHANGES, DetectConfig
 from .detector import create_detector
 
 INSTALL_HINT = "pip install 'attnlab[detection]'"
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 METRICS = {  # our key: torchmetrics' key
     "ap": "map",
     "ap50": "map_50",
@@ -210,7 +212,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(self.device),
+            "rng": _rng_state(self.device),  # Faster R-CNN's proposal and RoI sampling draw from it
         }
 
     def restore(self, states: dict[str, Any], history: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ from ..data.detection import DetectionData, load_detection_dataset
 from ..errors import AttnlabError
 from ..train.checkpoint import load_state_strict, load_tensors
 from ..train.engine import resolve_device
-from ..train.saved import _weights_path, read_metadata
+from ..train.load import _weights_path, read_metadata
 from .config import DetectConfig
 from .engine import build_detector, evaluate_detector
 

@@ -4,23 +4,21 @@ A block computes ``act(merge(F, S))``, F being the residual branch after its las
 and S the shortcut (the input, or a 1×1 conv + BN when the shape changes). ``add`` is ResNet's F + S. The rest are
 FMMNet's multiplicative family (Ye et al., "Towards Understanding the Effectiveness of Attention Mechanism",
 arXiv 2106.15067): the paper replaces the residual addition with a multiplication of feature maps and claims the product
-regularises and smooths the network. The abstract does not fix the product's form, and the first author's later
-Caltech-101 runs found it decides everything: BN(F)·BN(S) 77.1%, (σ(F)+1)·BN(S) 78.2%, (σ(BN(S))+0.5)·BN(F) 87.4%,
-against 87.6% for addition. So the form is a switch, and every variant is written so the network starts at a sane scale.
+regularises and smooths the network. The abstract does not fix the product's form. A training log of the first
+author's, which postdates the paper, found on Caltech-101 that the form decides everything: BN(F)·BN(S) 77.1% (81.4%
+with both BN biases fixed at 1), (σ(F)+1)·BN(S) 78.2%, (σ(BN(S))+0.5)·BN(F) 85.1% (87.4% with F's BN bias fixed at 1),
+against 87.6% for addition. So the form is a switch, the fixed biases are options (``residual_bias``,
+``shortcut_bias``), and every variant is written so the network starts at a sane scale. The block may also leave out
+its activation after the merge (``post_act=False`` on the model, as in pre-activation ResNets).
 
-Scale at initialisation (measured by tests/test_merge.py on resnet110 and resnet20 at init, seed 0):
+Two claims hide in "multiplication beats addition", and the presets keep them apart: *plain* products (``mul``,
+``mul_bn``: the paper's literal replacement) and *gated* products (``gate``, ``gate_shortcut``, ``mul_residual``: one
+factor squashed or offset so that it acts like an attention gate on the other).
 
-- ``mul``: inside a stage S ≥ 0 (after a ReLU) and F ≈ N(0, 1), so ReLU(F ⊙ S) = S · ReLU(F) zeroes about half of the
-  live units in each block, and a zero stays zero in every later product: the live fraction goes 0.25, 0.13, 0.06, ...
-  and resnet110 is all zeros from its 9th block on. After a downsample S is a BN output, F is computed from S and
-  correlates with it, and the products compound heavy tails (resnet20 block outputs reach std 10²–10³). No init of this
-  formula avoids both; it is kept as the literal baseline, the one the evidence says fails.
-- ``mul_bn``, ``gate_shortcut``: renormalising S revives zeroed units, and the forward stays near unit scale at any
-  depth. But neither keeps an identity path, so at init the network is a plain (skip-less) BN network, and its gradient
-  explodes with depth like one: total gradient norm resnet20 → resnet110 ≈ 10² → 10¹⁵ (``mul_bn``), 5 → 10⁷
-  (``gate_shortcut``), against 0.8–0.9 for ``add``. Shallow nets train; deep ones need clipping at least.
-- ``gate``, ``mul_residual``: a factor that is exactly 1 at init once F's last BN is zeroed, so each block starts as
-  the identity, as in ResNet; forward scale and gradient norm then match ``add``'s at every depth.
+Scale at initialisation (measured in tests/test_merge.py; numbers in docs/MEASUREMENTS.md): ``mul`` zeroes about half
+of the live units per block and compounds heavy tails, so it is kept only as the literal baseline; ``mul_bn`` and
+``gate_shortcut`` stay near unit scale but keep no identity path, so their gradient explodes with depth like a
+skip-less network's; ``gate`` and ``mul_residual`` start every block as the identity, like ``add``.
 
 Half precision: the product of two fp16 activations of a few hundred overflows (65504), and bf16 keeps 8 mantissa bits.
 Every multiplicative merge therefore computes its formula in fp32 when an input is fp16/bf16 and clamps the result to
@@ -29,26 +27,7 @@ the input dtype's finite range before casting back (BN on S runs first, in the i
 
 Each merge class states ``zero_init_residual``: whether zeroing F's last BN weight (timm's ``zero_init_last``) is right
 for it. ``DEFAULT_FMM_MERGE`` is the variant the ``fmm_`` models use, chosen on validation accuracy by
-benchmarks/fmm_variants.py: resnet20 on Fashion-MNIST, 3500 training images, 3000 validation images carved from the
-training pool, 3 epochs at batch 32 (≈330 SGD steps), the engine's default recipe otherwise, seeds 0, 1, 2; a 2-core
-CPU shared with other jobs, one thread per run, two runs at a time, 763 s wall (per-run wall times sum to 1485 s)::
-
-    OMP_NUM_THREADS=1 python benchmarks/fmm_variants.py --seeds 3 --epochs 3 --subset 3500 --val-size 3000 \\
-        --batch-size 32 --jobs 2
-
-    merge           val acc % (mean ± std, 3 seeds)   test acc % (not used to choose)
-    gate_shortcut   77.51 ± 0.28  (selected)          77.12 ± 0.36
-    mul_residual    76.39 ± 0.43                      75.93 ± 0.45
-    add             76.07 ± 1.04  (reference)         75.76 ± 0.87
-    gate            66.46 ± 0.76                      65.17 ± 0.36
-    mul_bn          10.99 ± 1.18  (chance)            10.35 ± 0.17
-    mul             diverged in epoch 1, 3/3 seeds    —
-
-The budget ranks how well each merge starts to train, not final accuracy, and gate_shortcut's lead over add is not
-significant at 3 seeds (Welch t = 2.3, p = 0.13); over mul_residual it is (t = 3.8, p = 0.03). The order matches the
-Caltech evidence: (σ(BN(S))+0.5)·F level with addition, the bare and BN products far behind. ``mul_bn`` and ``mul``
-also stayed at chance with gradients clipped to norm 1 and with lr 0.01 (seed 0; block outputs on Fashion-MNIST at
-init reach |y| ≈ 10³ with std ≈ 6: BN of sparse, mostly-background maps makes heavy tails that the products compound).
+benchmarks/fmm_variants.py (the run and its table: docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations
@@ -58,7 +37,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..errors import AttnlabError, unknown_name
+from ..errors import AttnlabError, lookup
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -79,6 +58,33 @@ def _downcast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return y
     limit = torch.finfo(dtype).max
     return y.clamp(-limit, limit).to(dtype)
+
+
+class FixedBiasBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose bias is a constant buffer, not a parameter: BN(x) with its shift fixed at ``bias``.
+
+    Used before a product, where a BN bias of 1 makes the factor start around 1 instead of 0 (the Caltech log's best
+    fixes, module docstring). A buffer, so no optimiser, weight decay or ``requires_grad_`` call can move it; the
+    state-dict key stays ``bias``.
+    """
+
+    def __init__(self, channels: int, bias: float, **kwargs):
+        super().__init__(channels, **kwargs)
+        del self.bias
+        self.register_buffer("bias", torch.full((channels,), float(bias)))
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, bias: float) -> FixedBiasBatchNorm2d:
+        """``bn`` with its bias fixed at ``bias`` (weight and running statistics copied)."""
+        fixed = cls(bn.num_features, bias, eps=bn.eps, momentum=bn.momentum)
+        fixed.weight.data.copy_(bn.weight.data)
+        fixed.running_mean.copy_(bn.running_mean)
+        fixed.running_var.copy_(bn.running_var)
+        return fixed.to(bn.weight.device)
+
+
+def _shortcut_bn(channels: int, bias: float | None) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels) if bias is None else FixedBiasBatchNorm2d(channels, bias)
 
 
 class AddMerge(nn.Module):
@@ -129,17 +135,28 @@ class MulBNMerge(nn.Module):
     only S gets a new BN; ``bn_residual=True`` adds the literal second BN on F anyway. Re-centring S every block revives
     the units an earlier ReLU zeroed, so the forward does not cascade; with no identity path the gradient does, with
     depth (module docstring). Both BNs start at weight 1, bias 0; F's BN is not zeroed (it would zero the block).
+    ``residual_bias=1, shortcut_bias=1`` is the Caltech log's "both BN biases fixed at 1" (81.4% vs 77.1% there): each
+    factor then starts around 1.
 
     Args:
         channels: channels of F and S.
         bn_residual: also normalise F inside the merge (redundant with the block's last BN).
+        residual_bias: fix the bias of F's last BN (the block's) at this value; None: learned as usual.
+        shortcut_bias: fix the bias of the BN on S at this value; None: learned as usual.
     """
 
     zero_init_residual = False
 
-    def __init__(self, channels: int, bn_residual: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        bn_residual: bool = False,
+        residual_bias: float | None = None,
+        shortcut_bias: float | None = None,
+    ):
         super().__init__()
-        self.bn_shortcut = nn.BatchNorm2d(channels)
+        self.residual_bias = residual_bias
+        self.bn_shortcut = _shortcut_bn(channels, shortcut_bias)
         self.bn_residual = nn.BatchNorm2d(channels) if bn_residual else nn.Identity()
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
@@ -180,23 +197,28 @@ class GateMerge(nn.Module):
 class GateShortcutMerge(nn.Module):
     """y = (σ(BN(S)) + c) ⊙ F: the shortcut as a gate in (c, c + 1) on the residual branch; c = 0.5 by default.
 
-    The best product of the Caltech runs ((σ(BN(S))+0.5)·BN(F), F's BN being the block's own). The gate averages ≈ 1 at
-    init, so y has F's unit scale; F is renormalised every block, so depth does not compound it. There is no identity
-    path (S reaches y only through the gate), so the gradient grows with depth as in a plain network (module
-    docstring). Zeroing F would zero the block, so F's BN keeps its default init.
+    The best plain-bias product of the Caltech log ((σ(BN(S))+0.5)·BN(F), F's BN being the block's own: 85.1% there).
+    The gate averages ≈ 1 at init, so y has F's unit scale; F is renormalised every block, so depth does not compound
+    it. There is no identity path (S reaches y only through the gate), so the gradient grows with depth as in a plain
+    network (module docstring). Zeroing F would zero the block, so F's BN keeps its default init.
+
+    ``residual_bias=1`` is the Caltech log's variant with F's BN bias fixed at 1 (87.4% there, against 85.1% for the
+    form above and 87.6% for addition).
 
     Args:
         channels: channels of F and S.
         offset: the constant c; must be ≥ 0 so the gate stays positive.
+        residual_bias: fix the bias of F's last BN (the block's) at this value; None: learned as usual.
     """
 
     zero_init_residual = False
 
-    def __init__(self, channels: int, offset: float = 0.5):
+    def __init__(self, channels: int, offset: float = 0.5, residual_bias: float | None = None):
         super().__init__()
         if not offset >= 0:
             raise AttnlabError(f"merge 'gate_shortcut' needs offset >= 0, got {offset}")
         self.offset = float(offset)
+        self.residual_bias = residual_bias
         self.bn_shortcut = nn.BatchNorm2d(channels)
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
@@ -236,15 +258,12 @@ _MERGES: dict[str, type[nn.Module]] = {
     "gate_shortcut": GateShortcutMerge,
     "mul_residual": MulResidualMerge,
 }
-DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fmm_variants.py (module docstring)
+DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fmm_variants.py (docs/MEASUREMENTS.md)
 
 
 def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
     """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
-    try:
-        cls = _MERGES[name]
-    except KeyError:
-        raise unknown_name("merge", name, _MERGES) from None
+    cls = lookup(_MERGES, name, "merge")
     try:
         inspect.signature(cls).bind(channels, **kwargs)
     except TypeError:

@@ -7,7 +7,8 @@ ResNets and timm's ImageNet `ResNet` (through its ``block`` and ``block_args`` a
 - ``merge`` (and ``merge_args``, its options): how the residual branch F meets the shortcut S — ``"add"`` (ResNet)
   or an FMMNet product (`attnlab.layers.merge`); the block returns act(merge(F, S));
 - ``aw``: AW-convolution (`attnlab.layers.awconv`) in place of the 3×3 ``conv2`` — the only 3×3 conv of a basic
-  block's second half and the middle conv of a bottleneck.
+  block's second half and the middle conv of a bottleneck;
+- ``post_act``: apply the activation after the merge (default) or return merge(F, S) as it is.
 
 `CifarResNet` follows He et al. 2016 (arXiv 1512.03385, Sec. 4.2): a 3×3 stem at full resolution, no max-pool, stages
 of 16/32/64 channels (resnet20/32/56/110: 6n+2 layers) or 64–512 (resnet18c). Shortcuts that change shape use a 1×1
@@ -25,10 +26,14 @@ from torch import nn
 
 from ..errors import AttnlabError
 from ..layers import AWConv2d, create_merge
+from ..layers.merge import FixedBiasBatchNorm2d
 
 
 class _MergeAwMixin:
-    """What our blocks add to timm's: a merge module, and optionally an AW conv2."""
+    """What our blocks add to timm's: a merge module, optionally an AW conv2, and optionally no activation after the
+    merge (``post_act=False``, as in pre-activation ResNets)."""
+
+    last_bn = "bn2"  # the BN that ends the residual branch F
 
     def __init__(
         self,
@@ -38,13 +43,20 @@ class _MergeAwMixin:
         merge: str = "add",
         merge_args: dict | None = None,
         aw: bool | dict = False,
+        post_act: bool = True,
         **kwargs,
     ):
+        if not isinstance(post_act, bool):
+            raise AttnlabError(f"post_act must be true or false, got {post_act!r}")
         super().__init__(inplanes, planes, *args, **kwargs)
         outplanes = planes * self.expansion
         if aw:
             self.conv2 = AWConv2d.from_conv(self.conv2, **(aw if isinstance(aw, dict) else {}))
         self.merge = create_merge(merge, outplanes, **(merge_args or {}))
+        if getattr(self.merge, "residual_bias", None) is not None:  # the merge fixes the bias of F's last BN
+            bn = getattr(self, self.last_bn)
+            setattr(self, self.last_bn, FixedBiasBatchNorm2d.from_bn(bn, self.merge.residual_bias))
+        self.post_act = post_act
         if self.drop_path is not None and not self.merge.zero_init_residual:
             # stochastic depth zeroes F; for this merge that zeroes the whole block instead of skipping it
             raise AttnlabError(f"drop_path_rate > 0 does not suit merge '{merge}' (F = 0 is not the identity)")
@@ -59,7 +71,8 @@ class _MergeAwMixin:
             x = self.se(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
-        return act(self.merge(x, shortcut))
+        x = self.merge(x, shortcut)
+        return act(x) if self.post_act else x
 
 
 class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
@@ -73,6 +86,8 @@ class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
 
 class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
     """timm's bottleneck (1×1, 3×3, 1×1) with ``merge`` and ``aw`` (on the middle 3×3) switches."""
+
+    last_bn = "bn3"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
