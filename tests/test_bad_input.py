@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnlab.cli import main
+from attnlab.detection.config import DetectConfig
 from attnlab.errors import AttnlabError
 from attnlab.models import create_model
 from attnlab.models.options import OPTIONS
@@ -145,6 +146,14 @@ CATALOGUE = [
     (["compare", "--models", "resnet20,resnet20[epochs=x]", *COMPARE], "epochs must be a 64-bit integer, got 'x'"),
     (["compare", "--preset", "quick", "--config", "{cfg_epochs_text}", "--out", "{fresh}"], "epochs must be a 64-bit"),
     (["compare", "--models", "resnet20", "--config", "{cfg_dataset_list}", "--out", "{fresh}"], "dataset must be a"),
+    # detection: the same schema for its own config
+    (["detect", "train", "--config", "{cfg_epochs_text}", "--out", "{fresh}"], "epochs must be a 64-bit integer"),
+    (["detect", "train", "--config", "{cfg_model_kwargs_list}", "--out", "{fresh}"], "model_kwargs must be a mapping"),
+    (["detect", "train", "--config", "{cfg_seed_huge}", "--out", "{fresh}"], "seed must be a 64-bit integer"),
+    (["detect", "train", "--model-arg", "drop_rate=7", "--out", "{fresh}"], "drop_rate must be a finite number in"),
+    (["detect", "train", "--val-size", "2.5", "--out", "{fresh}"], "val_size"),
+    (["detect", "train", "--out", "{a_file}"], "exists and is not a directory"),
+    (["detect", "train", "--out", "{a_file}/x"], "a_file is not a directory"),
     # output paths: a file where a folder belongs, a folder where a file belongs, a path under a file
     (["analyze", "smoothness", "--checkpoint", "{run}", "--out", "{a_file}"], "exists and is not a directory"),
     (["analyze", "smoothness", "--checkpoint", "{run}", "--out", "{a_file}/x"], "a_file is not a directory"),
@@ -305,25 +314,29 @@ yaml_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
-FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+CONFIGS = [TrainConfig, DetectConfig]
 
 
-@settings(max_examples=300)
-@given(key=st.sampled_from(FIELDS), value=yaml_values)
-def test_any_yaml_value_of_any_setting_is_a_config_or_one_line(key, value, tmp_path_factory):
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.__name__ for c in CONFIGS])
+def test_any_yaml_value_of_any_setting_is_a_config_or_one_line(config, tmp_path_factory):
     """Every setting, any YAML value: a valid config (which round-trips through its own config.yaml) or an
     AttnlabError of one line naming the setting — never another exception, never a silently changed value."""
+    keys = st.sampled_from([f.name for f in dataclasses.fields(config)])
+    settings(max_examples=300)(given(key=keys, value=yaml_values)(_yaml_setting))(config, tmp_path_factory)
+
+
+def _yaml_setting(config, tmp_path_factory, key, value):
     path = tmp_path_factory.getbasetemp() / "hypothesis.yaml"
     path.write_text(yaml.safe_dump({key: value}))
     try:
-        cfg = TrainConfig.from_yaml(path)
+        cfg = config.from_yaml(path)
     except AttnlabError as e:
         assert "\n" not in str(e) and key in str(e), str(e)
         return
     kept = getattr(cfg, key)
     assert kept == value or (isinstance(value, str) and kept == [v.strip() for v in value.split(",") if v.strip()])
     assert type(value) is not float or type(kept) is float
-    assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert config.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
 @settings(max_examples=150)

@@ -98,10 +98,11 @@ def config_from_args(args: argparse.Namespace):
     for field in DetectConfig.__dataclass_fields__:
         given = getattr(args, field, None)
         if field in DICT_FIELDS:
-            values[field] = {**(values.get(field) or {}), **dict(given or [])}
+            saved = values.get(field, {})  # not a mapping: left for DetectConfig's check to name
+            values[field] = {**saved, **dict(given or [])} if isinstance(saved, dict) else saved
         elif given is not None:
             values[field] = given
-    if args.val_size is not None and args.val_size >= 1:
+    if args.val_size is not None and args.val_size >= 1 and args.val_size.is_integer():
         values["val_size"] = int(args.val_size)
     return DetectConfig.from_dict(values, source=args.config or "command line")
 

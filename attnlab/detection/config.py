@@ -18,7 +18,8 @@ import yaml
 from ..errors import AttnlabError, unknown_name
 from ..io import read_yaml
 from ..models import list_models
-from ..train.config import AMP_CHOICES, SCHEDULES
+from ..schema import check_fields, check_keys
+from ..train.config import AMP_CHOICES, SCHEDULES, seed_and_split_checks
 from .detector import DETECTORS
 
 
@@ -60,6 +61,7 @@ class DetectConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every field against its annotation, as TrainConfig's
         positive = ("epochs", "batch_size", "eval_batch_size", "lr", "fpn_channels", "anchor_scale")
         checks = [(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}") for name in positive]
         checks += [
@@ -75,6 +77,7 @@ class DetectConfig:
             (self.min_size is None or self.min_size > 0, f"min_size must be > 0, got {self.min_size}"),
             (self.max_size is None or self.max_size > 0, f"max_size must be > 0, got {self.max_size}"),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {self.device!r}"),
+            *seed_and_split_checks(self.seed, self.val_size),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,13 +93,10 @@ class DetectConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> DetectConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise AttnlabError(f"{source}: {unknown_name('setting', unknown[0], known)}")
         try:
+            check_keys(values, [f.name for f in dataclasses.fields(cls)])
             return cls(**values)
-        except TypeError as e:  # a wrong type that a comparison above tripped over
+        except AttnlabError as e:
             raise AttnlabError(f"{source}: {e}") from None
 
     @classmethod

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..data.detection import DetectionData, detection_batches, load_detection_dataset
 from ..errors import AttnlabError
 from ..io import read_yaml, remove_stale_temporaries, write_text_atomic
+from ..models.options import check_buildable
 from ..train import distributed
 from ..train.checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
 from ..train.config import first_difference
@@ -177,6 +178,7 @@ def train_detector(
     try:
         run = RunDir(cfg.out)
         if dist.is_main:
+            check_buildable(cfg.model, cfg.model_kwargs)  # a bad backbone option fails before anything is written
             run.prepare(resume)
             if resume and run.config.exists():
                 _check_resumable(cfg, run)

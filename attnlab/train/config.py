@@ -78,12 +78,7 @@ class TrainConfig:
             (self.equivariance >= 0, f"equivariance must be ≥ 0, got {self.equivariance}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
             (self.subset is None or self.subset > 0, f"subset must be > 0, got {self.subset}"),
-            (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
-            (
-                self.val_size is None
-                or (0 <= self.val_size < 1 if isinstance(self.val_size, float) else self.val_size >= 0),
-                f"val_size must be a count ≥ 0 or a fraction in [0, 1), got {self.val_size}",
-            ),
+            *seed_and_split_checks(self.seed, self.val_size),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {self.device!r}"),
         ]
         for ok, message in checks:
@@ -133,6 +128,16 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def seed_and_split_checks(seed: int, val_size: int | float | None) -> list[tuple[bool, str]]:
+    """(holds, message) checks every run config shares (`TrainConfig`, the detection config): the ranges of the
+    seed and of the validation split, whose types the schema has checked already."""
+    split_ok = val_size is None or (0 <= val_size < 1 if isinstance(val_size, float) else val_size >= 0)
+    return [
+        (seed >= 0, f"seed must be ≥ 0, got {seed}"),
+        (split_ok, f"val_size must be a count ≥ 0 or a fraction in [0, 1), got {val_size}"),
+    ]
 
 
 NEUTRAL = frozenset({"out", "device", "data_dir", "eval_batch_size", "detect_anomaly"})
