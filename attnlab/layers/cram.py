@@ -78,6 +78,8 @@ def rectangle_from_scores(scores: Tensor, *, min_size: float = 0.0, rotate: bool
         scores = scores.squeeze(1)
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
+    if not torch.amp.is_autocast_available(scores.device.type):  # e.g. the meta device: no autocast to turn off
+        return _moments_rectangle(scores, min_size, rotate)
     with torch.autocast(scores.device.type, enabled=False):
         return _moments_rectangle(scores, min_size, rotate)
 

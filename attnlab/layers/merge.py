@@ -228,7 +228,7 @@ class MulResidualMerge(nn.Module):
         return _downcast((1.0 + f) * s, dtype)
 
 
-_MERGES: dict[str, type[nn.Module]] = {
+MERGES: dict[str, type[nn.Module]] = {
     "add": AddMerge,
     "mul": MulMerge,
     "mul_bn": MulBNMerge,
@@ -242,9 +242,9 @@ DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fm
 def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
     """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
     try:
-        cls = _MERGES[name]
+        cls = MERGES[name]
     except KeyError:
-        raise unknown_name("merge", name, _MERGES) from None
+        raise unknown_name("merge", name, MERGES) from None
     try:
         inspect.signature(cls).bind(channels, **kwargs)
     except TypeError:
@@ -255,4 +255,4 @@ def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
 
 def list_merges() -> list[str]:
     """Registered merge names, sorted."""
-    return sorted(_MERGES)
+    return sorted(MERGES)

@@ -229,7 +229,7 @@ def _default_cfg(arch: Arch) -> dict[str, Any]:
         url="",
         num_classes=10,
         input_size=(3, 32, 32),
-        pool_size=(8, 8),
+        pool_size=(32 // 2 ** (len(arch.layers) - 1),) * 2,  # every stage after the first halves the 32 px input
         crop_pct=1.0,
         interpolation="bilinear",
         mean=(0.4914, 0.4822, 0.4465),
