@@ -106,24 +106,36 @@ class UnknownModelOption(AttnlabError, TypeError):
     ``TypeError`` timm's model contract (and its tests) expect from a constructor given an unknown argument."""
 
 
-def _check_input(model: nn.Module, args: tuple[torch.Tensor]) -> None:
-    """Forward pre-hook: a clear error for inputs the network cannot take, instead of one from deep inside torch."""
-    x = args[0] if args else None
-    if not isinstance(x, torch.Tensor):
-        raise AttnlabError(f"model input must be a tensor, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise AttnlabError(f"model input must be B×C×H×W, got shape {tuple(x.shape)}")
+def _check_input(model, args: tuple[torch.Tensor]) -> None:
+    """Forward pre-hook: a clear error for inputs the network cannot take, instead of one from deep inside torch.
+
+    Written so that TorchScript compiles it too (``torch.jit.script`` scripts a module's hooks with it)."""
+    if not torch.jit.is_scripting():
+        _check_is_tensor(args)
+    x = args[0]
+    if x.dim() != 4:
+        raise AttnlabError(f"model input must be B×C×H×W, got shape {_shape(x)}")
     if x.shape[1] != model.in_chans:
         raise AttnlabError(f"model expects {model.in_chans} input channels, got {x.shape[1]} (set in_chans)")
-    if min(x.shape[2:]) < model.min_input_size:
+    if min(x.shape[2], x.shape[3]) < model.min_input_size:
         raise AttnlabError(
             f"input {x.shape[2]}×{x.shape[3]} is too small: this network needs at least "
             f"{model.min_input_size}×{model.min_input_size}"
         )
     if not x.is_floating_point():
         raise AttnlabError(f"model input must be floating point, got {x.dtype} (normalise images first)")
-    if model.check_finite and not torch.isfinite(x).all():
+    if model.check_finite and not bool(torch.isfinite(x).all()):
         raise AttnlabError("model input contains NaN or Inf values")
+
+
+def _check_is_tensor(args: tuple) -> None:
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        raise AttnlabError(f"model input must be a tensor, got {type(x).__name__}")
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "(" + ", ".join([str(n) for n in x.shape]) + ")"
 
 
 def _construct(
