@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.attnlab-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test setup data lint bench clean
+.PHONY: demo test setup data lint bench claims clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: data
 test: data
 	$(PY) -m ruff check attnlab tests benchmarks
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q
+
+claims: data  # every claim preset at its cpu budget, resumable; small files kept under results/claims/
+	$(PY) scripts/claims.py --budget cpu
 
 bench: data
 	$(PY) benchmarks/train_speed.py

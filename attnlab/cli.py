@@ -87,6 +87,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--equivariance", type=float, help="weight λ of CRAM's equivariance loss")
+    g.add_argument(
+        "--equivariance-transforms",
+        type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+        help="transforms the equivariance loss draws from, among hflip, rot90, shift (default hflip,shift)",
+    )
     g.add_argument("--grad-clip", type=float, help="clip the global gradient norm")
     g.add_argument("--nonfinite", choices=NONFINITE, help="on NaN/Inf loss or gradients: stop (default) or skip")
     g.add_argument("--detect-anomaly", action="store_true", default=None, help="autograd anomaly mode (slow)")
@@ -322,6 +327,7 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
     words = ["attnlab", "compare"]
     for flag, value in (
         ("--preset", args.preset),
+        ("--budget", args.budget),
         ("--models", args.models),
         ("--dataset", args.dataset),
         ("--seeds", args.seeds),
@@ -358,6 +364,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         recipe=recipe,
         dataset_options=options,
         preset=args.preset,
+        budget=args.budget or "full",
         analyses=analyses,
         analysis_images=args.analysis_images,
         baseline=args.baseline,
@@ -466,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="skip finished runs and continue unfinished ones")
     g.add_argument("--jobs", type=int, default=1, help="runs trained at once, in separate processes (default 1)")
     g.add_argument("--preset", help=f"a claim experiment (models, data, budget, analyses): {', '.join(list_presets())}")
+    g.add_argument(
+        "--budget",
+        help="a preset's budget: full (its own, the default) or cpu (converges on a 2-core CPU); flags override it",
+    )
     g.add_argument("--baseline", help="entry the others are compared with (default: the first)")
     g.add_argument("--analyses", help="analyses run on every entry, comma-separated, or 'none' (replaces a preset's)")
     g.add_argument("--analysis-images", type=int, help="images per analysis (overrides the preset's)")

@@ -16,6 +16,7 @@ from attnlab.analysis import box_iou, localization, localization_iou, polygon_io
 from attnlab.analysis.localization import (
     box_polygon,
     convex_intersection_area,
+    headline,
     map_boxes,
     mask_iou,
     rectangle_polygon,
@@ -193,3 +194,57 @@ def test_localization_on_real_models_and_errors():
     assert len(result["cross_layer_iou"]["matrix"]) == 9
     with pytest.raises(AttnlabError, match="no spatial attention"):
         localization(create_model("se_resnet20", num_classes=2, in_chans=1), images, boxes)
+
+
+class LookAtCorner(nn.Module):
+    """Position-wise attention on a fixed 8×8 corner of a 24×24 image, whatever the input."""
+
+    def __init__(self, corner: str):
+        super().__init__()
+        self.corner = corner
+        self.probe = AttentionProbe("spatial")
+
+    def forward(self, x):
+        hot = torch.zeros_like(x)
+        if self.corner == "top-left":
+            hot[..., :8, :8] = 1.0
+        else:
+            hot[..., -8:, -8:] = 1.0
+        return x * self.probe(hot)
+
+
+def _corner_objects(n: int, corner: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.zeros(n, 1, 24, 24)
+    start = 0 if corner == "top-left" else 16
+    images[..., start : start + 8, start : start + 8] = 1.0
+    return images, torch.tensor([[start, start, start + 8, start + 8]], dtype=torch.float32).expand(n, 4)
+
+
+def test_best_layer_is_chosen_on_held_out_images_not_on_the_scored_ones():
+    model = nn.Sequential(LookAtCorner("top-left"), LookAtCorner("bottom-right"), Head()).eval()
+    scored, scored_boxes = _corner_objects(6, "top-left")  # layer 0 is perfect here, layer 1 misses
+    held_out, held_out_boxes = _corner_objects(6, "bottom-right")  # ... and the other way round here
+    optimistic = localization(model, scored, scored_boxes, transforms=())
+    assert optimistic["selected_layer"]["on"] == "scored images"
+    assert headline(optimistic)["iou_best_layer"] == pytest.approx(1.0)
+    honest = localization(
+        model, scored, scored_boxes, transforms=(), select_images=held_out, select_boxes=held_out_boxes
+    )
+    assert honest["selected_layer"] == {"index": 1, "on": "validation", "iou_map_on_selection": [0.0, 1.0]}
+    assert headline(honest)["iou_best_layer"] == pytest.approx(0.0)
+
+
+def test_every_model_is_compared_on_the_thresholded_map_iou_only():
+    """CRAM's exact-rectangle IoU is a CRAM-only figure: it never enters the cross-model comparison figure."""
+    layer = {"kind": "rectangle", "equivariance_error_mean": 0.0}
+    result = {
+        "layers": [
+            {**layer, "iou_map": {"mean": 0.3}, "iou_rect": {"mean": 0.9}},
+            {**layer, "iou_map": {"mean": 0.2}, "iou_rect": {"mean": 0.95}},
+        ],
+        "selected_layer": {"index": 0, "on": "validation"},
+        "cross_layer_iou": {"mean": 0.5},
+    }
+    numbers = headline(result)
+    assert numbers["iou_best_layer"] == 0.3
+    assert numbers["iou_rect_best_layer"] == 0.9

@@ -30,6 +30,8 @@ from attnlab.report import (
 )
 from attnlab.report.compare import check_analyses
 from attnlab.report.plan import parse_seeds
+from attnlab.report.presets import CLUTTERED, FMM_GATED, FMM_PLAIN
+from attnlab.report.verdicts import Evidence
 from attnlab.report.results import RESULT_FIELDS
 from attnlab.report.stats import describe, paired_test
 
@@ -85,6 +87,13 @@ def test_entries_parse_options_and_names():
     names = [x.name for x in parse_entries("resnet20, fmm_resnet20[merge=gate,zero_init_last=false],se_resnet20")]
     assert names == ["resnet20", "fmm_resnet20[merge=gate,zero_init_last=false]", "se_resnet20"]
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds(2) == [0, 1]
+    e = parse_entry("fmm_resnet20[merge=gate_shortcut,merge_args.residual_bias=1,post_act=false]")
+    assert e.model_kwargs == {"merge": "gate_shortcut", "merge_args": {"residual_bias": 1}, "post_act": False}
+    assert e.slug == "fmm_resnet20-merge=gate_shortcut-merge_args.residual_bias=1-post_act=false"
+    braces = parse_entry("fmm_resnet20[merge=mul_bn,merge_args={residual_bias: 1, shortcut_bias: 1}]")
+    assert braces.model_kwargs["merge_args"] == {"residual_bias": 1, "shortcut_bias": 1}
+    with pytest.raises(AttnlabError, match="not an option of a model option"):
+        parse_entry("resnet20[epochs.x=1]")
 
 
 @pytest.mark.parametrize(
@@ -405,4 +414,52 @@ def test_a_claim_preset_run_below_its_budget_says_so_first(tmp_path):
     assert changes_from_preset(smaller, PRESETS["consistency"]) == ["consistency images 1000 → 300"]
     build_report(plan, tmp_path)  # no run finished yet: the report still says what it is
     head = (tmp_path / "report.md").read_text().splitlines()[:4]
-    assert any("**Not the preset's own budget**: seeds 5 → 3" in line for line in head)
+    assert any("**Not the preset's `full` budget**: seeds 5 → 3" in line for line in head)
+
+
+def test_the_cpu_budget_of_a_preset_sets_seeds_recipe_and_each_datasets_own_settings(tmp_path):
+    from attnlab.report.document import changes_from_preset
+
+    plan = make_plan(preset="fmm", budget="cpu")
+    assert (plan.budget, plan.seeds, plan.recipe["amp"], plan.recipe["epochs"]) == ("cpu", [0, 1, 2], "bf16", 15)
+    assert plan.dataset_recipe == {"cluttered-fashion-mnist": PRESETS["fmm"].budgets["cpu"].dataset_recipe[CLUTTERED]}
+    cluttered = plan.run_config(CLUTTERED, plan.entries[0], 0, tmp_path)
+    fashion = plan.run_config("fashion-mnist", plan.entries[0], 0, tmp_path)
+    assert cluttered.epochs >= 10 and cluttered.subset and fashion.subset is None and fashion.nonfinite == "skip"
+    assert cluttered.dataset_options == PRESETS["fmm"].budgets["cpu"].dataset_options[CLUTTERED]
+    assert changes_from_preset(plan, PRESETS["fmm"]) == []
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    faster = make_plan(preset="fmm", budget="cpu", recipe={"epochs": 2})  # a flag beats the per-dataset budget too
+    assert faster.run_config(CLUTTERED, faster.entries[0], 0, tmp_path).epochs == 2
+    assert "epochs (cluttered-fashion-mnist) 10 → 2" in changes_from_preset(faster, PRESETS["fmm"])
+    consistency = make_plan(preset="consistency", budget="cpu")
+    assert [s.options["images"] for s in consistency.analyses] == [1000]
+    with pytest.raises(AttnlabError, match="unknown budget of preset fmm 'gpu'"):
+        make_plan(preset="fmm", budget="gpu")
+    with pytest.raises(AttnlabError, match="--budget cpu needs a --preset"):
+        make_plan(models="resnet20", datasets=["synthetic"], budget="cpu")
+
+
+def test_every_claim_preset_has_a_cpu_budget_with_the_converged_settings():
+    for name, preset in PRESETS.items():
+        if preset.small_budget:
+            continue
+        cpu = preset.budget("cpu")
+        assert cpu.seeds >= 3 and cpu.recipe["amp"] == "bf16" and cpu.recipe["epochs"] >= 15, name
+        assert cpu.recipe["subset"] is None, name  # the whole Fashion-MNIST training split
+        if CLUTTERED in preset.datasets:
+            assert cpu.dataset_recipe[CLUTTERED]["epochs"] >= 10, name
+
+
+def test_fmm_claims_keep_plain_and_gated_products_apart():
+    preset = PRESETS["fmm"]
+    assert [c.key for c in preset.claims] == ["fmm-plain", "fmm-gated"]
+    entries = {e.name: e for e in parse_entries(list(preset.models))}
+    merges = {name: e.model_kwargs.get("merge") for name, e in entries.items()}
+    assert {merges[m] for m in FMM_PLAIN} == {"mul", "mul_bn"}
+    assert {merges[m] for m in FMM_GATED} == {"gate", "gate_shortcut", "mul_residual"}
+    biased = entries["fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1]"]
+    assert biased.model_kwargs["merge_args"] == {"residual_bias": 1, "shortcut_bias": 1}
+    assert "aw_cbam_resnet20" in PRESETS["aw"].models and "cbam_resnet20" in PRESETS["aw"].models
+    keys = [v.claim for v in PRESETS["cram"].claims[0].rule(Evidence([], {}), [CLUTTERED])]
+    assert f"the equivariance term makes cram_resnet20 more accurate on {CLUTTERED}" in keys

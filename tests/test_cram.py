@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnlab.errors import AttnlabError
+from attnlab.layers import cram as cram_mod
 from attnlab.layers import create_attn
 from attnlab.layers.cram import (
     CRAM,
@@ -448,6 +449,39 @@ def test_penalty_reuses_the_callers_rectangles():
         model(x)
         inside = equivariance_penalty(model, x, rng(5), rectangles=growing)
     torch.testing.assert_close(inside, reused)
+
+
+def test_penalty_forward_on_T_x_leaves_batchnorm_running_statistics_alone():
+    torch.manual_seed(0)
+    model = create_model("cram_resnet20", in_chans=1).train()
+    x = torch.randn(4, 1, 16, 16)
+    with capture_rectangles(model) as rectangles:
+        model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    penalty = equivariance_penalty(model, x, rng(0), rectangles=rectangles)
+    assert penalty.requires_grad
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))  # restored
+    model(x)  # and a plain forward still updates them
+    assert not torch.equal(before["bn1.running_mean"], model.bn1.running_mean)
+
+
+def test_penalty_draws_only_the_allowed_transforms(monkeypatch):
+    model = equivariant_model(False)
+    x = blob_batch(0)
+    seen = []
+    original = cram_mod.random_transform
+    monkeypatch.setattr(cram_mod, "random_transform", lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1])
+    for s in range(30):
+        equivariance_penalty(model, x, rng(s))  # default: flips and shifts, never a quarter turn
+    assert all(t.turns == 0 for t in seen) and any(t.flip for t in seen) and any(t.shift != (0, 0) for t in seen)
+    seen.clear()
+    for s in range(30):
+        equivariance_penalty(model, x, rng(s), transforms=["rot90"])
+    assert all(t.turns and not t.flip and t.shift == (0, 0) for t in seen)
+    with pytest.raises(AttnlabError, match="unknown equivariance transform 'rot45'"):
+        equivariance_penalty(model, x, rng(0), transforms=["rot45"])
 
 
 def test_penalty_is_zero_without_cram():

@@ -270,3 +270,49 @@ def test_resnet20_without_zero_init_every_parameter_gets_a_nonzero_gradient(name
     nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
     for pname, p in model.named_parameters():
         assert p.grad.isfinite().all() and p.grad.abs().sum() > 0, pname
+
+
+def test_fixed_bias_bn_is_bn_with_a_constant_shift_that_no_optimiser_moves():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5)
+    plain, fixed = nn.BatchNorm2d(4), merge_mod.FixedBiasBatchNorm2d(4, bias=1.0)
+    torch.testing.assert_close(fixed(x), plain(x) + 1.0)
+    assert "bias" not in dict(fixed.named_parameters()) and "bias" in fixed.state_dict()
+    fixed.requires_grad_(True)
+    opt = torch.optim.SGD(fixed.parameters(), lr=1.0, weight_decay=0.1)
+    fixed(x).pow(2).mean().backward()
+    opt.step()
+    assert torch.equal(fixed.bias, torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "merge, merge_args, fixed",
+    [
+        ("mul_bn", {"residual_bias": 1, "shortcut_bias": 1}, {"bn2", "merge.bn_shortcut"}),
+        ("gate_shortcut", {"residual_bias": 1}, {"bn2"}),
+        ("mul_bn", {}, set()),
+    ],
+)
+def test_fixed_biases_reach_the_blocks_last_bn_and_the_merges_bn(merge, merge_args, fixed):
+    model = create_model("fmm_resnet20", in_chans=1, merge=merge, merge_args=merge_args)
+    block = model.layer2[1]
+    found = {n for n, m in block.named_modules() if isinstance(m, merge_mod.FixedBiasBatchNorm2d)}
+    assert found == fixed
+    for name in found:
+        assert torch.equal(block.get_submodule(name).bias, torch.ones_like(block.get_submodule(name).bias))
+    x = torch.randn(4, 1, 12, 12)
+    model(x).sum().backward()  # every learned parameter still gets a gradient
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_post_act_false_returns_the_merge_itself():
+    torch.manual_seed(0)
+    with_act = create_model("resnet20", in_chans=1, zero_init_last=False)
+    without = create_model("resnet20", in_chans=1, zero_init_last=False, post_act=False)
+    without.load_state_dict(with_act.state_dict())
+    block_in = torch.randn(2, 16, 8, 8)
+    a, b = with_act.layer1[0].eval()(block_in), without.layer1[0].eval()(block_in)
+    torch.testing.assert_close(a, b.relu())
+    assert (b < 0).any()
+    with pytest.raises(AttnlabError, match="post_act must be true or false"):
+        create_model("resnet20", post_act="no")

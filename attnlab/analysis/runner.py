@@ -228,7 +228,17 @@ def run_analysis(
         elif name == "landscape":
             result = function(model, x, y, seed=seed, **options)
         else:
-            result = function(model, x, split.boxes.to(device), keep_examples=OVERLAY_EXAMPLES, **options)
+            held_out = _test_subset(bundle.val, images, seed)  # the best layer is chosen here, not on the test images
+            xv, _ = next(batches(held_out, bundle, len(held_out), train=False, device=device))
+            result = function(
+                model,
+                x,
+                split.boxes.to(device),
+                keep_examples=OVERLAY_EXAMPLES,
+                select_images=xv,
+                select_boxes=held_out.boxes.to(device),
+                **options,
+            )
             extras[label] = result.pop("examples")
         seconds[label] = time.perf_counter() - started
         results[label], configs[label], n_images[label] = result, cfg, len(split)

@@ -1,9 +1,10 @@
 """CRAM: spatial attention restricted to one soft, rotated rectangle per sample.
 
-Nguyen et al., "Convolutional Rectangular Attention Module", arXiv 2503.10875. Only the abstract is available: the
-attended region is a rectangle with five parameters (centre x, centre y, width, height, angle) turned into a smooth
-mask, trained end to end with an equivariance constraint (transform the input and the rectangle moves the same way).
-Everything below the abstract is *our reading*:
+Nguyen et al., "Convolutional Rectangular Attention Module", arXiv 2503.10875. Provenance, honestly: the abstract
+(all we have of the paper) says the attended region is a rectangle, predicted by the module and turned into a smooth
+mask, trained end to end, more stable and interpretable than position-wise attention. The five parameters with an
+*angle* and the *equivariance constraint* (transform the input and the rectangle moves the same way) come from
+secondary summaries of the paper, not from its abstract. Everything below that is *our reading*:
 
 - Coordinates are normalised like ``F.affine_grid(..., align_corners=False)``: pixel centres at ``(2j + 1)/W - 1``, so
   u (along the width) and v (along the height) lie in (-1, 1); the centre (cx, cy) is in these units and the sides
@@ -22,11 +23,12 @@ Everything below the abstract is *our reading*:
   θ = π/2·tanh).
 - ``apply="mul"`` gives x ⊙ m like the position-wise baseline (`spatial.py`); ``apply="residual"`` gives x ⊙ (1 + m).
 - Equivariance constraint: `equivariance_penalty` compares, for every CRAM in a model, the rectangle of T(x) with
-  the rectangle of x moved by T, for a random T made of a horizontal flip, quarter turns and a whole-pixel translation.
+  the rectangle of x moved by T, for a random T made of a horizontal flip and a whole-pixel translation (quarter turns
+  are an option: out of distribution for upright images).
   Rectangles are compared by centre and the symmetric extent matrix E = R diag(w/2, h/2) Rᵀ, which is the same for
   the equivalent parametrisations (w, h, θ), (h, w, θ ± π/2) and (w, h, θ ± π), and is in the units of the centre.
   A rectangle covering the whole map cannot follow a translation, so the translation term also favours localised
-  rectangles (``max_shift=0`` keeps only flips and quarter turns).
+  rectangles (``max_shift=0`` or no ``"shift"`` keeps only flips and quarter turns).
 - Known limit of the rectangle reading: at equal eigenvalues (a square) the angle is undefined; θ is set to 0 there,
   so the mask of a near-square rectangle can jump (a square turned by 45°) and the angle's gradient grows like
   1/(λ₊ - λ₋) close to it. ``rotate=False`` (axis-aligned rectangles) has no such point.
@@ -35,7 +37,7 @@ Everything below the abstract is *our reading*:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -320,6 +322,12 @@ class GridTransform:
         return center @ a.T + offset, a @ extent @ a.T
 
 
+EQUIVARIANCE_TRANSFORMS = ("hflip", "rot90", "shift")
+"""Grid transforms the equivariance term can draw from: a horizontal flip, quarter turns, whole-pixel shifts."""
+DEFAULT_EQUIVARIANCE_TRANSFORMS = ("hflip", "shift")
+"""The training default: what keeps an upright image in its distribution (the augmentation already flips and shifts)."""
+
+
 def random_transform(
     generator: torch.Generator,
     size: tuple[int, int],
@@ -367,26 +375,51 @@ def _stride(image_size: tuple[int, ...], map_size: tuple[int, ...]) -> tuple[int
     return tuple(max(1, round(i / m)) for i, m in zip(image_size, map_size))
 
 
+def check_transforms(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, each one of `EQUIVARIANCE_TRANSFORMS` (one-line error otherwise)."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise AttnlabError(f"equivariance transforms must be a list of names, got {names!r}")
+    for name in names:
+        if name not in EQUIVARIANCE_TRANSFORMS:
+            raise unknown_name("equivariance transform", name, EQUIVARIANCE_TRANSFORMS)
+    return tuple(names)
+
+
+@contextmanager
+def running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers keep normalising with the batch's own statistics (training mode) but do not update their
+    running statistics: an extra forward (the penalty's T(x)) must not count as data the network saw twice."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
 def equivariance_penalty(
     model: nn.Module,
     x: Tensor,
     generator: torch.Generator,
     *,
     rectangles: list[dict[str, Tensor]] | None = None,
-    flips: bool = True,
-    rotations: bool = True,
+    transforms: Sequence[str] = DEFAULT_EQUIVARIANCE_TRANSFORMS,
     max_shift: float = 0.15,
     fill: str = "zero",
 ) -> Tensor:
     """Mean over CRAM layers of E_batch ‖ρ(T)·r(x) − r(T x)‖² for one random grid transform T (`random_transform`).
 
     Runs ``model`` on T(x), and on x unless ``rectangles`` (what `capture_rectangles` caught during the caller's own
-    forward of x) is given, in the model's current mode (in training mode BatchNorm running statistics see T(x) too,
-    as with any augmentation), and compares each CRAM's rectangles by centre and extent matrix (see module doc). A
-    layer's stride is the rounded ratio of input size to its map size; translations are whole multiples of the largest
-    stride, so every layer moves by whole pixels. Returns a 0-dim tensor (0 without CRAM layers), differentiable
-    through both forwards.
+    forward of x) is given, in the model's current mode, without updating BatchNorm running statistics
+    (`running_stats_frozen`), and compares each CRAM's rectangles by centre and extent matrix (see module doc). T is
+    drawn from ``transforms`` (among ``hflip``, ``rot90``, ``shift``; default: flips and shifts, as upright images
+    allow — a quarter turn is out of their distribution). A layer's stride is the rounded ratio of input size to its
+    map size; translations are whole multiples of the largest stride (up to ``max_shift`` of the side), so every
+    layer moves by whole pixels. Returns a 0-dim tensor (0 without CRAM layers), differentiable through both forwards.
     """
+    transforms = check_transforms(transforms)
     if not has_cram(model):
         return x.new_zeros(())
     if rectangles is None:
@@ -398,10 +431,16 @@ def equivariance_penalty(
     size = tuple(x.shape[-2:])
     step = max(max(_stride(size, r["mask"].shape[-2:])) for r in rectangles)
     transform = random_transform(
-        generator, size, step=step, flips=flips, rotations=rotations, max_shift=max_shift, fill=fill
+        generator,
+        size,
+        step=step,
+        flips="hflip" in transforms,
+        rotations="rot90" in transforms,
+        max_shift=max_shift if "shift" in transforms else 0.0,
+        fill=fill,
     )
     moved_x = transform(x)
-    with capture_rectangles(model) as moved:
+    with capture_rectangles(model) as moved, running_stats_frozen(model):
         model(moved_x)
     if len(moved) != len(rectangles):
         raise AttnlabError(f"got {len(rectangles)} CRAM rectangles for x but {len(moved)} for T(x)")

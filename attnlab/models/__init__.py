@@ -166,6 +166,7 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     block_args = {
         "merge": kwargs.pop("merge", variant.merge),
         "merge_args": kwargs.pop("merge_args", None),
+        "post_act": kwargs.pop("post_act", True),
         # the full AW generator costs C_out·C_in·k² outputs per layer: +142% params on resnet50, so the ImageNet
         # depths default to the factorised generator (+1%); pass aw={"generator": "full"} for the literal reading
         "aw": kwargs.pop("aw", {"generator": "factorized"} if variant.aw and arch.imagenet else variant.aw),
@@ -213,7 +214,17 @@ def _check_options(name: str, kwargs: dict[str, Any], model_cls: type) -> None:
             error = unknown_name(
                 f"{name} option",
                 key,
-                [*own, "attn_layer", "attn_kwargs", "attn_where", "merge", "merge_args", "aw", "check_finite"],
+                [
+                    *own,
+                    "attn_layer",
+                    "attn_kwargs",
+                    "attn_where",
+                    "merge",
+                    "merge_args",
+                    "post_act",
+                    "aw",
+                    "check_finite",
+                ],
             )
             raise UnknownModelOption(str(error))
 
@@ -226,7 +237,8 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
         num_classes: classifier outputs.
         in_chans: input channels.
         **kwargs: ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it), ``attn_where`` (``"all"``,
-            ``"last"`` or stage numbers), ``merge`` (a merge name), ``merge_args`` (dict of its options), ``aw``
+            ``"last"`` or stage numbers), ``merge`` (a merge name), ``merge_args`` (dict of its options), ``post_act``
+            (False: no activation after the merge), ``aw``
             (bool, or a dict of AWConv2d options),
             ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``, ``check_finite`` (refuse inputs
             holding NaN/Inf: one reduction per forward, off by default).

@@ -7,7 +7,8 @@ ResNets and timm's ImageNet `ResNet` (through its ``block`` and ``block_args`` a
 - ``merge`` (and ``merge_args``, its options): how the residual branch F meets the shortcut S — ``"add"`` (ResNet)
   or an FMMNet product (`attnlab.layers.merge`); the block returns act(merge(F, S));
 - ``aw``: AW-convolution (`attnlab.layers.awconv`) in place of the 3×3 ``conv2`` — the only 3×3 conv of a basic
-  block's second half and the middle conv of a bottleneck.
+  block's second half and the middle conv of a bottleneck;
+- ``post_act``: apply the activation after the merge (default) or return merge(F, S) as it is.
 
 `CifarResNet` follows He et al. 2016 (arXiv 1512.03385, Sec. 4.2): a 3×3 stem at full resolution, no max-pool, stages
 of 16/32/64 channels (resnet20/32/56/110: 6n+2 layers) or 64–512 (resnet18c). Shortcuts that change shape use a 1×1
@@ -28,10 +29,14 @@ from torch import nn
 
 from ..errors import AttnlabError
 from ..layers import AWConv2d, create_merge
+from ..layers.merge import FixedBiasBatchNorm2d
 
 
 class _MergeAwMixin:
-    """What our blocks add to timm's: a merge module, and optionally an AW conv2."""
+    """What our blocks add to timm's: a merge module, optionally an AW conv2, and optionally no activation after the
+    merge (``post_act=False``, as in pre-activation ResNets)."""
+
+    last_bn = "bn2"  # the BN that ends the residual branch F
 
     def __init__(
         self,
@@ -41,14 +46,21 @@ class _MergeAwMixin:
         merge: str = "add",
         merge_args: dict | None = None,
         aw: bool | dict = False,
+        post_act: bool = True,
         **kwargs,
     ):
+        if not isinstance(post_act, bool):
+            raise AttnlabError(f"post_act must be true or false, got {post_act!r}")
         super().__init__(inplanes, planes, *args, **kwargs)
         outplanes = planes * self.expansion
         if aw:
             self.conv2 = AWConv2d.from_conv(self.conv2, **(aw if isinstance(aw, dict) else {}))
         factory = {k: kwargs[k] for k in ("device", "dtype") if kwargs.get(k) is not None}
         self.merge = create_merge(merge, outplanes, **(merge_args or {})).to(**factory)
+        if getattr(self.merge, "residual_bias", None) is not None:  # the merge fixes the bias of F's last BN
+            bn = getattr(self, self.last_bn)
+            setattr(self, self.last_bn, FixedBiasBatchNorm2d.from_bn(bn, self.merge.residual_bias))
+        self.post_act = post_act
         if self.drop_path is not None and not self.merge.zero_init_residual:
             # stochastic depth zeroes F; for this merge that zeroes the whole block instead of skipping it
             raise AttnlabError(f"drop_path_rate > 0 does not suit merge '{merge}' (F = 0 is not the identity)")
@@ -58,7 +70,8 @@ class _MergeAwMixin:
             super().zero_init_last()
 
     def _merge(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """Attention, stochastic depth, then merge(F, S): the common end of both blocks (the caller activates)."""
+        """Attention, stochastic depth, then merge(F, S): the common end of both blocks (the caller activates it
+        unless ``post_act`` is off; an activation module cannot be an argument in TorchScript)."""
         if self.se is not None:
             x = self.se(x)
         if self.drop_path is not None:
@@ -72,17 +85,21 @@ class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        return self.act2(self._merge(self.bn2(self.conv2(x)), shortcut))
+        x = self._merge(self.bn2(self.conv2(x)), shortcut)
+        return self.act2(x) if self.post_act else x
 
 
 class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
     """timm's bottleneck (1×1, 3×3, 1×1) with ``merge`` and ``aw`` (on the middle 3×3) switches."""
 
+    last_bn = "bn3"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        return self.act3(self._merge(self.bn3(self.conv3(x)), shortcut))
+        x = self._merge(self.bn3(self.conv3(x)), shortcut)
+        return self.act3(x) if self.post_act else x
 
 
 MAX_STAGES = 4  # layer1..layer4, as timm's ResNet; TorchScript needs the stages as named attributes

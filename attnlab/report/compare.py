@@ -66,6 +66,7 @@ def make_plan(
     recipe: dict[str, Any] | None = None,
     dataset_options: dict[str, Any] | None = None,
     preset: str | None = None,
+    budget: str = "full",
     analyses: Sequence[str] | None = None,
     analysis_images: int | None = None,
     baseline: str | None = None,
@@ -82,6 +83,7 @@ def make_plan(
         recipe: `TrainConfig` settings shared by every run (override the preset's budget).
         dataset_options: options given to every dataset.
         preset: a name from `attnlab.report.presets.PRESETS`.
+        budget: the preset's budget (``"full"``: its own; e.g. ``"cpu"``), which explicit settings override.
         analyses: analysis names run on every entry (replace the preset's; ``[]`` runs none).
         analysis_images: images per analysis (overrides every analysis's ``images``).
         baseline: the entry others are compared with (default: the first).
@@ -101,11 +103,24 @@ def make_plan(
                 )
             dataset_list = [d for d in dataset_list if d in datasets]
         entries = parse_entries(list(chosen.models))
-        seed_list = parse_seeds(chosen.seeds if seeds is None else seeds)
-        merged_recipe = {**chosen.recipe, **(recipe or {})}
-        options = {d: {**chosen.dataset_options.get(d, {}), **(dataset_options or {})} for d in dataset_list}
-        specs = list(chosen.analyses)
+        plan_budget = chosen.budget(budget)
+        seed_list = parse_seeds(plan_budget.seeds if seeds is None else seeds)
+        merged_recipe = {**chosen.recipe, **plan_budget.recipe, **(recipe or {})}
+        dataset_recipe = {  # a setting given explicitly wins over the budget's per-dataset one
+            d: {k: v for k, v in plan_budget.dataset_recipe.get(d, {}).items() if k not in (recipe or {})}
+            for d in dataset_list
+        }
+        options = {d: {**plan_budget.dataset_options.get(d, {}), **(dataset_options or {})} for d in dataset_list}
+        specs = [
+            replace(s, options={**s.options, "images": plan_budget.analysis_images[s.name]})
+            if s.name in plan_budget.analysis_images
+            else s
+            for s in chosen.analyses
+        ]
     else:
+        if budget != "full":
+            raise AttnlabError(f"--budget {budget} needs a --preset (budgets belong to presets)")
+        dataset_recipe = {}
         if not models:
             raise AttnlabError("compare needs --models (or a --preset)")
         if not datasets:
@@ -130,6 +145,8 @@ def make_plan(
         seeds=seed_list,
         recipe=merged_recipe,
         dataset_options={d: o for d, o in options.items() if o},
+        dataset_recipe={d: r for d, r in dataset_recipe.items() if r},
+        budget=budget,
         baseline=baseline or "",
         analyses=specs,
         preset=preset,

@@ -84,23 +84,38 @@ NOT_BUDGET = frozenset({"device", "data_dir", "progress"})
 
 
 def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
-    """How ``plan`` departs from ``preset``'s own budget, as ``"epochs 15 → 5"`` items (empty if it does not)."""
+    """How ``plan`` departs from the budget of ``preset`` it names, as ``"epochs 15 → 5"`` items (empty if it does
+    not)."""
+    budget = preset.budget(plan.budget)
     changes = []
-    if len(plan.seeds) != preset.seeds:
-        changes.append(f"seeds {preset.seeds} → {len(plan.seeds)}")
+    if len(plan.seeds) != budget.seeds:
+        changes.append(f"seeds {budget.seeds} → {len(plan.seeds)}")
     if list(plan.datasets) != list(preset.datasets):
         changes.append(f"datasets {', '.join(preset.datasets)} → {', '.join(plan.datasets)}")
     defaults = TrainConfig().to_dict()
-    for key in sorted((set(preset.recipe) | set(plan.recipe)) - NOT_BUDGET):
-        before, after = preset.recipe.get(key, defaults.get(key)), plan.recipe.get(key, defaults.get(key))
-        if before != after:
-            shown = ["all" if key == "subset" and v is None else v for v in (before, after)]
-            changes.append(f"{key} {shown[0]} → {shown[1]}")
-    own = {spec.name: spec.options.get("images") for spec in preset.analyses}
+    for dataset in plan.datasets:
+        own = {**preset.recipe, **budget.recipe, **budget.dataset_recipe.get(dataset, {})}
+        used = {**plan.recipe, **plan.dataset_recipe.get(dataset, {})}
+        where = f" ({dataset})" if len(plan.datasets) > 1 else ""
+        for key in sorted((set(own) | set(used)) - NOT_BUDGET):
+            before, after = own.get(key, defaults.get(key)), used.get(key, defaults.get(key))
+            if before != after:
+                shown = ["all" if key == "subset" and v is None else v for v in (before, after)]
+                changes.append(f"{key}{where} {shown[0]} → {shown[1]}")
+        own_options, used_options = budget.dataset_options.get(dataset, {}), plan.dataset_options.get(dataset, {})
+        for key in sorted(set(own_options) | set(used_options)):
+            if own_options.get(key) != used_options.get(key):
+                changes.append(f"{key}{where} {own_options.get(key, 'default')} → {used_options.get(key, 'default')}")
+    own_images = {s.name: budget.analysis_images.get(s.name, s.options.get("images")) for s in preset.analyses}
     for spec in plan.analyses:
-        if spec.name in own and spec.options.get("images") != own[spec.name]:
-            changes.append(f"{spec.name} images {own[spec.name]} → {spec.options.get('images')}")
+        if spec.name in own_images and spec.options.get("images") != own_images[spec.name]:
+            changes.append(f"{spec.name} images {own_images[spec.name]} → {spec.options.get('images')}")
     return changes
+
+
+def _budget_note(plan: Plan) -> str:
+    preset = PRESETS.get(plan.preset or "")
+    return preset.budget(plan.budget).note if preset is not None and plan.budget in preset.budgets else ""
 
 
 def _failure(out: Path, run: str) -> str | None:
@@ -132,7 +147,9 @@ def _budget(plan: Plan, out: Path, rows: Sequence[dict[str, Any]], missing: Sequ
         f"**Datasets**: {', '.join(datasets)}",
         f"**Models**: {', '.join(e.name for e in plan.entries)} (baseline: {plan.baseline})",
         f"**Seeds**: {', '.join(map(str, plan.seeds))} ({len(plan.seeds)})",
+        f"**Budget**: `{plan.budget}`" + (f" ({note})" if (note := _budget_note(plan)) else ""),
         f"**Recipe**: {_recipe_text(plan)}",
+        *(f"**Recipe on {d}**: {', '.join(f'{k} {v}' for k, v in r.items())}" for d, r in plan.dataset_recipe.items()),
         f"**Machine**: {where}",
         f"**Date**: {plan.date or 'unknown'}",
         f"**Command**: `{plan.command}`" if plan.command else "**Command**: unknown",
@@ -341,8 +358,8 @@ def build_report(plan: Plan, out: Path) -> ReportFiles:
     elif preset is not None and (changes := changes_from_preset(plan, preset)):
         blocks.append(
             Callout(
-                f"**Not the preset's own budget**: {', '.join(changes)}. Every number and verdict below is for this "
-                'budget; "inconclusive at this budget" says nothing about the preset\'s full one.'
+                f"**Not the preset's `{plan.budget}` budget**: {', '.join(changes)}. Every number and verdict below "
+                'is for this budget; "inconclusive at this budget" says nothing about the preset\'s own one.'
             )
         )
     if preset is not None:

@@ -5,8 +5,9 @@ from it and the run folders, never from memory.
 An entry is written ``model[key=value,key=value]``: ``fmm_resnet20[merge=gate]`` is the model ``fmm_resnet20`` built
 with ``merge="gate"``; ``cram_resnet20[equivariance=0.1]`` trains ``cram_resnet20`` with the training setting
 ``equivariance=0.1``. A key that is a `TrainConfig` field changes the recipe of that entry only; any other key is a
-model option. Values are read as YAML (``0.1`` a number, ``[1,2]`` a list, ``gate`` a string). The whole text is the
-entry's display name, so several entries of one model can be compared side by side.
+model option. Values are read as YAML (``0.1`` a number, ``[1,2]`` a list, ``gate`` a string); a dotted key sets one
+key of a dict option (``merge_args.residual_bias=1``). The whole text is the entry's display name, so several entries
+of one model can be compared side by side.
 
 Run folders: ``OUT/runs/<dataset>/<entry>/seed<k>/``, folder names made shell-safe (``fmm_resnet20[merge=gate]`` →
 ``fmm_resnet20-merge=gate``). Analyses of seed k: ``OUT/analyses/<dataset>/seed<k>/``.
@@ -51,12 +52,12 @@ class Entry:
 
 
 def _split_top(text: str) -> list[str]:
-    """Split on commas that are not inside brackets: ``"a[x=1,y=2],b"`` → ``["a[x=1,y=2]", "b"]``."""
+    """Split on commas that are not inside brackets or braces: ``"a[x=1,y=2],b"`` → ``["a[x=1,y=2]", "b"]``."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
-        if ch == "[":
+        if ch in "[{":
             depth += 1
-        elif ch == "]":
+        elif ch in "]}":
             depth -= 1
             if depth < 0:
                 raise AttnlabError(f"unbalanced ']' in {text!r}")
@@ -105,6 +106,13 @@ def parse_entry(text: str) -> Entry:
         parsed = _value(value)
         if key in PER_RUN_FIELDS:
             raise AttnlabError(f"model entry {text!r}: '{key}' is set by the comparison, not per entry")
+        head, _, rest = key.partition(".")
+        if rest:  # merge_args.residual_bias=1 → merge_args={"residual_bias": 1}
+            target = model_kwargs.setdefault(head, {})
+            if head in config_fields or not isinstance(target, dict) or not rest.isidentifier():
+                raise AttnlabError(f"model entry {text!r}: '{key}' is not an option of a model option")
+            target[rest] = parsed
+            continue
         (train if key in config_fields else model_kwargs)[key] = parsed
     if options is not None and not (model_kwargs or train):
         raise AttnlabError(f"model entry {text!r}: empty brackets")
@@ -207,6 +215,9 @@ class Plan:
         seeds: training seeds.
         recipe: the shared `TrainConfig` settings (without the per-run fields).
         dataset_options: options per dataset name.
+        dataset_recipe: `TrainConfig` settings per dataset name, over the shared ``recipe`` (a budget may train the
+            larger cluttered canvas on fewer images, say).
+        budget: the name of the preset budget the plan was made from (``"full"``: the preset's own).
         baseline: display name of the entry every other one is compared with.
         analyses: what to run after training.
         preset: the preset's name, if one was used.
@@ -220,6 +231,8 @@ class Plan:
     seeds: list[int]
     recipe: dict[str, Any]
     dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget: str = "full"
     baseline: str = ""
     analyses: list[AnalysisSpec] = field(default_factory=list)
     preset: str | None = None
@@ -237,14 +250,16 @@ class Plan:
             raise AttnlabError("a comparison needs at least one dataset")
         if len(set(self.datasets)) != len(self.datasets):
             raise AttnlabError("--dataset: a dataset is given twice")
-        bad = sorted(set(self.recipe) & set(PER_RUN_FIELDS))
-        if bad:
-            raise AttnlabError(f"the shared recipe may not set '{bad[0]}'")
+        for recipe in (self.recipe, *self.dataset_recipe.values()):
+            bad = sorted(set(recipe) & set(PER_RUN_FIELDS))
+            if bad:
+                raise AttnlabError(f"the shared recipe may not set '{bad[0]}'")
         for spec in self.analyses:
             for name in spec.entries:
                 if name not in names:
                     raise unknown_name(f"entry of analysis {spec.name}", name, names)
-        self.run_config(self.datasets[0], self.entries[0], self.seeds[0], Path("."))  # validates the recipe
+        for dataset in self.datasets:
+            self.run_config(dataset, self.entries[0], self.seeds[0], Path("."))  # validates the recipe
 
     def entry(self, name: str) -> Entry:
         for e in self.entries:
@@ -256,6 +271,7 @@ class Plan:
         """The `TrainConfig` of one run."""
         values = {
             **self.recipe,
+            **self.dataset_recipe.get(dataset, {}),
             **entry.train,
             "model": entry.model,
             "dataset": dataset,
@@ -285,6 +301,8 @@ class Plan:
             "baseline": self.baseline,
             "recipe": self.recipe,
             "dataset_options": self.dataset_options,
+            "dataset_recipe": self.dataset_recipe,
+            "budget": self.budget,
             "analyses": [a.to_dict() for a in self.analyses],
             "command": self.command,
             "machine": self.machine,
@@ -299,6 +317,8 @@ class Plan:
             seeds=list(d["seeds"]),
             recipe=dict(d["recipe"]),
             dataset_options={k: dict(v) for k, v in (d.get("dataset_options") or {}).items()},
+            dataset_recipe={k: dict(v) for k, v in (d.get("dataset_recipe") or {}).items()},
+            budget=d.get("budget", "full"),
             baseline=d.get("baseline", ""),
             analyses=[AnalysisSpec.from_dict(a) for a in d.get("analyses") or []],
             preset=d.get("preset"),

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..errors import AttnlabError
+from ..layers.cram import DEFAULT_EQUIVARIANCE_TRANSFORMS, check_transforms
 
 AMP_CHOICES = ("off", "auto", "bf16", "fp16")
 SCHEDULES = ("cosine", "onecycle")
@@ -48,6 +49,7 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool | None = None  # None: channels-last unless the model has AW convolutions (slower there)
     equivariance: float = 0.0
+    equivariance_transforms: list[str] = field(default_factory=lambda: list(DEFAULT_EQUIVARIANCE_TRANSFORMS))
     grad_clip: float | None = None
     nonfinite: str = "stop"
     detect_anomaly: bool = False
@@ -77,6 +79,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise AttnlabError(message)
+        self.equivariance_transforms = list(check_transforms(self.equivariance_transforms))
+        if self.equivariance > 0 and not self.equivariance_transforms:
+            raise AttnlabError("equivariance > 0 needs at least one of equivariance_transforms: hflip, rot90, shift")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -353,7 +353,9 @@ def _train_locked(cfg, dist, device, resume, progress, log, run: RunDir) -> dict
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 total = loss
                 if cfg.equivariance:  # one extra forward on T(x), through the bare model (DDP: one forward each)
-                    total = loss + cfg.equivariance * equivariance_penalty(model, x, equi_gen, rectangles=rectangles)
+                    total = loss + cfg.equivariance * equivariance_penalty(
+                        model, x, equi_gen, rectangles=rectangles, transforms=cfg.equivariance_transforms
+                    )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.unscale_(optimizer)

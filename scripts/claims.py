@@ -1,0 +1,137 @@
+"""Run every claim preset at one budget, resumably, and keep what backs the README under ``results/claims/``.
+
+    python scripts/claims.py [--budget cpu] [--presets aw,fmm,...] [--jobs 2]      (``make claims``)
+
+Each preset runs as ``attnlab compare --preset P --budget B --out runs/claims/P --resume``. Around it:
+
+- before: runs another preset already finished with the very same settings (same dataset, entry, seed and every
+  setting but the output folder) are copied in, so a run shared by presets trains once; and runs committed under
+  ``results/claims/P`` are restored, so a new machine continues where the last one stopped. A committed run has no
+  weights, so it is restored only where no analysis of this preset still needs its weights.
+- during and after: the small files (the plan, results and summary CSVs, report.md, each run's config.yaml,
+  metrics.jsonl and summary.json, the analyses' JSON, every PNG) are copied to ``results/claims/P`` every few minutes
+  and at the end; weights, checkpoints and the self-contained HTML (which embeds the PNGs again) stay under runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attnlab.report import make_plan  # noqa: E402
+from attnlab.report.plan import analysis_dir, run_dir  # noqa: E402
+from attnlab.train.config import RESUMABLE_CHANGES, first_difference, read_yaml  # noqa: E402
+
+ORDER = ("aw", "fmm", "consistency", "smoothness", "cram")
+"""Presets without analyses first: each of their finished runs is kept for good once committed."""
+KEEP = {".csv", ".md", ".json", ".jsonl", ".yaml", ".png", ".txt"}
+SKIP_PARTS = {"checkpoints"}
+SKIP_NAMES = {"report.html", "model.safetensors", ".lock"}
+
+
+def export(out: Path, keep: Path) -> int:
+    """Copy the small files of comparison ``out`` to ``keep``; returns how many changed."""
+    changed = 0
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out)
+        if not path.is_file() or path.suffix not in KEEP or path.name in SKIP_NAMES or SKIP_PARTS & set(rel.parts):
+            continue
+        if path.name.startswith(".") or ".tmp" in path.name:
+            continue
+        target = keep / rel
+        data = path.read_bytes()
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        changed += 1
+    return changed
+
+
+def _same_settings(run: Path, cfg) -> bool:
+    saved = run / "config.yaml"
+    return saved.is_file() and first_difference(read_yaml(saved), cfg.to_dict(), RESUMABLE_CHANGES) is None
+
+
+def _analysed_entries(plan, dataset: str, seed: int, keep: Path) -> set[str]:
+    """Entries whose weights an analysis of this seed still needs (its JSON is not committed yet)."""
+    needed = set()
+    for spec in plan.analyses:
+        if dataset in plan.analysis_datasets(spec) and seed in plan.analysis_seeds(spec):
+            if not (analysis_dir(keep, dataset, seed) / f"{spec.name}.json").is_file():
+                needed |= {e.name for e in plan.entries if not spec.entries or e.name in spec.entries}
+    return needed
+
+
+def prepare(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]) -> None:
+    """Restore committed runs and copy identical finished runs of other presets into ``runs/claims/<preset>``."""
+    out = runs / preset
+    plan = make_plan(preset=preset, budget=budget)
+    restored = shared = 0
+    for dataset, entry, seed, folder in plan.runs(out):
+        if (folder / "summary.json").is_file():
+            continue
+        cfg = plan.run_config(dataset, entry, seed, out)
+        committed = run_dir(keep, dataset, entry, seed)
+        if (committed / "summary.json").is_file() and entry.name not in _analysed_entries(plan, dataset, seed, keep):
+            if _same_settings(committed, cfg):
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.copytree(committed, folder)
+                restored += 1
+                continue
+        for other in others:
+            candidate = run_dir(other, dataset, entry, seed)
+            if (candidate / "model.safetensors").is_file() and _same_settings(candidate, cfg):
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.copytree(candidate, folder, ignore=shutil.ignore_patterns("checkpoints"))
+                shared += 1
+                break
+    print(f"claims: {preset}: {restored} run(s) restored from {keep}, {shared} shared from other presets", flush=True)
+
+
+def run(preset: str, budget: str, runs: Path, results: Path, jobs: int, every: float) -> int:
+    keep = results / preset
+    prepare(preset, budget, runs, keep, [runs / p for p in ORDER if p != preset])
+    command = [sys.executable, "-m", "attnlab", "compare", "--preset", preset, "--budget", budget]
+    command += ["--out", str(runs / preset), "--resume", "--jobs", str(jobs)]
+    print("claims: " + " ".join(command[1:]), flush=True)
+    process = subprocess.Popen(command, cwd=ROOT)
+    last = time.monotonic()
+    while process.poll() is None:
+        time.sleep(5)
+        if time.monotonic() - last > every and (runs / preset).is_dir():
+            export(runs / preset, keep)
+            last = time.monotonic()
+    changed = export(runs / preset, keep)
+    print(f"claims: {preset} finished with exit code {process.returncode}; {changed} file(s) updated in {keep}")
+    return process.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", default="cpu")
+    p.add_argument("--presets", default=",".join(ORDER))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "claims")
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "claims")
+    p.add_argument("--export-every", type=float, default=300.0, help="seconds between copies to --results")
+    args = p.parse_args(argv)
+    codes = [
+        run(name.strip(), args.budget, args.runs, args.results, args.jobs, args.export_every)
+        for name in args.presets.split(",")
+        if name.strip()
+    ]
+    return max(codes, default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
