@@ -51,6 +51,28 @@ def test_features_only_takes_timms_feature_options(name, options):
     assert len(out) == (1 if "feature_cfg" in options else len(model.feature_info))
 
 
+@pytest.mark.parametrize("name", ["fmm_resnet20", "cram_resnet18c", "aw_se_resnet18"])
+def test_forward_intermediates_gives_the_feature_extractors_maps_and_forward_features(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    torch.manual_seed(0)
+    listed = timm.create_model(name, features_only=True).eval()
+    torch.manual_seed(0)
+    getter = timm.create_model(name, features_only=True, feature_cls="getter").eval()
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        for a, b, c in zip(maps, listed(x), _check(getter, x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+        last = len(maps) - 1
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], maps[1], rtol=0, atol=0)
+        model.prune_intermediate_layers([last - 1])
+        torch.testing.assert_close(model.forward_features(x), maps[last - 1], rtol=0, atol=0)
+
+
 def test_features_only_keeps_attention_placement():
     model = timm.create_model("se_resnet20", features_only=True, attn_where="last")
     assert [blk.se is not None for blk in model.layer2] == [False, False, True]
