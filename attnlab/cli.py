@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-
 from .errors import AttnlabError
+from .io import key_value
 
 EXIT_USAGE = 2
 
@@ -24,19 +22,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key, value
-    if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return key, float(parsed)
-        except ValueError:
-            pass
-    return key, parsed
+        return key_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------- train
@@ -97,47 +86,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detect-anomaly", action="store_true", default=None, help="autograd anomaly mode (slow)")
     g = p.add_argument_group("model and data options")
     g.add_argument("--in-chans", type=int, help="input channels the model expects (must match the data)")
-    g.add_argument(
-        "--model-arg",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model option, e.g. merge=gate, attn_where=last, attn_layer=se",
-    )
-    g.add_argument(
-        "--data-arg",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dataset option, e.g. canvas=64 for cluttered-fashion-mnist",
-    )
+    _key_values(g, "--model-arg", "model option, e.g. merge=gate, attn_where=last, attn_layer=se")
+    _key_values(g, "--data-arg", "dataset option, e.g. canvas=64 for cluttered-fashion-mnist")
 
 
 def config_from_args(args: argparse.Namespace):
-    """`TrainConfig` from defaults ← --config file ← flags given on the command line."""
-    from .train.config import TrainConfig, read_yaml
+    """`TrainConfig` from defaults ← --config file (or, with --resume, the run's own) ← flags on the command line."""
+    from .train.config import TrainConfig
     from .train.rundir import RunDir
 
-    values: dict[str, Any] = {}
-    if args.config:
-        values = read_yaml(args.config)
-    elif args.resume and RunDir(args.out or TrainConfig.out).config.exists():
-        values = read_yaml(RunDir(args.out or TrainConfig.out).config)  # resume with the run's own settings
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in names:
-        given = getattr(args, name, None)
-        if given is not None and name not in ("model_kwargs", "dataset_options"):
-            values[name] = given
-    if args.val_size is not None and args.val_size >= 1:
-        values["val_size"] = int(args.val_size)
-    model_kwargs = dict(values.get("model_kwargs") or {}, **dict(args.model_arg))
-    if args.in_chans is not None:
-        model_kwargs["in_chans"] = args.in_chans
-    values["model_kwargs"] = model_kwargs
-    values["dataset_options"] = dict(values.get("dataset_options") or {}, **dict(args.data_arg))
-    return TrainConfig.from_dict(values, source=args.config or "command line")
+    return TrainConfig.from_flags(args, saved=RunDir(args.out or TrainConfig.out).config if args.resume else None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -152,26 +110,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .train import evaluate, load_trained
+    from .train import check_fits, evaluate, load_trained, run_data
 
     model, cfg = load_trained(args.checkpoint, device=args.device)
     dataset = args.dataset or (cfg.dataset if cfg else None)
     if dataset is None:
         raise AttnlabError(f"{args.checkpoint}: no config.yaml beside the weights; pass --dataset")
-    same_data = cfg is not None and dataset == cfg.dataset
-    options = dict(cfg.dataset_options) if same_data else {}
-    options.update(dict(args.data_arg))
-    bundle = load_dataset(
-        dataset,
-        args.data_dir or (cfg.data_dir if same_data else None),
-        val_size=cfg.val_size if same_data else None,
-        **options,
-    )
-    if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
-        raise AttnlabError(
-            f"{dataset} has {bundle.in_chans} channel(s) and {bundle.num_classes} classes; the model takes "
-            f"{model.in_chans} and {model.num_classes}"
-        )
+    if cfg is None:
+        bundle = load_dataset(dataset, args.data_dir, **dict(args.data_arg))
+    else:
+        bundle = run_data(cfg, dataset, args.data_dir, **dict(args.data_arg))
+    check_fits(model, bundle, dataset)
     split = getattr(bundle, args.split)
     result = evaluate(model, split, bundle, batch_size=args.batch_size, device=args.device)
     print(
@@ -223,8 +172,9 @@ def _input_size(text: str) -> tuple[int, int, int]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
 
+    from .io import write_csv
     from .models import list_models
-    from .train.bench import benchmark_models, format_table, write_csv
+    from .train.cost import benchmark_models, format_table
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in list_models()]
@@ -288,8 +238,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str] | None, dict[str, Any]]:
     """(shared recipe, datasets, dataset options) from --config and the training flags given on the command line."""
-    from .report.plan import PER_RUN_FIELDS
-    from .train.config import TrainConfig, read_yaml
+    from .experiment.plan import PER_RUN_FIELDS
+    from .io import read_yaml
+    from .train.config import given_flags
 
     for flag, given, instead in (
         ("--model", args.model, "--models"),
@@ -308,12 +259,7 @@ def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
         bad = sorted(set(recipe) & set(PER_RUN_FIELDS))
         if bad:
             raise AttnlabError(f"{args.config}: '{bad[0]}' is set per run by compare; remove it")
-    for f in dataclasses.fields(TrainConfig):
-        given = getattr(args, f.name, None)
-        if given is not None and f.name not in PER_RUN_FIELDS:
-            recipe[f.name] = given
-    if args.val_size is not None and args.val_size >= 1:
-        recipe["val_size"] = int(args.val_size)
+    recipe.update(given_flags(args, exclude=PER_RUN_FIELDS))
     if args.dataset:
         datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
     options.update(dict(args.data_arg))
@@ -349,7 +295,8 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .report import make_plan, run_compare
+    from .experiment import make_plan, run_compare
+    from .report import build_report
 
     if not args.out:
         raise AttnlabError("compare: --out DIR is required")
@@ -372,15 +319,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
         jobs=args.jobs,
     )
     outcome = run_compare(plan, args.out, resume=args.resume, jobs=args.jobs, progress=args.progress)
-    print(f"report: {outcome.files.markdown}  (self-contained: {outcome.files.html})")
+    files = build_report(plan, args.out)
+    print(f"compare: report written to {files.markdown} and {files.html}")
+    print(f"report: {files.markdown}  (self-contained: {files.html})")
     return 1 if outcome.failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import Plan, build_report
+    from .experiment import Plan
+    from .report import build_report
+    from .report.digest import digest, write_into_readme
 
+    if args.digest:
+        section = digest(Path(args.digest))
+        if args.readme:
+            write_into_readme(Path(args.readme), section)
+            print(f"report: the claim section of {args.readme} rebuilt from {args.digest}")
+        else:
+            print(section, end="")
+        return 0
+    if not args.dir:
+        raise AttnlabError("report: give a comparison folder, or --digest ROOT")
     files = build_report(Plan.load(Path(args.dir)), Path(args.dir))
     print(f"report: {files.markdown}  (self-contained: {files.html})")
     return 0
@@ -399,12 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; writes config, metrics, checkpoints, weights, summary")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
+    _add_tool_commands(sub)
+    _add_study_commands(sub)
+    return parser
 
+
+def _key_values(p: argparse.ArgumentParser, flag: str, help: str | None = None) -> None:
+    """A repeatable ``FLAG KEY=VALUE`` option, collected as a list of (key, YAML value) pairs."""
+    p.add_argument(flag, type=_key_value, action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_tool_commands(sub) -> None:
+    """eval, models, bench, data."""
     p = sub.add_parser("eval", help="evaluate a trained run (or a model.safetensors) on a dataset split")
     p.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
     p.add_argument("--dataset", help="default: the run's own dataset")
     p.add_argument("--data-dir")
-    p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    _key_values(p, "--data-arg")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="cpu")
@@ -436,9 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name, e.g. fashion-mnist")
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="fetch it from its official source if it is not found")
-    p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE")
+    _key_values(p, "--data-arg")
     p.set_defaults(func=cmd_data)
 
+
+def _add_study_commands(sub) -> None:
+    """analyze, compare, report."""
     p = sub.add_parser("analyze", help="test the papers' claims on trained runs; writes OUT/NAME.json and PNG plots")
     p.add_argument("name", help="consistency, smoothness, landscape or localization")
     p.add_argument("--checkpoint", action="append", required=True, help="run folder; repeat to compare several")
@@ -447,17 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", action="append", default=[], help="name of each checkpoint in tables and plots")
-    p.add_argument(
-        "--option",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="analysis option, e.g. methods=ablation,grad_x_act  grid=4  hessian_iters=10  per_block=true",
+    _key_values(
+        p, "--option", "analysis option, e.g. methods=ablation,grad_x_act  grid=4  hessian_iters=10  per_block=true"
     )
     p.set_defaults(func=cmd_analyze)
 
-    from .report.presets import list_presets
+    from .experiment.presets import list_presets
 
     p = sub.add_parser(
         "compare",
@@ -483,9 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="rebuild a comparison's CSV files and report from its folder, without training")
-    p.add_argument("dir", help="a folder written by `attnlab compare`")
+    p.add_argument("dir", nargs="?", help="a folder written by `attnlab compare`")
+    p.add_argument("--digest", metavar="ROOT", help="instead: the claim verdicts of every comparison under ROOT")
+    p.add_argument("--readme", metavar="FILE", help="with --digest: write it between FILE's claim markers")
     p.set_defaults(func=cmd_report)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class AttnlabError(ValueError):
@@ -18,3 +21,11 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> AttnlabError:
     if not close and len(choices) > 20:
         hint += ", ..."
     return AttnlabError(f"unknown {kind} '{name}'{hint}")
+
+
+def lookup(table: Mapping[str, T], name: str, kind: str) -> T:
+    """``table[name]``: the registries' one lookup, an `unknown_name` error when ``name`` is not there."""
+    try:
+        return table[name]
+    except KeyError:
+        raise unknown_name(kind, name, table) from None

@@ -1,7 +1,7 @@
 """Training speed and time-to-accuracy of the default recipe (a benchmark script, not a test).
 
 1. Train-step throughput (img/s) of resnet20 and every attention variant at batch 256, fp32 and bf16, measured
-   round-robin in one process (`attnlab.train.bench`) → ``results/train_speed_steps.csv``.
+   round-robin in one process (`attnlab.train.cost`) → ``results/train_speed_steps.csv``.
 2. Time-to-accuracy: resnet20 trained with the default recipe on the full Fashion-MNIST (55k train / 5k val / 10k
    test) for each seed; per-epoch validation accuracy against cumulative wall time, and last-epoch test accuracy
    → ``results/train_speed_tta.csv`` and ``results/train_speed.json`` (mean ± std over seeds).
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from attnlab.train import TrainConfig, bench, train
-from attnlab.train.bench import benchmark_models, format_table
+from attnlab.io import write_csv as write_csv_atomic
+from attnlab.train import TrainConfig, train
+from attnlab.train.cost import benchmark_models, format_table
 
 VARIANTS = [
     "resnet20",
@@ -41,7 +42,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    print(f"wrote {bench.write_csv(path, rows)}")
+    print(f"wrote {write_csv_atomic(path, rows)}")
 
 
 def step_throughput(repeats: int) -> None:

@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnlab.report import make_plan  # noqa: E402
-from attnlab.report.plan import analysis_dir, run_dir  # noqa: E402
-from attnlab.train.config import RESUMABLE_CHANGES, first_difference, read_yaml  # noqa: E402
+from attnlab.experiment import make_plan  # noqa: E402
+from attnlab.experiment.plan import analysis_dir, run_dir  # noqa: E402
+from attnlab.io import read_yaml  # noqa: E402
+from attnlab.train.config import RESUMABLE_CHANGES, first_difference  # noqa: E402
 
 ORDER = ("aw", "fmm", "consistency", "smoothness", "cram")
 """Presets without analyses first: each of their finished runs is kept for good once committed."""

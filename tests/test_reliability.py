@@ -169,15 +169,18 @@ def test_lock_of_an_exited_but_unreaped_process_is_stale(tmp_path):
 
 
 def test_concurrent_cli_trainings_on_one_out_the_second_refuses(tmp_path):
+    """The first training holds the lock from its first epoch line on; it then blocks on its full stdout pipe (never
+    read again), so it is alive and holding the lock for as long as the second takes, whatever the machine's load."""
     out = tmp_path / "run"
     first = subprocess.Popen(
-        cli_train(out, epochs=500), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cli_train(out, epochs=100_000),
+        env={**subprocess_env(), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 60
-        while not (out / ".lock").exists():
-            assert time.time() < deadline and first.poll() is None
-            time.sleep(0.05)
+        assert first.stdout.readline().startswith(b"epoch 1/")  # blocks until the first epoch ended, lock held
+        assert (out / ".lock").exists() and first.poll() is None
         second = subprocess.run(
             cli_train(out, epochs=500) + ["--resume"], env=subprocess_env(), capture_output=True, text=True
         )

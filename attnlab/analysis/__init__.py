@@ -5,11 +5,13 @@
 - ``landscape``: filter-normalised loss surfaces and Hessian spectrum estimates (`attnlab.analysis.landscape`)
 - ``localization``: where does spatial attention look? (`attnlab.analysis.localization`)
 
-`run_analysis` loads trained runs, runs one analysis on each, and writes ``OUT/<name>.json`` and ``OUT/<name>_*.png``.
+`registry` holds one record per analysis (function, headline metrics, figures); `run_analysis` loads trained runs,
+runs one analysis on each, and writes ``OUT/<name>.json`` and ``OUT/<name>_*.png``.
 """
 
 from __future__ import annotations
 
+from ..stats import mean_ci
 from .consistency import consistency
 from .importance import ablation_importance, captum_importance, gradient_x_activation
 from .landscape import (
@@ -21,13 +23,15 @@ from .landscape import (
     loss_surface_2d,
 )
 from .localization import box_iou, localization, localization_iou, polygon_iou, rectangle_box_iou
-from .runner import ANALYSES, analysis_options, run_analysis
+from .ranks import kendall_rows, spearman_rows, topk_overlap
+from .registry import ANALYSES, Analysis, analysis_options, get_analysis
+from .runner import run_analysis
 from .sites import GateSite, gate_sites
 from .smoothness import input_gradient_norm, jacobian_frobenius, noise_robustness, path_smoothness, smoothness
-from .stats import kendall_rows, mean_ci, spearman_rows, topk_overlap
 
 __all__ = [
     "ANALYSES",
+    "Analysis",
     "GateSite",
     "ablation_importance",
     "analysis_options",
@@ -36,6 +40,7 @@ __all__ = [
     "consistency",
     "filter_normalized_direction",
     "gate_sites",
+    "get_analysis",
     "gradient_x_activation",
     "hessian_top_eigenvalue",
     "hessian_trace",

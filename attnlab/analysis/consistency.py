@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import AttnlabError, unknown_name
 from ..models.capture import capture_attention
+from ..stats import mean_ci
 from .importance import (
     DEFAULT_MAX_ROWS,
     ablation_importance,
@@ -36,8 +37,8 @@ from .importance import (
     gradient_x_activation,
     inference_copy,
 )
+from .ranks import kendall_rows, shuffled_rows, spearman_rows, topk_overlap
 from .sites import GateSite, attention_parameters, gate_sites, gate_values
-from .stats import kendall_rows, mean_ci, shuffled_rows, spearman_rows, topk_overlap
 
 METHODS = ("ablation", "grad_x_act", "captum")
 
@@ -240,6 +241,15 @@ def consistency(
             for s in sites
         }
     return result
+
+
+SPEARMAN_ABLATION = "spearman_ablation"
+"""Headline: Spearman ρ between gate and ablation importance, mean over layers then samples."""
+NULL_SPEARMAN = "null_spearman"
+"""Headline: the same ρ against importances permuted within each sample (chance level)."""
+RANDOM_GATE_SPEARMAN = "random_gate_spearman"
+"""Headline: ρ of a model whose attention parameters were randomly permuted (a gate that knows nothing)."""
+METRICS = (SPEARMAN_ABLATION, NULL_SPEARMAN, RANDOM_GATE_SPEARMAN)
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

@@ -420,6 +420,13 @@ def landscape(
     }
 
 
+HESSIAN_TOP_EIG = "hessian_top_eig"
+"""Headline: the largest Hessian eigenvalue of the loss (sharpness; lower is flatter)."""
+SHARPNESS_1D = "sharpness_1d"
+LOSS = "loss"
+METRICS = (HESSIAN_TOP_EIG, SHARPNESS_1D, LOSS)
+
+
 def headline(result: dict[str, Any]) -> dict[str, float]:
     """The few numbers a report quotes from a `landscape` result."""
     out = {

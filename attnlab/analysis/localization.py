@@ -35,8 +35,8 @@ from ..data.cluttered import tight_boxes
 from ..errors import AttnlabError, unknown_name
 from ..layers.cram import EQUIVARIANCE_TRANSFORMS, GridTransform, pixel_centers
 from ..models.capture import capture_attention
+from ..stats import mean_ci
 from .sites import GateSite, gate_sites
-from .stats import mean_ci
 
 SPATIAL_KINDS = ("spatial", "rectangle")
 THRESHOLD_MODES = ("relative", "absolute")
@@ -303,54 +303,19 @@ def localization(
         kw = dict(threshold=threshold, threshold_mode=threshold_mode)
         per_layer = _layer_ious(sites, values, boxes, image_size, **kw)
         masks = {s.path: region_masks(values[s.path], s.kind, image_size, **kw) for s in sites}
-        n = len(sites)
-        cross = np.full((n, n), np.nan)
-        for i in range(n):  # pairs of layers: a handful, each a batched IoU over all samples
-            for j in range(n):
-                cross[i, j] = mean_ci(mask_iou(masks[sites[i].path], masks[sites[j].path]).cpu().numpy())["mean"]
         step = max(_stride(image_size, values[s.path]) for s in sites)
-        equivariance: dict[str, dict[str, Any]] = {s.path: {} for s in sites}
-        for name, transform in grid_transforms(transforms, image_size, step).items():
-            moved = _attention(model, transform(images), sites, batch_size)
-            for s in sites:
-                expected = transform(masks[s.path].unsqueeze(1).float())[:, 0] > 0.5
-                got = region_masks(moved[s.path], s.kind, image_size, **kw)
-                equivariance[s.path][name] = mean_ci(1 - mask_iou(expected, got).cpu().numpy())
-
-        layers = []
-        for s, layer in zip(sites, per_layer):
-            out = {
-                "path": s.path,
-                "kind": s.kind,
-                "map_size": layer["map_size"],
-                "iou_map": mean_ci(layer["iou_map"].cpu().numpy()),
-            }
-            if "iou_rect" in layer:
-                out["iou_rect"] = mean_ci(layer["iou_rect"].cpu().numpy())
-            out["equivariance_error"] = equivariance[s.path]
-            errors = [v["mean"] for v in equivariance[s.path].values()]
-            out["equivariance_error_mean"] = float(np.mean(errors)) if errors else float("nan")
-            layers.append(out)
-        off_diagonal = cross[~np.eye(n, dtype=bool)] if n > 1 else np.array([])
-        chooser = per_layer
-        if select_images is not None:
-            chooser = localization_iou(
-                model, select_images, select_boxes, threshold=threshold, threshold_mode=threshold_mode
-            )
+        equivariance = _equivariance_errors(model, images, sites, masks, transforms, step, batch_size, kw)
+        chooser = per_layer if select_images is None else localization_iou(model, select_images, select_boxes, **kw)
         selection = [float(np.nanmean(layer["iou_map"].cpu().numpy())) for layer in chooser]
         result: dict[str, Any] = {
             "images": len(images),
-            "layers": layers,
+            "layers": _layer_summaries(sites, per_layer, equivariance),
             "selected_layer": {
                 "index": int(np.nanargmax(selection)) if not np.all(np.isnan(selection)) else 0,
                 "on": "validation" if select_images is not None else "scored images",
                 "iou_map_on_selection": selection,
             },
-            "cross_layer_iou": {
-                "paths": [s.path for s in sites],
-                "matrix": cross.tolist(),
-                "mean": float(np.nanmean(off_diagonal)) if off_diagonal.size else float("nan"),
-            },
+            "cross_layer_iou": _cross_layer_iou(sites, masks),
             "settings": {
                 "threshold": threshold,
                 "threshold_mode": threshold_mode,
@@ -359,23 +324,82 @@ def localization(
             },
         }
         if keep_examples:
-            k = min(keep_examples, len(images))
-            result["examples"] = {
-                "images": images[:k].cpu(),
-                "boxes": boxes[:k].cpu(),
-                "attention": {
-                    s.path: (
-                        {key: v[:k].cpu() for key, v in values[s.path].items()}
-                        if s.kind == "rectangle"
-                        else values[s.path][:k].cpu()
-                    )
-                    for s in sites
-                },
-                "kinds": {s.path: s.kind for s in sites},
-            }
+            result["examples"] = _examples(images, boxes, sites, values, min(keep_examples, len(images)))
         return result
     finally:
         model.train(was_training)
+
+
+def _cross_layer_iou(sites: list[GateSite], masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """IoU between the regions of every pair of layers (a handful of pairs, each batched over all samples)."""
+    n = len(sites)
+    cross = np.full((n, n), np.nan)
+    for i in range(n):
+        for j in range(n):
+            cross[i, j] = mean_ci(mask_iou(masks[sites[i].path], masks[sites[j].path]).cpu().numpy())["mean"]
+    off_diagonal = cross[~np.eye(n, dtype=bool)] if n > 1 else np.array([])
+    return {
+        "paths": [s.path for s in sites],
+        "matrix": cross.tolist(),
+        "mean": float(np.nanmean(off_diagonal)) if off_diagonal.size else float("nan"),
+    }
+
+
+def _equivariance_errors(model, images, sites, masks, transforms, step: int, batch_size: int, kw) -> dict:
+    """{layer path: {transform: 1 − IoU(moved region of x, region of moved x)}}."""
+    image_size = tuple(images.shape[-2:])
+    equivariance: dict[str, dict[str, Any]] = {s.path: {} for s in sites}
+    for name, transform in grid_transforms(transforms, image_size, step).items():
+        moved = _attention(model, transform(images), sites, batch_size)
+        for s in sites:
+            expected = transform(masks[s.path].unsqueeze(1).float())[:, 0] > 0.5
+            got = region_masks(moved[s.path], s.kind, image_size, **kw)
+            equivariance[s.path][name] = mean_ci(1 - mask_iou(expected, got).cpu().numpy())
+    return equivariance
+
+
+def _layer_summaries(sites: list[GateSite], per_layer: list[dict], equivariance: dict) -> list[dict[str, Any]]:
+    layers = []
+    for s, layer in zip(sites, per_layer):
+        out = {
+            "path": s.path,
+            "kind": s.kind,
+            "map_size": layer["map_size"],
+            "iou_map": mean_ci(layer["iou_map"].cpu().numpy()),
+        }
+        if "iou_rect" in layer:
+            out["iou_rect"] = mean_ci(layer["iou_rect"].cpu().numpy())
+        out["equivariance_error"] = equivariance[s.path]
+        errors = [v["mean"] for v in equivariance[s.path].values()]
+        out["equivariance_error_mean"] = float(np.mean(errors)) if errors else float("nan")
+        layers.append(out)
+    return layers
+
+
+def _examples(images, boxes, sites: list[GateSite], values: dict, k: int) -> dict[str, Any]:
+    """The first ``k`` images, their boxes and every layer's attention, on the CPU (for the overlay figure)."""
+    return {
+        "images": images[:k].cpu(),
+        "boxes": boxes[:k].cpu(),
+        "attention": {
+            s.path: (
+                {key: v[:k].cpu() for key, v in values[s.path].items()}
+                if s.kind == "rectangle"
+                else values[s.path][:k].cpu()
+            )
+            for s in sites
+        },
+        "kinds": {s.path: s.kind for s in sites},
+    }
+
+
+IOU_BEST_LAYER = "iou_best_layer"
+"""Headline: IoU with the true box of the best-localising layer."""
+CROSS_LAYER_IOU = "cross_layer_iou"
+"""Headline: IoU between the regions of different layers (stability across layers)."""
+EQUIVARIANCE_ERROR = "equivariance_error"
+"""Headline: 1 − IoU between the transformed region and the region of the transformed image, mean over layers."""
+METRICS = (IOU_BEST_LAYER, CROSS_LAYER_IOU, EQUIVARIANCE_ERROR)
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

@@ -1,40 +1,14 @@
-"""PNG figures of the analyses (matplotlib, Agg backend chosen when a figure is drawn, not at import)."""
+"""PNG figures of the analyses, in the house style of `attnlab.plotting`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-COLORS = (
-    "tab:blue",
-    "tab:orange",
-    "tab:green",
-    "tab:red",
-    "tab:purple",
-    "tab:brown",
-    "tab:pink",
-    "tab:gray",
-    "tab:olive",
-    "tab:cyan",
-)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path.name
+from .. import plotting
 
 
 def _num(value: Any) -> float:
@@ -49,9 +23,10 @@ def _short(path: str) -> str:
 def consistency_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
     """Per-layer Spearman ρ between gate and importance, one panel per checkpoint: bars with 95% intervals for the
     reference method (ablation), markers for the other methods and for the two controls."""
-    plt = _pyplot()
     widest = max(len(r["layers"]) for r in results.values())
-    fig, axes = plt.subplots(len(results), 1, figsize=(max(6.0, 0.45 * widest + 2), 2.8 * len(results)), squeeze=False)
+    fig, axes = plotting.subplots(
+        len(results), 1, figsize=(max(6.0, 0.45 * widest + 2), 2.8 * len(results)), squeeze=False
+    )
     markers = {"grad_x_act": "x", "captum": "+", "null_spearman": "o", "random_gate_spearman": "^"}
     names = {"null_spearman": "shuffled null", "random_gate_spearman": "random gate"}
     for ax, (i, (label, result)) in zip(axes[:, 0], enumerate(results.items())):
@@ -62,7 +37,7 @@ def consistency_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
         err = np.abs(
             np.array([[_num(s["mean"]) - _num(s["ci_low"]), _num(s["ci_high"]) - _num(s["mean"])] for s in stats]).T
         )
-        ax.bar(x, mean, 0.7, yerr=err, color=COLORS[i % len(COLORS)], capsize=2, label=method)
+        ax.bar(x, mean, 0.7, yerr=err, color=plotting.color(i), capsize=2, label=method)
         for other in [m for m in result["methods"] if m != method]:
             ax.scatter(
                 x,
@@ -89,18 +64,17 @@ def consistency_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
         ax.set_ylabel("Spearman ρ")
         ax.set_title(f"{label}: gate vs importance per layer (mean over samples, 95% CI)", fontsize=9)
         ax.legend(fontsize=7, ncol=5)
-    return _save(fig, path)
+    return plotting.save(fig, path).name
 
 
 def consistency_scatter(
     values: dict[str, dict[str, np.ndarray]], path: Path, label: str, *, points: int = 1500, seed: int = 0
 ) -> str:
     """Gate value against ablation importance for every (sample, unit), one panel per layer (subsampled)."""
-    plt = _pyplot()
     paths = list(values)
     cols = min(3, len(paths))
     rows = -(-len(paths) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plotting.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     rng = np.random.default_rng(seed)
     for ax, p in zip(axes.flat, paths):
         method = "ablation" if "ablation" in values[p] else next(k for k in values[p] if k != "gate")
@@ -114,16 +88,15 @@ def consistency_scatter(
     for ax in list(axes.flat)[len(paths) :]:
         ax.axis("off")
     fig.suptitle(f"{label}: gate vs importance per unit", fontsize=10)
-    return _save(fig, path)
+    return plotting.save(fig, path).name
 
 
 def smoothness_plot(results: dict[str, dict[str, Any]], path: Path) -> str:
     """Mean probability of the start and end labels along same- and different-class paths, the mean path loss, and
     accuracy under Gaussian noise; one colour per checkpoint."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    fig, axes = plotting.subplots(1, 4, figsize=(17, 3.8))
     for i, (label, result) in enumerate(results.items()):
-        color = COLORS[i % len(COLORS)]
+        color = plotting.color(i)
         curves = result["curves"]
         axes[0].plot(curves["same"]["t"], curves["same"]["p_a"], color=color, label=label)
         axes[1].plot(curves["diff"]["t"], curves["diff"]["p_a"], color=color, label=f"{label}: p(y_a)")
@@ -148,44 +121,42 @@ def smoothness_plot(results: dict[str, dict[str, Any]], path: Path) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return plotting.save(fig, path).name
 
 
 def landscape_1d_plot(results: dict[str, dict[str, Any]], path: Path) -> str:
     """Loss along one filter-normalised direction, one curve per checkpoint."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plotting.subplots(figsize=(6, 4))
     for i, (label, result) in enumerate(results.items()):
         surface = result["surface_1d"]
-        ax.plot(surface["alpha"], surface["loss"], marker=".", color=COLORS[i % len(COLORS)], label=label)
+        ax.plot(surface["alpha"], surface["loss"], marker=".", color=plotting.color(i), label=label)
     ax.set_xlabel("α (filter-normalised step)")
     ax.set_ylabel("test loss")
     ax.set_title("1-D loss surface")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return plotting.save(fig, path).name
 
 
 def landscape_2d_plots(surface: dict[str, Any], contour_path: Path, surface_path: Path, label: str) -> list[str]:
     """Contour and 3-D surface of a 2-D loss surface."""
-    plt = _pyplot()
     a, b = np.meshgrid(surface["alpha"], surface["beta"])
     loss = np.array(surface["loss"], dtype=float)
-    fig, ax = plt.subplots(figsize=(5, 4.2))
+    fig, ax = plotting.subplots(figsize=(5, 4.2))
     levels = ax.contour(a, b, loss, levels=15, cmap="viridis")
     ax.clabel(levels, fontsize=6)
     ax.plot([0], [0], "r+")
     ax.set_xlabel("α")
     ax.set_ylabel("β")
     ax.set_title(f"{label}: loss contours")
-    names = [_save(fig, contour_path)]
-    fig = plt.figure(figsize=(5.5, 4.5))
+    names = [plotting.save(fig, contour_path).name]
+    fig = plotting.figure(figsize=(5.5, 4.5))
     ax = fig.add_subplot(projection="3d")
     ax.plot_surface(a, b, loss, cmap="viridis", linewidth=0)
     ax.set_xlabel("α")
     ax.set_ylabel("β")
     ax.set_zlabel("loss")
     ax.set_title(f"{label}: loss surface")
-    names.append(_save(fig, surface_path))
+    names.append(plotting.save(fig, surface_path).name)
     return names
 
 
@@ -194,14 +165,13 @@ def localization_overlay(examples: dict[str, Any], path: Path, label: str) -> st
     deepest position-wise map as a heat overlay."""
     from .localization import rectangle_polygon
 
-    plt = _pyplot()
     images = examples["images"]
     n, image_size = len(images), tuple(images.shape[-2:])
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    fig, axes = plotting.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
     kinds = examples["kinds"]
     rect_paths = [p for p, k in kinds.items() if k == "rectangle"]
     map_paths = [p for p, k in kinds.items() if k == "spatial"]
-    cmap = plt.get_cmap("autumn")
+    cmap = plotting.pyplot().get_cmap("autumn")
     height, width = image_size
     for i, ax in enumerate(axes[0]):
         image = images[i].float()
@@ -218,24 +188,25 @@ def localization_overlay(examples: dict[str, Any], path: Path, label: str) -> st
                 rect["angle"][i : i + 1].double(),
                 image_size,
             )[0].numpy()
-            ax.add_patch(plt.Polygon(poly, fill=False, lw=1.2, color=cmap(j / max(1, len(rect_paths) - 1))))
+            ax.add_patch(
+                plotting.pyplot().Polygon(poly, fill=False, lw=1.2, color=cmap(j / max(1, len(rect_paths) - 1)))
+            )
         x0, y0, x1, y1 = examples["boxes"][i].tolist()
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color="lime"))
+        ax.add_patch(plotting.pyplot().Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color="lime"))
         ax.set_xlim(0, width)
         ax.set_ylim(height, 0)
         ax.axis("off")
     fig.suptitle(f"{label}: true box (green), CRAM rectangles (yellow → red by depth), deepest map (heat)", fontsize=9)
-    return _save(fig, path)
+    return plotting.save(fig, path).name
 
 
 def localization_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
     """IoU with the true box per layer (rectangle and thresholded map), one colour per checkpoint."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plotting.subplots(figsize=(8, 4))
     for i, (label, result) in enumerate(results.items()):
         layers = result["layers"]
         x = np.arange(len(layers))
-        color = COLORS[i % len(COLORS)]
+        color = plotting.color(i)
         ax.plot(x, [layer["iou_map"]["mean"] for layer in layers], marker="o", color=color, label=f"{label}: map box")
         if any("iou_rect" in layer for layer in layers):
             ax.plot(
@@ -251,15 +222,56 @@ def localization_bars(results: dict[str, dict[str, Any]], path: Path) -> str:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("Where spatial attention looks")
-    return _save(fig, path)
+    return plotting.save(fig, path).name
+
+
+# ----------------------------------------------------------------------------------------- the figures of each analysis
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
+
+
+def consistency_figures(results: dict, extras: dict, out: Path) -> list[str]:
+    """Per-layer bars for all checkpoints, and one gate-against-importance scatter per checkpoint."""
+    written = [consistency_bars(results, out / "consistency_layers.png")]
+    for label, values in extras.items():
+        written.append(consistency_scatter(values, out / f"consistency_{_slug(label)}_scatter.png", label))
+    return written
+
+
+def smoothness_figures(results: dict, extras: dict, out: Path) -> list[str]:
+    return [smoothness_plot(results, out / "smoothness_curves.png")]
+
+
+def landscape_figures(results: dict, extras: dict, out: Path) -> list[str]:
+    """The 1-D surfaces side by side, and a contour and a 3-D view of each checkpoint's 2-D surface."""
+    written = [landscape_1d_plot(results, out / "landscape_1d.png")]
+    for label, result in results.items():
+        slug = _slug(label)
+        contour, surface = out / f"landscape_{slug}_contour.png", out / f"landscape_{slug}_surface.png"
+        written += landscape_2d_plots(result["surface_2d"], contour, surface, label)
+    return written
+
+
+def localization_figures(results: dict, extras: dict, out: Path) -> list[str]:
+    """IoU per layer for all checkpoints, and a few overlaid examples per checkpoint."""
+    written = [localization_bars(results, out / "localization_iou.png")]
+    for label, examples in extras.items():
+        written.append(localization_overlay(examples, out / f"localization_{_slug(label)}_overlay.png", label))
+    return written
 
 
 __all__ = [
     "consistency_bars",
+    "consistency_figures",
     "consistency_scatter",
     "landscape_1d_plot",
     "landscape_2d_plots",
+    "landscape_figures",
     "localization_bars",
+    "localization_figures",
     "localization_overlay",
+    "smoothness_figures",
     "smoothness_plot",
 ]

@@ -9,62 +9,23 @@ analysis runs on ``images`` test images, the same ones for every checkpoint (the
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
-from ..data import DataBundle, Split, batches, load_dataset
+from ..data import DataBundle, Split, batches
 from ..data.bundle import seeded_generator
 from ..errors import AttnlabError, unknown_name
-from . import plots
-from .consistency import consistency
-from .consistency import headline as consistency_headline
-from .landscape import headline as landscape_headline
-from .landscape import landscape
-from .localization import headline as localization_headline
-from .localization import localization
-from .smoothness import headline as smoothness_headline
-from .smoothness import smoothness
-from .stats import mean_ci
-
-ANALYSES: tuple[str, ...] = ("consistency", "smoothness", "landscape", "localization")
-
-# the library function of each analysis, and the keyword arguments the runner sets itself (not user options)
-_FUNCTIONS: dict[str, tuple[Callable[..., dict], set[str]]] = {
-    "consistency": (consistency, {"keep_values"}),
-    "smoothness": (smoothness, {"keep_curves"}),
-    "landscape": (landscape, set()),
-    "localization": (localization, {"keep_examples"}),
-}
-_HEADLINES = {
-    "consistency": consistency_headline,
-    "smoothness": smoothness_headline,
-    "landscape": landscape_headline,
-    "localization": localization_headline,
-}
-NOT_GROUPED = {"seed", "out", "device", "data_dir", "eval_batch_size", "detect_anomaly", "epochs"}
-OVERLAY_EXAMPLES = 6
-
-
-def analysis_options(name: str) -> dict[str, Any]:
-    """The options (keyword → default) that ``run_analysis(name, ...)`` accepts."""
-    if name not in _FUNCTIONS:
-        raise unknown_name("analysis", name, ANALYSES)
-    function, internal = _FUNCTIONS[name]
-    return {
-        p.name: p.default
-        for p in inspect.signature(function).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in internal | {"seed"}
-    }
+from ..io import jsonable
+from ..stats import mean_ci
+from ..train.config import SAME_RECIPE
+from .registry import Analysis, analysis_options, get_analysis
 
 
 def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
@@ -88,27 +49,6 @@ def _check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: numpy and torch numbers to Python, NaN/inf to null, tuples to lists, keys to strings."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _labels(checkpoints: list[Path], labels: Sequence[str] | None) -> list[str]:
     if labels is not None:
         labels = [str(label) for label in labels]
@@ -127,7 +67,7 @@ def _test_subset(split: Split, images: int, seed: int) -> Split:
 
 
 def _load(checkpoint: Path, device: str, cache: dict[str, DataBundle]) -> tuple[torch.nn.Module, Any, DataBundle]:
-    from ..train import load_trained
+    from ..train import check_fits, load_trained, run_data
 
     if not checkpoint.exists():
         raise AttnlabError(f"{checkpoint}: no such run folder")
@@ -136,14 +76,9 @@ def _load(checkpoint: Path, device: str, cache: dict[str, DataBundle]) -> tuple[
         raise AttnlabError(f"{checkpoint}: no config.yaml beside the weights; analyze needs a run folder")
     key = json.dumps([cfg.dataset, cfg.data_dir, cfg.val_size, cfg.dataset_options], sort_keys=True, default=str)
     if key not in cache:
-        cache[key] = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, **cfg.dataset_options)
-    bundle = cache[key]
-    if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
-        raise AttnlabError(
-            f"{checkpoint}: {cfg.dataset} has {bundle.in_chans} channel(s) and {bundle.num_classes} classes; the model "
-            f"takes {model.in_chans} and {model.num_classes}"
-        )
-    return model, cfg, bundle
+        cache[key] = run_data(cfg)
+    check_fits(model, cache[key], f"{checkpoint}: {cfg.dataset}")
+    return model, cfg, cache[key]
 
 
 def _groups(configs: dict[str, Any], headlines: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -151,7 +86,7 @@ def _groups(configs: dict[str, Any], headlines: dict[str, dict[str, float]]) -> 
     95% interval of every headline metric over their seeds."""
     buckets: dict[str, list[str]] = {}
     for label, cfg in configs.items():
-        recipe = {k: v for k, v in cfg.to_dict().items() if k not in NOT_GROUPED}
+        recipe = {k: v for k, v in cfg.to_dict().items() if k not in SAME_RECIPE}
         buckets.setdefault(json.dumps(recipe, sort_keys=True, default=str), []).append(label)
     groups = {}
     for members in buckets.values():
@@ -170,6 +105,28 @@ def _groups(configs: dict[str, Any], headlines: dict[str, dict[str, float]]) -> 
     return groups
 
 
+def _analyse_one(analysis: Analysis, path: Path, model, cfg, bundle, images: int, seed: int, device: str, options):
+    """(result, the per-sample extra for the figures or None, images analysed, seconds) of one checkpoint."""
+    split = _test_subset(bundle.test, images, seed)
+    if analysis.needs_boxes and split.boxes is None:
+        raise AttnlabError(
+            f"{path}: dataset {cfg.dataset} has no ground-truth boxes; {analysis.name} needs a dataset with boxes "
+            "such as cluttered-fashion-mnist"
+        )
+    x, y = next(batches(split, bundle, len(split), train=False, device=device))
+    target = split.boxes.to(device) if analysis.needs_boxes else y
+    keywords = {**analysis.internal, **options, **({"seed": seed} if analysis.seeded else {})}
+    started = time.perf_counter()
+    if analysis.selects_on_validation:  # what it chooses (a layer), it chooses here, not on the scored test images
+        held_out = _test_subset(bundle.val, images, seed)
+        keywords["select_images"], _ = next(batches(held_out, bundle, len(held_out), train=False, device=device))
+        keywords["select_boxes"] = held_out.boxes.to(device)
+    result = analysis.function(model, x, target, **keywords)
+    seconds = time.perf_counter() - started
+    extra = result.pop(analysis.extra) if analysis.extra else None
+    return result, extra, len(split), seconds
+
+
 def run_analysis(
     name: str,
     checkpoints: Sequence[str | Path],
@@ -184,7 +141,7 @@ def run_analysis(
     """Run analysis ``name`` on trained runs and write ``OUT/<name>.json`` and ``OUT/<name>_*.png``.
 
     Args:
-        name: one of `ANALYSES`.
+        name: one of `attnlab.analysis.ANALYSES`.
         checkpoints: run folders (``attnlab train --out``); several are compared side by side.
         out: output folder (created).
         images: test images analysed per checkpoint (the same ones for all).
@@ -197,8 +154,7 @@ def run_analysis(
         The JSON dict: ``results`` per label, ``headline`` {label: {metric: float}}, ``groups`` over seeds,
         ``plots`` (PNG file names).
     """
-    if name not in _FUNCTIONS:
-        raise unknown_name("analysis", name, ANALYSES)
+    analysis = get_analysis(name)
     options = _check_options(name, options)
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise AttnlabError(f"images must be a positive integer, got {images!r}")
@@ -206,46 +162,18 @@ def run_analysis(
     if not paths:
         raise AttnlabError(f"analyze {name}: give at least one --checkpoint")
     names = _labels(paths, labels)
-    out = Path(out)
-    function, _ = _FUNCTIONS[name]
     cache: dict[str, DataBundle] = {}
     results, configs, seconds, extras, n_images = {}, {}, {}, {}, {}
     for label, path in zip(names, paths):
-        model, cfg, bundle = _load(path, device, cache)
-        split = _test_subset(bundle.test, images, seed)
-        if name == "localization" and split.boxes is None:
-            raise AttnlabError(
-                f"{path}: dataset {cfg.dataset} has no ground-truth boxes; localization needs a dataset with boxes "
-                "such as cluttered-fashion-mnist"
-            )
-        x, y = next(batches(split, bundle, len(split), train=False, device=device))
-        started = time.perf_counter()
-        if name == "consistency":
-            result = function(model, x, y, seed=seed, keep_values=True, **options)
-            extras[label] = result.pop("values")
-        elif name == "smoothness":
-            result = function(model, x, y, seed=seed, keep_curves=True, **options)
-        elif name == "landscape":
-            result = function(model, x, y, seed=seed, **options)
-        else:
-            held_out = _test_subset(bundle.val, images, seed)  # the best layer is chosen here, not on the test images
-            xv, _ = next(batches(held_out, bundle, len(held_out), train=False, device=device))
-            result = function(
-                model,
-                x,
-                split.boxes.to(device),
-                keep_examples=OVERLAY_EXAMPLES,
-                select_images=xv,
-                select_boxes=held_out.boxes.to(device),
-                **options,
-            )
-            extras[label] = result.pop("examples")
-        seconds[label] = time.perf_counter() - started
-        results[label], configs[label], n_images[label] = result, cfg, len(split)
-    headlines = {label: _HEADLINES[name](r) for label, r in results.items()}
-
+        model, configs[label], bundle = _load(path, device, cache)
+        found = _analyse_one(analysis, path, model, configs[label], bundle, images, seed, device, options)
+        results[label], extra, n_images[label], seconds[label] = found
+        if extra is not None:
+            extras[label] = extra
+    headlines = {label: analysis.headline(r) for label, r in results.items()}
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = _plots(name, results, extras, out)
+    written = analysis.figures(results, extras, out)
     for result in results.values():
         result.pop("curves", None)  # drawn; the JSON keeps the numbers
     report = {
@@ -263,31 +191,9 @@ def run_analysis(
         "results": results,
         "plots": written,
     }
-    report = _jsonable(report)
+    report = jsonable(report)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def _plots(name: str, results: dict, extras: dict, out: Path) -> list[str]:
-    written = []
-    if name == "consistency":
-        written.append(plots.consistency_bars(results, out / f"{name}_layers.png"))
-        for label, values in extras.items():
-            written.append(plots.consistency_scatter(values, out / f"{name}_{_slug(label)}_scatter.png", label))
-    elif name == "smoothness":
-        written.append(plots.smoothness_plot(results, out / f"{name}_curves.png"))
-    elif name == "landscape":
-        written.append(plots.landscape_1d_plot(results, out / f"{name}_1d.png"))
-        for label, result in results.items():
-            slug = _slug(label)
-            written += plots.landscape_2d_plots(
-                result["surface_2d"], out / f"{name}_{slug}_contour.png", out / f"{name}_{slug}_surface.png", label
-            )
-    else:
-        written.append(plots.localization_bars(results, out / f"{name}_iou.png"))
-        for label, examples in extras.items():
-            written.append(plots.localization_overlay(examples, out / f"{name}_{_slug(label)}_overlay.png", label))
-    return written
-
-
-__all__ = ["ANALYSES", "analysis_options", "run_analysis"]
+__all__ = ["run_analysis"]

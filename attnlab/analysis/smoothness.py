@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttnlabError
-from .stats import mean_ci
+from ..stats import mean_ci
 
 DEFAULT_SIGMAS = (0.05, 0.1, 0.2, 0.4)
 
@@ -263,6 +263,17 @@ def smoothness(
         return result
     finally:
         model.train(was_training)
+
+
+TV_SAME, TV_DIFF = "tv_same", "tv_diff"
+"""Headline: total variation of p(true class) along same-class / different-class paths (lower is smoother)."""
+SECOND_DIFF_SAME = "second_diff_same"
+FLIPS_SAME, FLIPS_DIFF = "flips_same", "flips_diff"
+INPUT_GRAD_NORM = "input_grad_norm"
+JACOBIAN_FRO = "jacobian_fro"
+NOISE_ACC_AT_0_1 = "noise_acc_at_0.1"
+"""Headline: accuracy under Gaussian noise of σ = 0.1 (normalised units; one of `DEFAULT_SIGMAS`)."""
+METRICS = (TV_SAME, TV_DIFF, SECOND_DIFF_SAME, FLIPS_SAME, FLIPS_DIFF, INPUT_GRAD_NORM, JACOBIAN_FRO, NOISE_ACC_AT_0_1)
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 Every attention is built as ``create_attn(name, channels, **kw)`` and maps B×C×H×W → B×C×H×W. The classic baselines
 (SE, ECA, CBAM) are timm's modules; position-wise spatial attention, CRAM and AW-convolution are written here, one
-mechanism per file. ``register_attn`` adds a new one; the models pick attentions up by name only.
+mechanism per file. ``register_attn`` adds a new one; the models pick attentions up by name only. A mechanism that
+needs something of the training loop (a schedule, a loss term, a memory layout) registers a hook (`hooks`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from timm.layers import EcaModule, SEModule, register_notrace_module
 from timm.layers.cbam import CbamModule
 from torch import nn
 
-from ..errors import unknown_name
+from ..errors import lookup
 from .awconv import AWConv2d, aw_module
 from .cram import CRAM
+from .hooks import StepHook, register_training_hook, training_hooks
 from .merge import MERGES, create_merge, list_merges
 from .probe import AttentionProbe
 from .spatial import SpatialAttention
@@ -41,10 +43,7 @@ def register_attn(name: str, factory: AttnFactory | None = None):
 
 def get_attn(name: str) -> AttnFactory:
     """The factory registered under ``name`` (``AttnlabError`` with close matches if there is none)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise unknown_name("attention", name, _REGISTRY) from None
+    return lookup(_REGISTRY, name, "attention")
 
 
 def create_attn(name: str, channels: int, device=None, dtype=None, **kwargs) -> nn.Module:
@@ -78,10 +77,13 @@ __all__ = [
     "AttentionProbe",
     "CRAM",
     "SpatialAttention",
+    "StepHook",
     "create_merge",
     "list_merges",
     "create_attn",
     "get_attn",
     "list_attn",
     "register_attn",
+    "register_training_hook",
+    "training_hooks",
 ]

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AttnlabError, unknown_name
+from .hooks import StepHook, register_training_hook
 from .probe import AttentionProbe
 
 PREDICTORS = ("moments", "regress")
@@ -456,8 +457,52 @@ def equivariance_penalty(
     return torch.stack(terms).mean()
 
 
+class CramTraining(StepHook):
+    """CRAM's part in a training run: anneal every mask's sharpness over the run and, with weight λ > 0
+    (``settings.equivariance``), add λ·`equivariance_penalty` over ``settings.equivariance_transforms``, computed
+    from the rectangles of the training forward itself (one extra forward on T(x), through the bare model, so under
+    DDP each rank makes its own)."""
+
+    def __init__(self, model: nn.Module, weight: float, transforms: Sequence[str] = DEFAULT_EQUIVARIANCE_TRANSFORMS):
+        super().__init__()
+        self.model, self.weight, self.transforms = model, weight, tuple(transforms)
+        self.rectangles: list[dict[str, Tensor]] | None = None
+
+    def before_step(self, progress: float) -> None:
+        anneal_beta(self.model, progress)
+
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        if not self.weight:
+            yield
+            return
+        with capture_rectangles(self.model) as seen:  # only this forward's: the penalty's own forward stays out
+            self.rectangles = seen
+            yield
+
+    def extra_loss(self, x: Tensor, generator: torch.Generator) -> Tensor | None:
+        if not self.weight:
+            return None
+        return self.weight * equivariance_penalty(
+            self.model, x, generator, rectangles=self.rectangles, transforms=self.transforms
+        )
+
+
+def _cram_training(model: nn.Module, settings) -> CramTraining | None:
+    weight = getattr(settings, "equivariance", 0.0)
+    if not has_cram(model):
+        if weight > 0:
+            raise AttnlabError(f"--equivariance needs a model with CRAM layers; {settings.model} has none")
+        return None
+    return CramTraining(model, weight, getattr(settings, "equivariance_transforms", DEFAULT_EQUIVARIANCE_TRANSFORMS))
+
+
+register_training_hook("cram", _cram_training)
+
+
 __all__ = [
     "CRAM",
+    "CramTraining",
     "GridTransform",
     "anneal_beta",
     "capture_rectangles",

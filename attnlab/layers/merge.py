@@ -15,19 +15,10 @@ Two claims hide in "multiplication beats addition", and the presets keep them ap
 ``mul_bn``: the paper's literal replacement) and *gated* products (``gate``, ``gate_shortcut``, ``mul_residual``: one
 factor squashed or offset so that it acts like an attention gate on the other).
 
-Scale at initialisation (measured by tests/test_merge.py on resnet110 and resnet20 at init, seed 0):
-
-- ``mul``: inside a stage S ≥ 0 (after a ReLU) and F ≈ N(0, 1), so ReLU(F ⊙ S) = S · ReLU(F) zeroes about half of the
-  live units in each block, and a zero stays zero in every later product: the live fraction goes 0.25, 0.13, 0.06, ...
-  and resnet110 is all zeros from its 9th block on. After a downsample S is a BN output, F is computed from S and
-  correlates with it, and the products compound heavy tails (resnet20 block outputs reach std 10²–10³). No init of this
-  formula avoids both; it is kept as the literal baseline, the one the evidence says fails.
-- ``mul_bn``, ``gate_shortcut``: renormalising S revives zeroed units, and the forward stays near unit scale at any
-  depth. But neither keeps an identity path, so at init the network is a plain (skip-less) BN network, and its gradient
-  explodes with depth like one: total gradient norm resnet20 → resnet110 ≈ 10² → 10¹⁵ (``mul_bn``), 5 → 10⁷
-  (``gate_shortcut``), against 0.8–0.9 for ``add``. Shallow nets train; deep ones need clipping at least.
-- ``gate``, ``mul_residual``: a factor that is exactly 1 at init once F's last BN is zeroed, so each block starts as
-  the identity, as in ResNet; forward scale and gradient norm then match ``add``'s at every depth.
+Scale at initialisation (measured in tests/test_merge.py; numbers in docs/MEASUREMENTS.md): ``mul`` zeroes about half
+of the live units per block and compounds heavy tails, so it is kept only as the literal baseline; ``mul_bn`` and
+``gate_shortcut`` stay near unit scale but keep no identity path, so their gradient explodes with depth like a
+skip-less network's; ``gate`` and ``mul_residual`` start every block as the identity, like ``add``.
 
 Half precision: the product of two fp16 activations of a few hundred overflows (65504), and bf16 keeps 8 mantissa bits.
 Every multiplicative merge therefore computes its formula in fp32 when an input is fp16/bf16 and clamps the result to
@@ -36,26 +27,7 @@ the input dtype's finite range before casting back (BN on S runs first, in the i
 
 Each merge class states ``zero_init_residual``: whether zeroing F's last BN weight (timm's ``zero_init_last``) is right
 for it. ``DEFAULT_FMM_MERGE`` is the variant the ``fmm_`` models use, chosen on validation accuracy by
-benchmarks/fmm_variants.py: resnet20 on Fashion-MNIST, 3500 training images, 3000 validation images carved from the
-training pool, 3 epochs at batch 32 (≈330 SGD steps), the engine's default recipe otherwise, seeds 0, 1, 2; a 2-core
-CPU shared with other jobs, one thread per run, two runs at a time, 763 s wall (per-run wall times sum to 1485 s)::
-
-    OMP_NUM_THREADS=1 python benchmarks/fmm_variants.py --seeds 3 --epochs 3 --subset 3500 --val-size 3000 \\
-        --batch-size 32 --jobs 2
-
-    merge           val acc % (mean ± std, 3 seeds)   test acc % (not used to choose)
-    gate_shortcut   77.51 ± 0.28  (selected)          77.12 ± 0.36
-    mul_residual    76.39 ± 0.43                      75.93 ± 0.45
-    add             76.07 ± 1.04  (reference)         75.76 ± 0.87
-    gate            66.46 ± 0.76                      65.17 ± 0.36
-    mul_bn          10.99 ± 1.18  (chance)            10.35 ± 0.17
-    mul             diverged in epoch 1, 3/3 seeds    —
-
-The budget ranks how well each merge starts to train, not final accuracy, and gate_shortcut's lead over add is not
-significant at 3 seeds (Welch t = 2.3, p = 0.13); over mul_residual it is (t = 3.8, p = 0.03). The order matches the
-Caltech evidence: (σ(BN(S))+0.5)·F closest to addition, the bare and BN products far behind. ``mul_bn`` and ``mul``
-also stayed at chance with gradients clipped to norm 1 and with lr 0.01 (seed 0; block outputs on Fashion-MNIST at
-init reach |y| ≈ 10³ with std ≈ 6: BN of sparse, mostly-background maps makes heavy tails that the products compound).
+benchmarks/fmm_variants.py (the run and its table: docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations
@@ -65,7 +37,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..errors import AttnlabError, unknown_name
+from ..errors import AttnlabError, lookup
 
 
 def _upcast(f: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
@@ -283,15 +255,12 @@ MERGES: dict[str, type[nn.Module]] = {
     "gate_shortcut": GateShortcutMerge,
     "mul_residual": MulResidualMerge,
 }
-DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fmm_variants.py (module docstring)
+DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fmm_variants.py (docs/MEASUREMENTS.md)
 
 
 def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
     """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
-    try:
-        cls = MERGES[name]
-    except KeyError:
-        raise unknown_name("merge", name, MERGES) from None
+    cls = lookup(MERGES, name, "merge")
     try:
         inspect.signature(cls).bind(channels, **kwargs)
     except TypeError:

@@ -15,7 +15,6 @@ of 16/32/64 channels (resnet20/32/56/110: 6n+2 layers) or 64–512 (resnet18c). 
 conv + BN (option B) rather than the paper's zero-padding (option A): same depth, +0.4% params on resnet20.
 """
 
-
 from collections.abc import Callable, Sequence
 
 import torch

@@ -13,13 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..train.checkpoint import write_text_atomic
-from ..train.config import TrainConfig
-from . import plots
-from .plan import FAILURE_FILE, Plan, dataset_slug
-from .presets import PRESETS, Preset, verdicts
-from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
-from .results import (
+from ..experiment.claims import RULES, Evidence, decide_claims
+from ..experiment.plan import FAILURE_FILE, Plan, analysis_dir, dataset_slug
+from ..experiment.presets import PRESETS, Preset
+from ..experiment.results import (
     RESULT_FIELDS,
     SUMMARY_FIELDS,
     collect_results,
@@ -27,9 +24,11 @@ from .results import (
     load_analyses,
     missing_runs,
     summarize,
-    write_csv,
 )
-from .verdicts import RULES, Evidence
+from ..io import write_csv, write_text_atomic
+from ..train.config import NEUTRAL, TrainConfig
+from . import plots
+from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
 
 FIGURES = "figures"
 RECIPE_SHOWN = (
@@ -79,10 +78,6 @@ def _recipe_text(plan: Plan) -> str:
     return ", ".join(f"{k} {cfg[k]}" for k in keys)
 
 
-NOT_BUDGET = frozenset({"device", "data_dir", "progress"})
-"""Settings that say where a comparison ran, not how much it trained: never reported as budget changes."""
-
-
 def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
     """How ``plan`` departs from the budget of ``preset`` it names, as ``"epochs 15 → 5"`` items (empty if it does
     not)."""
@@ -97,7 +92,7 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
         own = {**preset.recipe, **budget.recipe, **budget.dataset_recipe.get(dataset, {})}
         used = {**plan.recipe, **plan.dataset_recipe.get(dataset, {})}
         where = f" ({dataset})" if len(plan.datasets) > 1 else ""
-        for key in sorted((set(own) | set(used)) - NOT_BUDGET):
+        for key in sorted((set(own) | set(used)) - NEUTRAL):  # where it ran, not how much it trained
             before, after = own.get(key, defaults.get(key)), used.get(key, defaults.get(key))
             if before != after:
                 shown = ["all" if key == "subset" and v is None else v for v in (before, after)]
@@ -168,7 +163,7 @@ def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
     if preset is None or not preset.claims:
         return []
     blocks: list[Block] = [Heading(2, "Verdicts"), Paragraph(RULES)]
-    for claim, found in verdicts(preset, evidence, plan.datasets):
+    for claim, found in decide_claims(preset.claims, evidence, plan.datasets):
         blocks.append(Heading(3, claim.statement))
         rows = tuple((v.claim, f"**{v.verdict}**", v.numbers, v.reason) for v in found)
         blocks.append(Table(("case", "verdict", "numbers", "reason"), rows))
@@ -283,7 +278,7 @@ def _analysis_blocks(plan: Plan, out: Path, analyses: dict) -> list[Block]:
         if labels:
             rows = tuple((metric, *(_headline_cell(by_seed, label, metric) for label in labels)) for metric in metrics)
             blocks.append(Table(("metric", *labels), rows))
-        folder = out / "analyses" / dataset_slug(dataset) / f"seed{seeds[0]}"
+        folder = analysis_dir(out, dataset, seeds[0])
         for png in by_seed[seeds[0]].get("plots") or []:
             if (folder / png).is_file():
                 blocks.append(Image((folder / png).relative_to(out).as_posix(), f"{name}: {png}"))

@@ -9,13 +9,9 @@ one otherwise. Loading uses safetensors (no pickle) and checks keys, shapes and 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +21,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import AttnlabError
+from ..io import atomic_path, write_text_atomic
 
 KEEP = 2  # checkpoints kept on disk: the newest and one to fall back on
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success it replaces ``target`` atomically, on failure it goes."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(target: Path, text: str) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text)
 
 
 def save_tensors_atomic(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -146,12 +108,6 @@ def _join_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(state, list):
         return [_join_state(v, tensors) for v in state]
     return state
-
-
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary files that a killed writer left in ``directory`` (call only while holding the run's lock)."""
-    for tmp in Path(directory).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(directory: Path, epoch: int, states: dict[str, Any], info: dict[str, Any]) -> Path:

@@ -10,13 +10,15 @@ AW models, whose batch-folded grouped convolution is 1.5× slower in it on CPU).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import AttnlabError
+from ..errors import AttnlabError, unknown_name
+from ..io import read_yaml
 from ..layers.cram import DEFAULT_EQUIVARIANCE_TRANSFORMS, check_transforms
 
 AMP_CHOICES = ("off", "auto", "bf16", "fp16")
@@ -91,8 +93,6 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            from ..errors import unknown_name
-
             raise AttnlabError(f"{source}: {unknown_name('setting', unknown[0], known)}")
         try:
             return cls(**values)
@@ -103,31 +103,55 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(read_yaml(path), source=str(path))
 
+    @classmethod
+    def from_flags(cls, flags: Any, saved: str | Path | None = None) -> TrainConfig:
+        """Defaults ← ``flags.config`` (a YAML file) or else ``saved`` (a run's own config.yaml, when resuming) ←
+        the flags given on the command line (`given_flags`), with ``flags.model_arg``/``data_arg`` (KEY=VALUE pairs)
+        and ``flags.in_chans`` merged into the model and dataset options."""
+        values: dict[str, Any] = {}
+        if getattr(flags, "config", None):
+            values = read_yaml(flags.config)
+        elif saved is not None and Path(saved).exists():
+            values = read_yaml(saved)
+        values.update(given_flags(flags))
+        model_kwargs = dict(values.get("model_kwargs") or {}, **dict(getattr(flags, "model_arg", None) or []))
+        if getattr(flags, "in_chans", None) is not None:
+            model_kwargs["in_chans"] = flags.in_chans
+        values["model_kwargs"] = model_kwargs
+        values["dataset_options"] = dict(
+            values.get("dataset_options") or {}, **dict(getattr(flags, "data_arg", None) or [])
+        )
+        return cls.from_dict(values, source=getattr(flags, "config", None) or "command line")
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``, or a one-line `AttnlabError` saying what is wrong with the file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise AttnlabError(f"{path}: cannot read config ({e.strerror})") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where else ""
-        raise AttnlabError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise AttnlabError(f"{path}: a config must be a mapping of settings, got {type(values).__name__}")
+NEUTRAL = frozenset({"out", "device", "data_dir", "eval_batch_size", "detect_anomaly"})
+"""Settings that say where and how a run executes, not what it computes: two runs that differ only in these give the
+same numbers. A finished run is reused by a comparison when its config differs from the wanted one only here."""
+
+RESUMABLE_CHANGES = NEUTRAL | {"epochs"}
+"""What may change when a run is resumed: the neutral settings, and the length (more epochs stretch the schedule)."""
+
+SAME_RECIPE = NEUTRAL | {"epochs", "seed"}
+"""Runs whose configs differ only in these are one recipe trained with several seeds (analyses group them)."""
+
+ENTRY_SETTINGS = ("model_kwargs", "dataset_options")
+"""Settings given as KEY=VALUE options (``--model-arg``, ``--data-arg``), not as flags of their own."""
+
+
+def given_flags(flags: Any, exclude: Collection[str] = ()) -> dict[str, Any]:
+    """The settings given on a command line: the attributes of ``flags`` (an argparse namespace whose every default is
+    None) that name a `TrainConfig` field and are not None; ``--val-size`` ≥ 1 is a count."""
+    values = {}
+    for f in fields(TrainConfig):
+        given = getattr(flags, f.name, None)
+        if given is not None and f.name not in exclude and f.name not in ENTRY_SETTINGS:
+            values[f.name] = given
+    if isinstance(values.get("val_size"), float) and values["val_size"] >= 1:
+        values["val_size"] = int(values["val_size"])
     return values
-
-
-# Settings that may differ between a run and its resumption (they do not change the numbers a run computes).
-RESUMABLE_CHANGES = frozenset({"out", "device", "epochs", "data_dir", "eval_batch_size", "detect_anomaly"})
 
 
 def first_difference(saved: dict[str, Any], wanted: dict[str, Any], may_differ: frozenset[str]) -> tuple | None:

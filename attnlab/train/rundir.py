@@ -26,6 +26,11 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.lock = self.root / ".lock"
 
+    @property
+    def finished(self) -> bool:
+        """A run is finished iff its ``summary.json`` exists (the engine writes it last, atomically)."""
+        return self.summary.is_file()
+
     def has_run(self) -> bool:
         return any((self.root / name).exists() for name in RUN_FILES)
 

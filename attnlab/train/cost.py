@@ -1,4 +1,5 @@
-"""Side-by-side cost of models: parameters, FLOPs, inference latency and training-step throughput.
+"""What a model costs: forward FLOPs, single-image latency, and `benchmark_models`, the side-by-side parameters, FLOPs,
+latency and training-step throughput of several models.
 
 Timings on a shared machine are noisy, so models are measured round-robin (model A, B, C, A, B, C, ...) within one
 process and the median of the repeats is reported, together with the ratio to the first model (the baseline).
@@ -6,18 +7,17 @@ process and the median of the repeats is reported, together with the ratio to th
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import create_model
-from .engine import count_flops
 
 
 def _sync(device: torch.device) -> None:
@@ -31,6 +31,29 @@ def _timed(fn, device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+def count_flops(model: nn.Module, in_chans: int, image_size: tuple[int, int], device: torch.device) -> int:
+    """Forward FLOPs for one image (torch.utils.flop_counter; a multiply-add counts as 2)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, in_chans, *image_size, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module, in_chans: int, image_size: tuple[int, int], device: torch.device, repeats: int = 20
+) -> float:
+    """Median forward time of one image in eval mode, in milliseconds."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_chans, *image_size, device=device)
+    times = [_timed(lambda: model(x), device) for _ in range(repeats + 3)][3:]
+    model.train(was_training)
+    return 1000 * sorted(times)[len(times) // 2]
 
 
 def benchmark_models(
@@ -124,14 +147,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['train_step_ms']:>9.1f} {r['train_img_per_s']:>8.0f} {r['train_step_ratio']:>7.3f}"
         )
     return "\n".join(lines)
-
-
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    """Write ``rows`` (dicts with the same keys) as a CSV file, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import AttnlabError, unknown_name
+from ..io import write_json_atomic, yaml_scalar
 from ..train.config import TrainConfig
 
 PER_RUN_FIELDS = ("model", "dataset", "seed", "out", "model_kwargs", "dataset_options")
@@ -70,20 +69,6 @@ def _split_top(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _value(text: str) -> Any:
-    """An option's value read as YAML, plus the numbers YAML 1.1 leaves as strings (``1e-3``)."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text.strip()
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def parse_entry(text: str) -> Entry:
     """``"name[key=value,...]"`` → `Entry` (see the module docstring)."""
     from ..models import list_models
@@ -103,7 +88,7 @@ def parse_entry(text: str) -> Entry:
         key = key.strip()
         if not sep or not key:
             raise AttnlabError(f"model entry {text!r}: option {item!r} is not key=value")
-        parsed = _value(value)
+        parsed = yaml_scalar(value)
         if key in PER_RUN_FIELDS:
             raise AttnlabError(f"model entry {text!r}: '{key}' is set by the comparison, not per entry")
         head, _, rest = key.partition(".")
@@ -328,9 +313,7 @@ class Plan:
         )
 
     def save(self, out: Path) -> None:
-        from ..train.checkpoint import write_text_atomic
-
-        write_text_atomic(Path(out) / PLAN_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json_atomic(Path(out) / PLAN_FILE, self.to_dict())
 
     @classmethod
     def load(cls, out: Path) -> Plan:

@@ -1,11 +1,13 @@
-"""Summary statistics over seeds: mean, spread, a t-based 95% interval, and paired tests between two models.
+"""The project's one statistics module: mean, spread and a t-based 95% interval of a sample (seeds, samples, layers),
+paired tests between two models over shared seeds, and Holm's adjustment.
 
-Seeds are few (2–10), so everything is computed for small samples and degenerate ones are answered, not crashed on:
-with one value the spread and the interval are NaN; a paired test needs two shared seeds. Differences that are all
-zero (two models with identical numbers) give t = 0, p = 1 (no evidence of a difference) where scipy would give NaN;
-differences that are all equal but not zero have no spread, so the t-test is undefined and its p-value is NaN
-(scipy would report t = ±inf, p = 0, a certainty two runs cannot give). "Equal" allows for float rounding: a spread
-below 1e-12 of the values' scale counts as none, so ``0.91 - 0.9`` and ``0.81 - 0.8`` are the same difference.
+Samples may be small (2–10 seeds), so degenerate ones are answered, not crashed on: with one value the spread and the
+interval are NaN (one value says nothing about its uncertainty), with none every number is NaN; a paired test needs
+two shared seeds. Differences that are all zero (two models with identical numbers) give t = 0, p = 1 (no evidence of
+a difference) where scipy would give NaN; differences that are all equal but not zero have no spread, so the t-test
+is undefined and its p-value is NaN (scipy would report t = ±inf, p = 0, a certainty two runs cannot give). "Equal"
+allows for float rounding: a spread below 1e-12 of the values' scale counts as none, so ``0.91 - 0.9`` and
+``0.81 - 0.8`` are the same difference.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def describe(values: Sequence[float]) -> Described:
     std = float(np.std(x, ddof=1))
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
     return Described(n, mean, std, mean - half, mean + half)
+
+
+def mean_ci(values: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """`describe` of the finite values as a dict {mean, ci_low, ci_high, n}, the form analysis results store."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    d = describe(v[np.isfinite(v)])
+    return {"mean": d.mean, "ci_low": d.ci_low, "ci_high": d.ci_high, "n": d.n}
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedTest:

@@ -9,8 +9,6 @@ nothing is ever selected on the test set.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -18,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnlabError
-from ..train.checkpoint import write_text_atomic
+from ..io import read_json
+from ..stats import describe, paired_test
+from ..train.rundir import RunDir
 from .plan import Plan, analysis_dir
-from .stats import describe, paired_test
 
 RESULT_FIELDS = (
     "dataset",
@@ -72,16 +71,9 @@ share of (entry − baseline) test accuracy; ``t_p`` and ``wilcoxon_p`` are two-
 cost columns are means over seeds (params and FLOPs do not vary)."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AttnlabError(f"{path}: unreadable ({e})") from None
-
-
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
     """The per-epoch records of a run's ``metrics.jsonl`` (none if the file is missing)."""
-    path = folder / "metrics.jsonl"
+    path = RunDir(folder).metrics
     if not path.is_file():
         return []
     try:
@@ -94,10 +86,9 @@ def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:
     """One row per finished run, in plan order (dataset, entry, seed)."""
     rows = []
     for dataset, entry, _seed, folder in plan.runs(out):
-        summary_path = folder / "summary.json"
-        if not summary_path.is_file():
+        if not RunDir(folder).finished:
             continue
-        s = _read_json(summary_path)
+        s = read_json(RunDir(folder).summary)
         rows.append(
             {
                 "dataset": dataset,
@@ -123,7 +114,7 @@ def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:
 
 def missing_runs(plan: Plan, out: Path) -> list[str]:
     """Run folders (relative to ``out``) the plan asks for that have no ``summary.json``."""
-    return [f.relative_to(out).as_posix() for *_, f in plan.runs(out) if not (f / "summary.json").is_file()]
+    return [f.relative_to(out).as_posix() for *_, f in plan.runs(out) if not RunDir(f).finished]
 
 
 def per_seed(rows: Iterable[dict[str, Any]], dataset: str, model: str, metric: str) -> dict[int, float]:
@@ -183,7 +174,7 @@ def learning_curves(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, li
     """``{(dataset, entry): {seed: [val_acc of epoch 1, 2, ...]}}`` from each run's ``metrics.jsonl``."""
     curves: dict[tuple[str, str], dict[int, list[float]]] = {}
     for dataset, entry, seed, folder in plan.runs(out):
-        if (folder / "summary.json").is_file():
+        if RunDir(folder).finished:
             curves.setdefault((dataset, entry.name), {})[seed] = [float(r["val_acc"]) for r in read_metrics(folder)]
     return curves
 
@@ -196,7 +187,7 @@ def load_analyses(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, dict
             for seed in plan.analysis_seeds(spec):
                 path = analysis_dir(out, dataset, seed) / f"{spec.name}.json"
                 if path.is_file():
-                    found.setdefault((dataset, spec.name), {})[seed] = _read_json(path)
+                    found.setdefault((dataset, spec.name), {})[seed] = read_json(path)
     return found
 
 
@@ -210,18 +201,3 @@ def headline_per_seed(
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[seed] = float(value)
     return out
-
-
-def to_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
-    """CSV text; floats are written in full (``repr``) so the file round-trips to the same numbers."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in fields})
-    return buffer.getvalue()
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
-    """Write ``rows`` as CSV to ``path`` atomically (a reader never sees half a file)."""
-    write_text_atomic(Path(path), to_csv(rows, fields))

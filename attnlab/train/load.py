@@ -1,4 +1,5 @@
-"""Load a finished run (or a bare ``model.safetensors``) back into a model, without unpickling anything."""
+"""Load a finished run (or a bare ``model.safetensors``) back into a model, without unpickling anything, and the data
+it was trained on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
+from ..data import DataBundle, load_dataset
 from ..errors import AttnlabError
 from ..models import create_model
 from .checkpoint import load_state_strict, load_tensors
@@ -53,3 +55,24 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Trai
     run = RunDir(weights.parent)
     cfg = TrainConfig.from_yaml(run.config) if run.config.exists() else None
     return model.to(device).eval(), cfg
+
+
+def run_data(cfg: TrainConfig, dataset: str | None = None, data_dir: str | None = None, **options) -> DataBundle:
+    """The data of the run configured by ``cfg``: its dataset with its options, folder and validation split; or
+    ``dataset`` instead (then without the run's options and split). ``options`` are added to the dataset's."""
+    same = dataset is None or dataset == cfg.dataset
+    return load_dataset(
+        cfg.dataset if same else dataset,
+        data_dir or (cfg.data_dir if same else None),
+        val_size=cfg.val_size if same else None,
+        **{**(cfg.dataset_options if same else {}), **options},
+    )
+
+
+def check_fits(model: nn.Module, bundle: DataBundle, where: str) -> None:
+    """Refuse data whose channels or classes are not the ones ``model`` takes, in one line starting with ``where``."""
+    if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
+        raise AttnlabError(
+            f"{where} has {bundle.in_chans} channel(s) and {bundle.num_classes} classes; the model takes "
+            f"{model.in_chans} and {model.num_classes}"
+        )

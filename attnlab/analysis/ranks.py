@@ -1,4 +1,4 @@
-"""Row-wise rank statistics and confidence intervals, batched over thousands of rows at once.
+"""Row-wise rank statistics, batched over thousands of rows at once.
 
 Each row pairs an attention value with an importance value for every unit (channel or position) of one sample, and
 the analyses need one correlation per row. ``scipy.stats.spearmanr`` and ``kendalltau`` work on one pair of vectors
@@ -10,8 +10,6 @@ many rows they kept.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import scipy.stats
@@ -67,26 +65,10 @@ def topk_overlap(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, k: 
     return ((top_a & top_b).sum(1).double() / k).numpy()
 
 
-def mean_ci(values: np.ndarray | list[float], level: float = 0.95) -> dict[str, float]:
-    """Mean of the finite values with a Student-t confidence interval: {mean, ci_low, ci_high, n}.
-
-    With one value the interval is that value; with none, every number is NaN and n is 0.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-    mean = float(v.mean())
-    if v.size == 1:
-        return {"mean": mean, "ci_low": mean, "ci_high": mean, "n": 1}
-    half = float(scipy.stats.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(v.size)}
-
-
 def shuffled_rows(a: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each row of ``a`` independently permuted (a null model that keeps every row's values)."""
     order = torch.rand(a.shape, generator=generator).argsort(dim=1)
     return a.gather(1, order.to(a.device))
 
 
-__all__ = ["kendall_rows", "mean_ci", "shuffled_rows", "spearman_rows", "topk_overlap"]
+__all__ = ["kendall_rows", "shuffled_rows", "spearman_rows", "topk_overlap"]

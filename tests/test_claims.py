@@ -1,18 +1,13 @@
-"""Summary statistics against scipy on fixed numbers, their degenerate cases, Holm's adjustment, and the verdict rules
-on hand-made per-seed numbers."""
+"""The claim rules on hand-made per-seed numbers, claims reading analysis headlines, and metric names checked
+against what the analyses declare."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from scipy import stats
 
-from attnlab.report.stats import describe, holm, paired_test
-from attnlab.report.verdicts import (
+from attnlab.errors import AttnlabError
+from attnlab.experiment.claims import (
     DOES_NOT_HOLD,
     HOLDS,
     INCONCLUSIVE,
@@ -27,64 +22,6 @@ from attnlab.report.verdicts import (
 
 A = [0.912, 0.905, 0.918, 0.909, 0.914]
 B = [0.901, 0.899, 0.915, 0.897, 0.902]
-
-
-def test_describe_matches_scipy():
-    d = describe(A)
-    assert d.n == 5
-    assert d.mean == pytest.approx(np.mean(A), abs=1e-15)
-    assert d.std == pytest.approx(np.std(A, ddof=1), abs=1e-15)
-    low, high = stats.t.interval(0.95, len(A) - 1, loc=np.mean(A), scale=stats.sem(A))
-    assert (d.ci_low, d.ci_high) == (pytest.approx(low, abs=1e-14), pytest.approx(high, abs=1e-14))
-
-
-def test_describe_degenerate_samples():
-    assert describe([]).n == 0 and math.isnan(describe([]).mean)
-    one = describe([0.7])
-    assert one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.ci_low) and math.isnan(one.ci_high)
-    same = describe([0.8, 0.8, 0.8])
-    assert (same.std, same.ci_low, same.ci_high) == (0.0, 0.8, 0.8)
-
-
-def test_paired_test_matches_scipy():
-    p = paired_test(A, B)
-    t = stats.ttest_rel(A, B)
-    w = stats.wilcoxon(A, B)
-    assert p.n == 5
-    assert p.mean_diff == pytest.approx(np.mean(np.subtract(A, B)), abs=1e-15)
-    assert (p.t_stat, p.t_p) == (pytest.approx(t.statistic, rel=1e-12), pytest.approx(t.pvalue, rel=1e-12))
-    assert (p.wilcoxon_stat, p.wilcoxon_p) == (w.statistic, pytest.approx(w.pvalue, rel=1e-12))
-
-
-@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's own call below
-def test_paired_test_degenerate_samples():
-    short = paired_test([0.9], [0.8])
-    assert short.n == 1 and short.mean_diff == pytest.approx(0.1) and math.isnan(short.t_p)
-    assert paired_test([], []).n == 0
-    same = paired_test(A, A)
-    assert (same.mean_diff, same.t_stat, same.t_p, same.wilcoxon_p) == (0.0, 0.0, 1.0, 1.0)
-    # equal differences up to float rounding: scipy reports a huge t and p ≈ 0, we report "undefined"
-    shifted = paired_test([0.91, 0.81, 0.71], [0.9, 0.8, 0.7])
-    assert stats.ttest_rel([0.91, 0.81, 0.71], [0.9, 0.8, 0.7]).pvalue < 1e-10
-    assert math.isnan(shifted.t_p) and shifted.mean_diff == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="same length"):
-        paired_test([1, 2], [1])
-
-
-def test_holm_by_hand():
-    adjusted = holm([0.01, 0.04, 0.03, 0.005, math.nan])
-    assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert math.isnan(adjusted[4])
-
-
-@given(st.lists(st.floats(0, 1), min_size=1, max_size=12))
-def test_holm_properties(pvalues):
-    adjusted = holm(pvalues)
-    assert all(p <= a <= 1 for p, a in zip(pvalues, adjusted, strict=True))
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    assert all(adjusted[i] <= adjusted[j] for i, j in zip(order, order[1:], strict=False))
-    assert adjusted[order[0]] == pytest.approx(min(1.0, len(pvalues) * pvalues[order[0]]))
-
 
 # ------------------------------------------------------------------------------------------------------------ verdicts
 
@@ -150,7 +87,7 @@ def test_threshold_rule():
 
 
 def test_claims_read_analysis_headlines_per_seed():
-    from attnlab.report.presets import attention_weakly_consistent, smoother_than_plain
+    from attnlab.experiment.claims import attention_weakly_consistent, smoother_than_plain
 
     tv = {"plain": [0.50, 0.55, 0.52, 0.58], "fmm": [0.30, 0.36, 0.31, 0.35]}
     rho = [0.21, 0.18, 0.25, 0.2]
@@ -169,3 +106,29 @@ def test_claims_read_analysis_headlines_per_seed():
     del analyses[("d", "smoothness")][3]["headline"]["fmm"]  # a missing value leaves that seed out
     (smooth,) = smoother_than_plain("plain", ["fmm"]).rule(ev, ["d"])
     assert "n=3" in smooth.numbers
+
+
+def test_a_misspelt_metric_is_an_error_not_an_inconclusive_claim():
+    """Claims name analysis metrics through the analyses' constants; a name typed by hand must be declared."""
+    from attnlab.analysis.smoothness import TV_SAME
+
+    assert Metric(TV_SAME, "smoothness").name == "tv_same"
+    with pytest.raises(AttnlabError, match="unknown smoothness headline metric 'tv_smae'; did you mean tv_same"):
+        Metric("tv_smae", "smoothness")
+    with pytest.raises(AttnlabError, match="unknown analysis 'smoothnes'"):
+        Metric("tv_same", "smoothnes")
+    with pytest.raises(AttnlabError, match="unknown results.csv column 'test_accuracy'"):
+        Metric("test_accuracy")
+    with pytest.raises(ImportError):
+        from attnlab.analysis.smoothness import TV_SMAE  # noqa: F401
+
+
+def test_every_preset_claim_metric_is_declared_by_its_analysis():
+    from attnlab.analysis import get_analysis
+    from attnlab.experiment import claims
+
+    metrics = [v for v in vars(claims).values() if isinstance(v, Metric)]
+    metrics += [m for v in vars(claims).values() if isinstance(v, tuple) for m in v if isinstance(m, Metric)]
+    assert len(metrics) >= 15
+    for m in metrics:
+        assert m.analysis is None or m.name in get_analysis(m.analysis).metrics

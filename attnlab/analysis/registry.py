@@ -1,0 +1,122 @@
+"""The analyses, one record each: what `run_analysis`, ``attnlab analyze``, ``attnlab compare`` and the claims know of
+an analysis. Adding an analysis is a module (its function, its ``headline`` and the constants naming its headline
+metrics), its figures in `plots`, and one record here."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import lookup, unknown_name
+from . import plots
+from .consistency import METRICS as CONSISTENCY_METRICS
+from .consistency import consistency
+from .consistency import headline as consistency_headline
+from .landscape import METRICS as LANDSCAPE_METRICS
+from .landscape import headline as landscape_headline
+from .landscape import landscape
+from .localization import METRICS as LOCALIZATION_METRICS
+from .localization import headline as localization_headline
+from .localization import localization
+from .smoothness import METRICS as SMOOTHNESS_METRICS
+from .smoothness import headline as smoothness_headline
+from .smoothness import smoothness
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis.
+
+    Attributes:
+        name: ``attnlab analyze NAME``.
+        function: the library function, called as ``function(model, images, labels_or_boxes, **options)``.
+        headline: result → {metric: float}, the numbers a report quotes and claims read.
+        metrics: the headline metric names a claim may use (constants of the analysis's module).
+        figures: ``(results, extras, out) → PNG file names``, drawn for all checkpoints at once.
+        internal: keyword arguments the runner sets itself (not user options).
+        extra: a key the runner takes out of each result for the figures (per-sample data the JSON does not keep).
+        needs_boxes: called with the ground-truth boxes instead of the labels (needs a dataset with boxes).
+        seeded: takes ``seed=`` (every random draw of the analysis).
+        selects_on_validation: chooses something (a layer) on held-out validation images, given to it as
+            ``select_images`` and ``select_boxes``, before scoring the test images.
+    """
+
+    name: str
+    function: Callable[..., dict]
+    headline: Callable[[dict[str, Any]], dict[str, float]]
+    metrics: tuple[str, ...]
+    figures: Callable[[dict, dict, Path], list[str]]
+    internal: dict[str, Any] = field(default_factory=dict)
+    extra: str | None = None
+    needs_boxes: bool = False
+    seeded: bool = True
+    selects_on_validation: bool = False
+
+    def options(self) -> dict[str, Any]:
+        """The user options (keyword → default) of the analysis."""
+        return {
+            p.name: p.default
+            for p in inspect.signature(self.function).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {*self.internal, *RUNNER_SETS}
+        }
+
+
+OVERLAY_EXAMPLES = 6
+RUNNER_SETS = ("seed", "select_images", "select_boxes")
+"""Keyword arguments the runner always sets itself where an analysis takes them (never user options)."""
+
+ANALYSES: dict[str, Analysis] = {
+    a.name: a
+    for a in (
+        Analysis(
+            "consistency",
+            consistency,
+            consistency_headline,
+            CONSISTENCY_METRICS,
+            plots.consistency_figures,
+            internal={"keep_values": True},
+            extra="values",
+        ),
+        Analysis(
+            "smoothness",
+            smoothness,
+            smoothness_headline,
+            SMOOTHNESS_METRICS,
+            plots.smoothness_figures,
+            internal={"keep_curves": True},
+        ),
+        Analysis("landscape", landscape, landscape_headline, LANDSCAPE_METRICS, plots.landscape_figures),
+        Analysis(
+            "localization",
+            localization,
+            localization_headline,
+            LOCALIZATION_METRICS,
+            plots.localization_figures,
+            internal={"keep_examples": OVERLAY_EXAMPLES},
+            extra="examples",
+            needs_boxes=True,
+            seeded=False,
+            selects_on_validation=True,
+        ),
+    )
+}
+
+
+def get_analysis(name: str) -> Analysis:
+    """The record of analysis ``name`` (`AttnlabError` with close matches if there is none)."""
+    return lookup(ANALYSES, name, "analysis")
+
+
+def analysis_options(name: str) -> dict[str, Any]:
+    """The options (keyword → default) that ``run_analysis(name, ...)`` accepts."""
+    return get_analysis(name).options()
+
+
+def metric(analysis: str, name: str) -> str:
+    """``name`` if analysis ``analysis`` declares it as a headline metric; an `AttnlabError` otherwise."""
+    if name not in get_analysis(analysis).metrics:
+        raise unknown_name(f"{analysis} headline metric", name, get_analysis(analysis).metrics)
+    return name

@@ -1,0 +1,375 @@
+"""Claim experiments: each preset names its models, data, budget and analyses, and the claims it decides.
+
+Every claim is stated in one sentence, as the paper (or the issue) makes it, and decided by the rules of
+`attnlab.experiment.claims` (paired t-test over at least 3 shared seeds, p < 0.05 in the claimed direction; Holm for
+families; one-sample t-test against a threshold for claims about a level). Budgets are defaults: any training flag
+given to ``attnlab compare --preset NAME`` (``--epochs``, ``--subset``, ``--seeds``, ``--device``, ...) overrides
+them, so the same preset is a quick look on a laptop and the full experiment on a GPU.
+
+Presets: ``fmm``, ``consistency``, ``smoothness``, ``aw``, ``cram``, and ``quick`` (a small version of all of them,
+for ``make demo``: a smoke test whose numbers are not evidence). `make_plan` turns a preset, or explicit choices, into
+the `Plan` a comparison runs (it lives here, above `plan`, because it resolves presets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from ..analysis import get_analysis
+from ..errors import AttnlabError, lookup, unknown_name
+from .claims import (
+    Claim,
+    attention_weakly_consistent,
+    cram_beats_spatial,
+    products_beat_addition,
+    smoother_than_plain,
+    weight_attention_adds,
+)
+from .plan import AnalysisSpec, Plan, check_buildable, parse_entries, parse_seeds
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One named budget of a preset: how much it trains and analyses, over the preset's own ``recipe``.
+
+    Attributes:
+        seeds: number of seeds (0, 1, ...).
+        recipe: `TrainConfig` settings shared by every run.
+        dataset_recipe: `TrainConfig` settings per dataset (over ``recipe``).
+        dataset_options: dataset options per dataset (e.g. the cluttered canvas).
+        analysis_images: images per analysis name (missing: the preset's own).
+        note: how the numbers were chosen (what was measured, on which machine).
+    """
+
+    seeds: int
+    recipe: dict[str, Any] = field(default_factory=dict)
+    dataset_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    analysis_images: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A claim experiment.
+
+    Attributes:
+        name: the ``--preset`` name.
+        description: what it tests, one sentence.
+        models: entries (``model[key=value]``), the baseline first.
+        datasets: datasets it trains on.
+        seeds: number of seeds (0, 1, ...).
+        recipe: `TrainConfig` settings (budget: epochs, subset, ...), overridable by flags.
+        dataset_options: options per dataset.
+        analyses: analyses run after training.
+        claims: the claims it decides.
+        small_budget: say in the report's first lines that its numbers are not evidence.
+        budgets: other named budgets (``--budget NAME``) beside the preset's own, ``"full"``.
+    """
+
+    name: str
+    description: str
+    models: tuple[str, ...]
+    datasets: tuple[str, ...]
+    seeds: int
+    recipe: dict[str, Any]
+    dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    analyses: tuple[AnalysisSpec, ...] = ()
+    claims: tuple[Claim, ...] = ()
+    small_budget: bool = False
+    budgets: dict[str, Budget] = field(default_factory=dict)
+
+    def budget(self, name: str) -> Budget:
+        """Budget ``name``: ``"full"`` (the preset's own settings) or one of ``budgets``."""
+        if name == "full":
+            return Budget(self.seeds, dict(self.recipe), dataset_options=dict(self.dataset_options))
+        if name not in self.budgets:
+            raise unknown_name(f"budget of preset {self.name}", name, ["full", *self.budgets])
+        return self.budgets[name]
+
+
+# ------------------------------------------------------------------------------------------------------------ presets
+
+FULL_RECIPE: dict[str, Any] = {"epochs": 15, "subset": None}
+CLUTTERED = "cluttered-fashion-mnist"
+CRAM_EQ = "cram_resnet20[equivariance=0.1]"
+GATED = ("se_resnet20", "cbam_resnet20", "cram_resnet20")
+FMM_PLAIN = (
+    "fmm_resnet20[merge=mul]",
+    "fmm_resnet20[merge=mul_bn]",
+    "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1]",
+    "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,post_act=false]",
+)
+"""The paper's literal products, with the two fixes the author's later Caltech log found decisive (BN biases fixed at
+1; no activation after the merge)."""
+FMM_GATED = (
+    "fmm_resnet20[merge=gate]",
+    "fmm_resnet20[merge=gate_shortcut]",
+    "fmm_resnet20[merge=gate_shortcut,merge_args.residual_bias=1]",
+    "fmm_resnet20[merge=mul_residual]",
+)
+
+CPU = Budget(
+    seeds=3,
+    recipe={"epochs": 15, "subset": None, "amp": "bf16"},
+    dataset_recipe={CLUTTERED: {"epochs": 10, "subset": 12000, "val_size": 2000}},
+    dataset_options={CLUTTERED: {"canvas": 64}},
+    analysis_images={"consistency": 1000, "localization": 1000, "smoothness": 1000, "landscape": 500},
+    note=(
+        "converges on the 2-core CPU: Fashion-MNIST's whole training split (55,000 train / 5,000 validation), 15 "
+        "epochs, bf16 autocast; cluttered-fashion-mnist at the 64×64 canvas of the earlier runs with the largest "
+        "training set that keeps its slowest run (CRAM with the equivariance term, measured at 74 img/s per thread "
+        "at 64×64 in bf16) near 15 minutes for 10 epochs on 2 threads"
+    ),
+)
+"""The ``cpu`` budget of every claim preset (``--budget cpu``): what converges on the project's 2-core machine."""
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _add(preset: Preset) -> None:
+    PRESETS[preset.name] = preset
+
+
+_add(
+    Preset(
+        name="fmm",
+        description="ResNet-20 against FMMNet-20 with plain and with gated products, on Fashion-MNIST and its "
+        "cluttered version.",
+        models=("resnet20", *FMM_PLAIN, *FMM_GATED),
+        datasets=("fashion-mnist", CLUTTERED),
+        seeds=5,
+        recipe={**FULL_RECIPE, "nonfinite": "skip"},  # a product that blows up still finishes, with its accuracy
+        claims=(
+            products_beat_addition("plain", "resnet20", FMM_PLAIN),
+            products_beat_addition("gated", "resnet20", FMM_GATED),
+        ),
+        budgets={"cpu": dataclasses.replace(CPU, recipe={**CPU.recipe, "nonfinite": "skip"})},
+    )
+)
+_add(
+    Preset(
+        name="consistency",
+        description="How well SE, CBAM and CRAM gates rank the units they gate, against ablation importance.",
+        models=("resnet20", "se_resnet20", "cbam_resnet20", "cram_resnet20"),
+        datasets=("fashion-mnist",),
+        seeds=5,
+        recipe=dict(FULL_RECIPE),
+        analyses=(AnalysisSpec("consistency", GATED, options={"images": 1000}),),
+        claims=(attention_weakly_consistent(GATED),),
+        budgets={"cpu": CPU},
+    )
+)
+_add(
+    Preset(
+        name="smoothness",
+        description="Smoothness between real samples and loss-landscape sharpness of plain, FMM and attention nets.",
+        models=("resnet20", "fmm_resnet20", "se_resnet20", "cbam_resnet20", "cram_resnet20"),
+        datasets=("fashion-mnist",),
+        seeds=5,
+        recipe=dict(FULL_RECIPE),
+        analyses=(
+            AnalysisSpec("smoothness", options={"images": 1000}),
+            AnalysisSpec("landscape", options={"images": 1000}),
+        ),
+        claims=(smoother_than_plain("resnet20", ("fmm_resnet20", "se_resnet20", "cbam_resnet20", "cram_resnet20")),),
+        budgets={"cpu": CPU},
+    )
+)
+_add(
+    Preset(
+        name="aw",
+        description="AW-convolution alone and on top of SE and CBAM.",
+        models=("resnet20", "aw_resnet20", "se_resnet20", "aw_se_resnet20", "cbam_resnet20", "aw_cbam_resnet20"),
+        datasets=("fashion-mnist",),
+        seeds=5,
+        recipe=dict(FULL_RECIPE),
+        claims=(
+            weight_attention_adds(
+                (("aw_resnet20", "resnet20"), ("aw_se_resnet20", "se_resnet20"), ("aw_cbam_resnet20", "cbam_resnet20"))
+            ),
+        ),
+        budgets={"cpu": CPU},
+    )
+)
+_add(
+    Preset(
+        name="cram",
+        description="Position-wise spatial attention against CRAM, with and without the equivariance term.",
+        models=("spatial_resnet20", "cram_resnet20", CRAM_EQ),
+        datasets=(CLUTTERED,),
+        seeds=5,
+        recipe=dict(FULL_RECIPE),
+        analyses=(AnalysisSpec("localization", options={"images": 1000}),),
+        claims=(cram_beats_spatial("spatial_resnet20", ("cram_resnet20", CRAM_EQ), CRAM_EQ, localize=True),),
+        budgets={"cpu": CPU},
+    )
+)
+_add(
+    Preset(
+        name="quick",
+        description="A small version of every claim experiment on Fashion-MNIST: a smoke test, not evidence.",
+        models=("resnet20", "se_resnet20", "fmm_resnet20", "aw_resnet20", "spatial_resnet20", "cram_resnet20"),
+        datasets=("fashion-mnist",),
+        seeds=2,
+        recipe={"epochs": 2, "subset": 5000, "val_size": 2000, "batch_size": 64, "warmup_epochs": 0.25},
+        analyses=(
+            AnalysisSpec(
+                "consistency",
+                ("se_resnet20", "cram_resnet20"),
+                max_seeds=1,
+                options={"images": 100, "methods": ["ablation", "grad_x_act"], "random_gate": False},
+            ),
+            AnalysisSpec("smoothness", ("resnet20", "fmm_resnet20", "se_resnet20"), options={"images": 200}),
+            AnalysisSpec(
+                "landscape",
+                ("resnet20", "fmm_resnet20"),
+                max_seeds=1,
+                options={"images": 100, "points": 11, "grid": 5, "hessian_iters": 8, "trace_samples": 3},
+            ),
+        ),
+        claims=(
+            products_beat_addition("gated", "resnet20", ("fmm_resnet20",)),
+            attention_weakly_consistent(("se_resnet20", "cram_resnet20")),
+            smoother_than_plain("resnet20", ("fmm_resnet20", "se_resnet20")),
+            weight_attention_adds((("aw_resnet20", "resnet20"),)),
+            cram_beats_spatial("spatial_resnet20", ("cram_resnet20",), None, localize=False),
+        ),
+        small_budget=True,
+    )
+)
+
+
+def get_preset(name: str) -> Preset:
+    return lookup(PRESETS, name, "preset")
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+# ---------------------------------------------------------------------------------------------------------- make_plan
+
+
+def make_plan(
+    *,
+    models: str | Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    seeds: str | int | None = None,
+    recipe: dict[str, Any] | None = None,
+    dataset_options: dict[str, Any] | None = None,
+    preset: str | None = None,
+    budget: str = "full",
+    analyses: Sequence[str] | None = None,
+    analysis_images: int | None = None,
+    baseline: str | None = None,
+    command: str = "",
+    jobs: int = 1,
+) -> Plan:
+    """A `Plan` from a preset and/or explicit choices; explicit budget settings override the preset's.
+
+    Args:
+        models: entries (``"a,b[k=v]"`` or a list); required without a preset, refused with one.
+        datasets: dataset names; required without a preset; with one, a choice among the preset's datasets (to give
+            each its own budget, e.g. fewer images on the larger cluttered canvas).
+        seeds: a count or a list (default: the preset's, else 3).
+        recipe: `TrainConfig` settings shared by every run (override the preset's budget).
+        dataset_options: options given to every dataset.
+        preset: a name from `PRESETS`.
+        budget: the preset's budget (``"full"``: its own; e.g. ``"cpu"``), which explicit settings override.
+        analyses: analysis names run on every entry (replace the preset's; ``[]`` runs none).
+        analysis_images: images per analysis (overrides every analysis's ``images``).
+        baseline: the entry others are compared with (default: the first).
+        command: the command line, recorded for the report.
+        jobs: worker processes, recorded with the machine.
+    """
+    if preset:
+        parts = _from_preset(get_preset(preset), budget, models, datasets, seeds, recipe, dataset_options)
+    else:
+        parts = _explicit(budget, models, datasets, seeds, recipe, dataset_options)
+    entries, dataset_list, seed_list, merged_recipe, dataset_recipe, options, specs = parts
+    if analyses is not None:
+        specs = [AnalysisSpec(name) for name in analyses]
+    if analysis_images is not None:
+        if analysis_images < 1:
+            raise AttnlabError(f"--analysis-images must be ≥ 1, got {analysis_images}")
+        specs = [replace(s, options={**s.options, "images": analysis_images}) for s in specs]
+    check_analyses(specs)
+    check_buildable(entries)
+    return Plan(
+        entries=entries,
+        datasets=dataset_list,
+        seeds=seed_list,
+        recipe=merged_recipe,
+        dataset_options={d: o for d, o in options.items() if o},
+        dataset_recipe={d: r for d, r in dataset_recipe.items() if r},
+        budget=budget,
+        baseline=baseline or "",
+        analyses=specs,
+        preset=preset,
+        command=command,
+        machine={"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "jobs": jobs},
+        date=datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+
+
+def _explicit(budget: str, models, datasets, seeds, recipe, dataset_options) -> tuple:
+    """The parts of a plan given without a preset (see `_from_preset`)."""
+    if budget != "full":
+        raise AttnlabError(f"--budget {budget} needs a --preset (budgets belong to presets)")
+    if not models:
+        raise AttnlabError("compare needs --models (or a --preset)")
+    if not datasets:
+        raise AttnlabError("compare needs --dataset (or a --preset)")
+    entries = parse_entries(models if isinstance(models, str) else list(models))
+    seed_list = parse_seeds(3 if seeds is None else seeds)
+    options = {d: dict(dataset_options or {}) for d in datasets}
+    return entries, list(datasets), seed_list, dict(recipe or {}), {}, options, []
+
+
+def _from_preset(chosen: Preset, budget: str, models, datasets, seeds, recipe, dataset_options) -> tuple:
+    """(entries, datasets, seeds, recipe, recipe per dataset, dataset options, analyses) of a preset at ``budget``,
+    with the explicit choices applied over it."""
+    if models:
+        raise AttnlabError(f"--preset {chosen.name} fixes the models; drop --models (or drop --preset)")
+    dataset_list = list(chosen.datasets)
+    if datasets:
+        foreign = [d for d in datasets if d not in dataset_list]
+        if foreign:
+            raise AttnlabError(
+                f"--preset {chosen.name} runs on {', '.join(dataset_list)}; --dataset {foreign[0]} is not one of them"
+            )
+        dataset_list = [d for d in dataset_list if d in datasets]
+    own = chosen.budget(budget)
+    dataset_recipe = {  # a setting given explicitly wins over the budget's per-dataset one
+        d: {k: v for k, v in own.dataset_recipe.get(d, {}).items() if k not in (recipe or {})} for d in dataset_list
+    }
+    options = {d: {**own.dataset_options.get(d, {}), **(dataset_options or {})} for d in dataset_list}
+    specs = [
+        replace(s, options={**s.options, "images": own.analysis_images[s.name]}) if s.name in own.analysis_images else s
+        for s in chosen.analyses
+    ]
+    return (
+        parse_entries(list(chosen.models)),
+        dataset_list,
+        parse_seeds(own.seeds if seeds is None else seeds),
+        {**chosen.recipe, **own.recipe, **(recipe or {})},
+        dataset_recipe,
+        options,
+        specs,
+    )
+
+
+def check_analyses(specs: Sequence[AnalysisSpec]) -> None:
+    """Refuse unknown analyses and options now, not after hours of training."""
+    for spec in specs:
+        known = {"images", *get_analysis(spec.name).options()}
+        for key in spec.options:
+            if key not in known:
+                raise AttnlabError(f"analysis {spec.name}: {unknown_name('option', key, known)}")
