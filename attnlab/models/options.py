@@ -4,15 +4,15 @@ builder) declares. A bad value is one line naming the model, the option, the val
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from timm.models import build_model_with_cfg
 
 from ..errors import AttnlabError
-from ..schema import PositiveInt, Probability, annotations, check
+from ..schema import PositiveInt, Probability, Range, annotations, check
 
 OPTIONS: dict[str, Any] = {
-    "num_classes": PositiveInt,
+    "num_classes": Annotated[int, Range(0)],  # 0: no classifier (timm's convention for a feature extractor)
     "in_chans": PositiveInt,
     "attn_layer": str,
     "attn_kwargs": dict[str, Any] | None,
