@@ -42,7 +42,7 @@ RECIPE_SHOWN = (
     "weight_decay",
     "label_smoothing",
     "augment",
-    "amp",
+    "precision",
     "nonfinite",
     "device",
 )
