@@ -49,7 +49,8 @@ def test_compiled_training_matches_eager_within_float_tolerance_and_keeps_the_ke
 
 def test_killed_compiled_run_resumes_to_bit_identical_weights(tmp_path):
     reference = tmp_path / "reference"
-    subprocess.run([*cli_train(reference, epochs=3), "--compile"], check=True, env=subprocess_env(), capture_output=True)
+    cmd = [*cli_train(reference, epochs=3), "--compile"]
+    subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True)
     out = tmp_path / "killed"
     cmd = [*cli_train(out, epochs=3), "--compile"]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
