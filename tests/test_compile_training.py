@@ -5,17 +5,16 @@ with one warning line where inductor cannot compile (here: no C++ compiler)."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_runs import cli_train, metrics, same_weights, subprocess_env, tiny
+from tiny_runs import cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
+from attnlab.errors import AttnlabError
 from attnlab.models import create_model
 from attnlab.train import train
 from attnlab.train.compiling import compile_module, is_compiled, run_or_fall_back
@@ -52,14 +51,7 @@ def test_killed_compiled_run_resumes_to_bit_identical_weights(tmp_path):
     cmd = [*cli_train(reference, epochs=3), "--compile"]
     subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True)
     out = tmp_path / "killed"
-    cmd = [*cli_train(out, epochs=3), "--compile"]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (out / "checkpoints" / "epoch-0001.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when([*cli_train(out, epochs=3), "--compile"], out / "checkpoints" / "epoch-0001.json", timeout=900)
     assert not (out / "summary.json").exists()
     resumed = subprocess.run(
         [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"],
@@ -98,6 +90,6 @@ def test_a_model_that_cannot_compile_trains_eagerly_after_one_warning(tmp_path, 
 
 def test_a_failure_of_the_model_itself_is_raised_not_hidden_by_the_fallback(capfd):
     model = compile_module(create_model("resnet20", num_classes=4, in_chans=1))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(AttnlabError, match="model expects 1 input channels, got 3"):
         run_or_fall_back(model, "resnet20", lambda: model(torch.zeros(2, 3, 12, 12)))  # 3 channels into a 1-channel net
     assert not is_compiled(model) and "warning" not in capfd.readouterr().err

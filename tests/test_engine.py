@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from tiny_runs import SYNTH, cli_train, metrics, same_weights, subprocess_env, tiny
+from tiny_runs import SYNTH, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
 from attnlab.cli import main
 from attnlab.train import TrainConfig, load_trained, train
@@ -88,13 +86,7 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     subprocess.run(cli_train(reference), check=True, env=subprocess_env(), capture_output=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli_train(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "epoch-0002.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cli_train(out), out / "checkpoints" / "epoch-0002.json")
     assert not (out / "summary.json").exists()
     # refuses to overwrite without --resume, and changes nothing
     before = sorted(p.name for p in out.rglob("*"))

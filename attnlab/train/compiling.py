@@ -40,6 +40,14 @@ def uncompile(model: nn.Module) -> None:
     model._compiled_call_impl = None
 
 
+def _root_cause(error: BaseException) -> str:
+    """The innermost error of a chain (inductor wraps a compiler's failure in its own), as ``Type: first line``."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    line = next((text for text in str(error).splitlines() if text.strip()), "")
+    return f"{type(error).__name__}: {line.strip()[:160]}".rstrip(": ")
+
+
 @contextlib.contextmanager
 def eager(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` uncompiled for the duration (a FLOP count, a one-image latency: no graph is compiled for them)."""
@@ -62,10 +70,8 @@ def run_or_fall_back(model: nn.Module, what: str, fn: Callable[[], T]) -> T:
     except Exception as error:  # noqa: BLE001 — any failure of a compiled call is retried eagerly, then judged
         uncompile(model)
         result = fn()
-        reason = (str(error).strip().splitlines() or [""])[0][:160]
         print(
-            f"attnlab: warning: --compile: {what} could not be compiled ({type(error).__name__}: {reason}); "
-            "running it eagerly",
+            f"attnlab: warning: --compile: {what} could not be compiled ({_root_cause(error)}); running it eagerly",
             file=sys.stderr,
             flush=True,
         )
