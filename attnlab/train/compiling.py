@@ -6,10 +6,13 @@ calls go through the compiled graph. Where the model or the backend cannot compi
 kernels, an op inductor refuses, a double backward through a compiled graph, ...), `run_or_fall_back` retries eagerly
 and prints one warning line: the work gets done either way.
 
-Mode ``default``, chosen by measuring (`benchmarks/compile_modes.py` → ``results/compile_modes.csv``, resnet20 at
-batch 128 on 1×28×28, bf16, the shared 2-core CPU): ``max-autotune-no-cudagraphs`` compiles several times longer for
-no step-time gain there, and ``reduce-overhead`` (CUDA graphs) does nothing on CPU; on CUDA its graphs would pin the
-memory of every batch shape a run sees (train, evaluation, the last partial batch), so ``default`` is used there too.
+Mode ``default``, chosen by measuring (`benchmarks/compile_modes.py --threads 1 --repeats 15` →
+``results/compile_modes.csv``: resnet20, batch 128 of 1×28×28, bf16, median process-CPU time per train step over 15
+round-robin repeats on the shared 2-core CPU at load ≈ 11): eager 185 ms, ``default`` 161 ms (0.87×),
+``max-autotune-no-cudagraphs`` 160 ms (0.87×), ``reduce-overhead`` 159 ms (0.86×) — the three modes are equal within
+the noise, so the cheapest to compile wins: on a cold cache max-autotune took 139 s of wall time to ``default``'s
+102 s (noisy: the machine was shared). ``reduce-overhead`` adds CUDA graphs, nothing on CPU; on CUDA they would hold
+memory for every batch shape a run sees (training, evaluation, the last partial batch), so ``default`` there too.
 """
 
 from __future__ import annotations
