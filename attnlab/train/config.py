@@ -4,7 +4,9 @@ Default recipe (chosen for small images on a CPU; `benchmarks/train_speed.py` me
 0.9, batch 128, peak lr 0.1 reached by a one-epoch linear warm-up and then cosine-decayed to zero, weight decay 5e-4
 on conv/linear weights only (none on BN and biases), label smoothing 0.1, random crop with padding and horizontal flips
 where the data suits them, channels-last memory format (faster convolutions on CPU and on tensor-core GPUs; not for
-AW models, whose batch-folded grouped convolution is 1.5× slower in it on CPU).
+AW models, whose batch-folded grouped convolution is 1.5× slower in it on CPU), bf16 autocast where the device has
+native bf16 and fp32 elsewhere (`resolve_precision`). ``amp``, the old name of ``precision``, is still read
+(`upgrade_settings`), so old config.yaml files load, resume and compare equal.
 """
 
 from __future__ import annotations
