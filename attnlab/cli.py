@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     _add_tool_commands(sub)
     _add_study_commands(sub)
+    from .detection.cli import add_parser as add_detect_parser
+
+    add_detect_parser(sub, _key_value)  # `attnlab detect train|eval`
     return parser
 
 
