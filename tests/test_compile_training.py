@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_runs import cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
+from tiny_runs import cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
 from attnlab.errors import AttnlabError
 from attnlab.models import create_model
@@ -53,12 +52,7 @@ def test_killed_compiled_run_resumes_to_bit_identical_weights(tmp_path):
     out = tmp_path / "killed"
     kill_when([*cli_train(out, epochs=3), "--compile"], out / "checkpoints" / "epoch-0001.json", timeout=900)
     assert not (out / "summary.json").exists()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    resumed = cli_resume(out)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout and "warning" not in resumed.stderr
     assert yaml.safe_load((out / "config.yaml").read_text())["compile"] is True  # --resume keeps the saved setting

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_runs import SYNTH, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
+from tiny_runs import SYNTH, cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
 from attnlab.cli import main
 from attnlab.train import TrainConfig, load_trained, train
@@ -94,12 +94,7 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(p.name for p in out.rglob("*")) == before
     # `attnlab train --out RUN --resume` takes the rest of the settings from the run itself
-    resumed = subprocess.run(
-        [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    resumed = cli_resume(out)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     assert same_weights(reference / "model.safetensors", out / "model.safetensors")

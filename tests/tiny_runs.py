@@ -81,3 +81,11 @@ def kill_when(cmd: list[str], marker: Path, timeout: float = 120) -> None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def cli_resume(out: Path):
+    """``attnlab train --out OUT --resume`` in a fresh process: the rest of the settings come from the run itself."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
