@@ -101,3 +101,17 @@ def test_a_claim_comparison_begun_with_amp_is_not_reported_below_its_budget():
     plan.recipe = recipe
     assert changes_from_preset(plan, PRESETS["fmm"]) == []
     assert "precision bf16" in _recipe_text(plan) and "amp" not in _recipe_text(plan)
+
+
+def test_bench_rows_say_which_precision_ran(monkeypatch):
+    from attnlab.train.cost import benchmark_models
+
+    def bench(precision):
+        kwargs = dict(input_size=(1, 12, 12), batch_size=4, num_classes=4, repeats=1, warmup=0)
+        return benchmark_models(["resnet20"], precision=precision, **kwargs)[0]
+
+    assert (bench("fp32")["precision"], bench("fp32")["compiled"]) == ("fp32", False)
+    monkeypatch.setattr(config_module, "native_bf16", lambda device: False)
+    assert bench("auto")["precision"] == "fp32"
+    with pytest.raises(AttnlabError, match="precision fp16 needs CUDA"):
+        bench("fp16")
