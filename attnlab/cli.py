@@ -141,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .train import check_fits, evaluate, load_trained, run_data
+    from .train.config import autocast_dtype
 
     model, cfg = load_trained(args.checkpoint, device=args.device)
     dataset = args.dataset or (cfg.dataset if cfg else None)
@@ -152,7 +153,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bundle = run_data(cfg, dataset, args.data_dir, **dict(args.data_arg))
     check_fits(model, bundle, dataset)
     split = getattr(bundle, args.split)
-    result = evaluate(model, split, bundle, batch_size=args.batch_size, device=args.device)
+    precision = cfg.precision if cfg and (cfg.precision != "fp16" or args.device.startswith("cuda")) else "fp32"
+    result = evaluate(
+        model, split, bundle, batch_size=args.batch_size, device=args.device, autocast_dtype=autocast_dtype(precision)
+    )
     print(
         json.dumps(
             {

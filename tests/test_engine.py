@@ -49,11 +49,14 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     assert numbers(tmp_path / "a") != numbers(tmp_path / "c")
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_cram_trains_with_the_equivariance_term(tmp_path, amp):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cram_trains_with_the_equivariance_term(tmp_path, precision):
     """The penalty's extra forward on T(x) trains alongside the loss (and changes the weights), in fp32 and bf16."""
     for name, weight in (("plain", 0.0), ("equi", 0.5)):
-        train(tiny(tmp_path / name, model="cram_resnet20", epochs=1, amp=amp, equivariance=weight), log=lambda _: None)
+        train(
+            tiny(tmp_path / name, model="cram_resnet20", epochs=1, precision=precision, equivariance=weight),
+            log=lambda _: None,
+        )
     assert numbers(tmp_path / "equi")[0]["train_loss"] > 0
     assert not same_weights(tmp_path / "plain" / "model.safetensors", tmp_path / "equi" / "model.safetensors")
 
