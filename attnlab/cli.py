@@ -34,7 +34,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """Flags of `TrainConfig`. Every default is None: only flags given on the command line override --config."""
-    from .train.config import AMP_CHOICES, NONFINITE, SCHEDULES
+    from .train.config import NONFINITE, SCHEDULES
 
     g = p.add_argument_group("run")
     g.add_argument("--model", help="model name (see `attnlab models`); default resnet20")
@@ -51,13 +51,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subset", type=int, help="train on the first N images of a seeded shuffle (quick runs)")
     g.add_argument("--val-size", type=float, help="validation images carved from train (count, or fraction if < 1)")
     g.add_argument("--device", help="cpu or cuda[:N]")
-    g.add_argument(
-        "--amp",
-        nargs="?",
-        const="auto",
-        choices=AMP_CHOICES,
-        help="mixed precision: bf16 on CPU, bf16/fp16 on CUDA (bare --amp picks)",
-    )
+    _add_speed_flags(g)
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument(
         "--progress",
@@ -91,6 +85,42 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     _key_values(g, "--data-arg", "dataset option, e.g. canvas=64 for cluttered-fashion-mnist")
 
 
+def _legacy_amp(text: str) -> str:
+    """``--amp X``, the old name of ``--precision``: off → fp32."""
+    from .train.config import LEGACY_AMP
+
+    if text not in LEGACY_AMP:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(LEGACY_AMP)})")
+    return LEGACY_AMP[text]
+
+
+def _add_speed_flags(g) -> None:
+    """--precision (with --amp, its old name) and --compile: how fast a model runs, not what it computes."""
+    from .train.config import PRECISIONS
+
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, or bf16/fp16 autocast (fp16: CUDA only); default auto: bf16 where the CPU (AVX512_BF16, AMX) or "
+        "GPU has native bf16, else fp32",
+    )
+    g.add_argument(
+        "--amp",
+        dest="precision",
+        nargs="?",
+        const="auto",
+        type=_legacy_amp,
+        metavar="{off,auto,bf16,fp16}",
+        help="old name of --precision (off = fp32; bare --amp = auto)",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (inductor); falls back to eager, with one warning, where it cannot compile",
+    )
+
+
 def config_from_args(args: argparse.Namespace):
     """`TrainConfig` from defaults ← --config file (or, with --resume, the run's own) ← flags on the command line."""
     from .train.config import TrainConfig
@@ -112,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .train import check_fits, evaluate, load_trained, run_data
+    from .train.config import autocast_dtype
 
     model, cfg = load_trained(args.checkpoint, device=args.device)
     dataset = args.dataset or (cfg.dataset if cfg else None)
@@ -123,7 +154,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bundle = run_data(cfg, dataset, args.data_dir, **dict(args.data_arg))
     check_fits(model, bundle, dataset)
     split = getattr(bundle, args.split)
-    result = evaluate(model, split, bundle, batch_size=args.batch_size, device=args.device)
+    precision = cfg.precision if cfg and (cfg.precision != "fp16" or args.device.startswith("cuda")) else "fp32"
+    result = evaluate(
+        model, split, bundle, batch_size=args.batch_size, device=args.device, autocast_dtype=autocast_dtype(precision)
+    )
     print(
         json.dumps(
             {
@@ -197,7 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         names,
         input_size=args.input_size,
         batch_size=args.batch_size,
-        amp=args.amp,
+        precision=args.precision or "auto",
+        compile=bool(args.compile),
         repeats=args.repeats,
         device=args.device,
         channels_last=args.channels_last,
@@ -235,6 +270,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         labels=args.label or None,
+        compile=bool(args.compile),
         **dict(args.option),
     )
     for label, numbers in report["headline"].items():
@@ -422,7 +458,7 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--input-size", type=_input_size, default=(3, 32, 32), metavar="C,H,W")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU (fp16 on CUDA)")
+    _add_speed_flags(p)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--csv", help="also write the table to this CSV file")
@@ -446,6 +482,12 @@ def _add_study_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", action="append", default=[], help="name of each checkpoint in tables and plots")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the models (inductor); an analysis that cannot run compiled runs eagerly, with one warning",
+    )
     _key_values(
         p, "--option", "analysis option, e.g. methods=ablation,grad_x_act  grid=4  hessian_iters=10  per_block=true"
     )

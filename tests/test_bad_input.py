@@ -119,7 +119,10 @@ CATALOGUE = [
     (["train", "--config", "{bad_yaml}"], "invalid YAML at line"),
     (["train", "--config", "{list_yaml}"], "a config must be a mapping"),
     (["train", "--config", "{unknown_key_yaml}"], "unknown setting 'epoch'; did you mean epochs"),
-    (["train", *SYNTH, "--amp", "fp16"], "--amp fp16 needs CUDA"),
+    (["train", *SYNTH, "--precision", "fp16"], "precision fp16 needs CUDA; on CPU use --precision bf16"),
+    (["train", *SYNTH, "--amp", "fp16"], "precision fp16 needs CUDA"),  # --amp: the old name of --precision
+    (["train", *SYNTH, "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["train", *SYNTH, "--amp", "on"], "argument --amp: invalid choice: 'on' (choose from off, auto, bf16, fp16)"),
     (["train", *SYNTH, "--device", "cuda"], "CUDA is not available"),
     (["train", *SYNTH, "--device", "tpu"], "device must be cpu or cuda"),
     (["train", *SYNTH, "--equivariance", "0.1"], "--equivariance needs a model with CRAM layers"),

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from tiny_runs import SYNTH, cli_train, metrics, same_weights, subprocess_env, tiny
+from tiny_runs import SYNTH, cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
 from attnlab.cli import main
 from attnlab.train import TrainConfig, load_trained, train
@@ -51,11 +49,14 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     assert numbers(tmp_path / "a") != numbers(tmp_path / "c")
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_cram_trains_with_the_equivariance_term(tmp_path, amp):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cram_trains_with_the_equivariance_term(tmp_path, precision):
     """The penalty's extra forward on T(x) trains alongside the loss (and changes the weights), in fp32 and bf16."""
     for name, weight in (("plain", 0.0), ("equi", 0.5)):
-        train(tiny(tmp_path / name, model="cram_resnet20", epochs=1, amp=amp, equivariance=weight), log=lambda _: None)
+        train(
+            tiny(tmp_path / name, model="cram_resnet20", epochs=1, precision=precision, equivariance=weight),
+            log=lambda _: None,
+        )
     assert numbers(tmp_path / "equi")[0]["train_loss"] > 0
     assert not same_weights(tmp_path / "plain" / "model.safetensors", tmp_path / "equi" / "model.safetensors")
 
@@ -88,13 +89,7 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     subprocess.run(cli_train(reference), check=True, env=subprocess_env(), capture_output=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli_train(out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "epoch-0002.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cli_train(out), out / "checkpoints" / "epoch-0002.json")
     assert not (out / "summary.json").exists()
     # refuses to overwrite without --resume, and changes nothing
     before = sorted(p.name for p in out.rglob("*"))
@@ -102,12 +97,7 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(p.name for p in out.rglob("*")) == before
     # `attnlab train --out RUN --resume` takes the rest of the settings from the run itself
-    resumed = subprocess.run(
-        [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    resumed = cli_resume(out)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     assert same_weights(reference / "model.safetensors", out / "model.safetensors")

@@ -443,7 +443,7 @@ def test_the_cpu_budget_of_a_preset_sets_seeds_recipe_and_each_datasets_own_sett
     from attnlab.report.document import changes_from_preset
 
     plan = make_plan(preset="fmm", budget="cpu")
-    assert (plan.budget, plan.seeds, plan.recipe["amp"], plan.recipe["epochs"]) == ("cpu", [0, 1, 2], "bf16", 15)
+    assert (plan.budget, plan.seeds, plan.recipe["precision"], plan.recipe["epochs"]) == ("cpu", [0, 1, 2], "bf16", 15)
     assert plan.dataset_recipe == {"cluttered-fashion-mnist": PRESETS["fmm"].budgets["cpu"].dataset_recipe[CLUTTERED]}
     cluttered = plan.run_config(CLUTTERED, plan.entries[0], 0, tmp_path)
     fashion = plan.run_config("fashion-mnist", plan.entries[0], 0, tmp_path)
@@ -467,7 +467,7 @@ def test_every_claim_preset_has_a_cpu_budget_with_the_converged_settings():
         if preset.small_budget:
             continue
         cpu = preset.budget("cpu")
-        assert cpu.seeds >= 3 and cpu.recipe["amp"] == "bf16" and cpu.recipe["epochs"] >= 15, name
+        assert cpu.seeds >= 3 and cpu.recipe["precision"] == "bf16" and cpu.recipe["epochs"] >= 15, name
         assert cpu.recipe["subset"] is None, name  # the whole Fashion-MNIST training split
         if CLUTTERED in preset.datasets:
             assert cpu.dataset_recipe[CLUTTERED]["epochs"] >= 10, name

@@ -66,3 +66,26 @@ def metrics(out: Path) -> list[dict]:
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = load_file(str(a)), load_file(str(b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def kill_when(cmd: list[str], marker: Path, timeout: float = 120) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``marker`` exists (e.g. a run's first checkpoint)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "the command ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def cli_resume(out: Path):
+    """``attnlab train --out OUT --resume`` in a fresh process: the rest of the settings come from the run itself."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)

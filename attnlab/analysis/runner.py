@@ -9,6 +9,7 @@ analysis runs on ``images`` test images, the same ones for every checkpoint (the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -24,6 +25,7 @@ from ..errors import AttnlabError
 from ..io import check_writable, jsonable, make_dir, write_json_atomic
 from ..schema import check_call, check_keys
 from ..stats import mean_ci
+from ..train.compiling import compile_module, run_or_fall_back
 from ..train.config import SAME_RECIPE
 from .registry import Analysis, analysis_options, get_analysis
 
@@ -124,6 +126,7 @@ def run_analysis(
     seed: int = 0,
     device: str = "cpu",
     labels: Sequence[str] | None = None,
+    compile: bool = False,
     **options,
 ) -> dict:
     """Run analysis ``name`` on trained runs and write ``OUT/<name>.json`` and ``OUT/<name>_*.png``.
@@ -136,6 +139,8 @@ def run_analysis(
         seed: seed of the image choice and of every random draw of the analysis.
         device: where the models run.
         labels: names of the checkpoints in tables and plots (default: the run folder names).
+        compile: torch.compile each model in place (`attnlab.train.compiling`); an analysis that cannot run compiled
+            (a double backward, an op inductor refuses) runs again eagerly, with one warning line.
         **options: options of the analysis (`analysis_options(name)` lists them with their defaults).
 
     Returns:
@@ -155,7 +160,11 @@ def run_analysis(
     results, configs, seconds, extras, n_images = {}, {}, {}, {}, {}
     for label, path in zip(names, paths):
         model, configs[label], bundle = _load(path, device, cache)
-        found = _analyse_one(analysis, path, model, configs[label], bundle, images, seed, device, options)
+        if compile:
+            compile_module(model)
+        cfg = configs[label]
+        one = functools.partial(_analyse_one, analysis, path, model, cfg, bundle, images, seed, device, options)
+        found = run_or_fall_back(model, f"{name} of {label}", one)
         results[label], extra, n_images[label], seconds[label] = found
         if extra is not None:
             extras[label] = extra
@@ -172,6 +181,7 @@ def run_analysis(
         "images": n_images,
         "seed": seed,
         "device": device,
+        "compile": compile,
         "options": options,
         "seconds": seconds,
         "headline": headlines,

@@ -119,7 +119,7 @@ FMM_GATED = (
 
 CPU = Budget(
     seeds=3,
-    recipe={"epochs": 15, "subset": None, "amp": "bf16"},
+    recipe={"epochs": 15, "subset": None, "precision": "bf16"},
     dataset_recipe={CLUTTERED: {"epochs": 10, "subset": 12000, "val_size": 2000}},
     dataset_options={CLUTTERED: {"canvas": 64}},
     analysis_images={"consistency": 1000, "localization": 1000, "smoothness": 1000, "landscape": 500},

@@ -244,6 +244,9 @@ def _analyse(plan: Plan, spec: AnalysisSpec, out: Path, dataset: str, seed: int,
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     device = plan.recipe.get("device", "cpu")
-    run_analysis(spec.name, runs, folder, seed=0, device=device, labels=record["labels"], **spec.options)
+    compiled = bool(plan.recipe.get("compile"))
+    run_analysis(
+        spec.name, runs, folder, seed=0, device=device, labels=record["labels"], compile=compiled, **spec.options
+    )
     write_json_atomic(stamp, record)
     return True

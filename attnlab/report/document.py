@@ -26,7 +26,7 @@ from ..experiment.results import (
     summarize,
 )
 from ..io import write_csv, write_text_atomic
-from ..train.config import NEUTRAL, TrainConfig
+from ..train.config import NEUTRAL, TrainConfig, upgrade_settings
 from . import plots
 from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
 
@@ -42,7 +42,7 @@ RECIPE_SHOWN = (
     "weight_decay",
     "label_smoothing",
     "augment",
-    "amp",
+    "precision",
     "nonfinite",
     "device",
 )
@@ -73,8 +73,9 @@ def pvalue(p: float) -> str:
 
 
 def _recipe_text(plan: Plan) -> str:
-    cfg = {**TrainConfig().to_dict(), **plan.recipe}
-    keys = [*RECIPE_SHOWN, *(k for k in plan.recipe if k not in RECIPE_SHOWN)]
+    recipe = upgrade_settings(plan.recipe)  # a comparison begun before precision replaced amp
+    cfg = TrainConfig.from_dict(dict(recipe), source="the comparison's recipe").to_dict()
+    keys = [*RECIPE_SHOWN, *(k for k in recipe if k not in RECIPE_SHOWN)]
     return ", ".join(f"{k} {cfg[k]}" for k in keys)
 
 
@@ -89,8 +90,8 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
         changes.append(f"datasets {', '.join(preset.datasets)} → {', '.join(plan.datasets)}")
     defaults = TrainConfig().to_dict()
     for dataset in plan.datasets:
-        own = {**preset.recipe, **budget.recipe, **budget.dataset_recipe.get(dataset, {})}
-        used = {**plan.recipe, **plan.dataset_recipe.get(dataset, {})}
+        own = upgrade_settings({**preset.recipe, **budget.recipe, **budget.dataset_recipe.get(dataset, {})})
+        used = upgrade_settings({**plan.recipe, **plan.dataset_recipe.get(dataset, {})})
         where = f" ({dataset})" if len(plan.datasets) > 1 else ""
         for key in sorted((set(own) | set(used)) - NEUTRAL):  # where it ran, not how much it trained
             before, after = own.get(key, defaults.get(key)), used.get(key, defaults.get(key))

@@ -7,6 +7,7 @@ process and the median of the repeats is reported, together with the ratio to th
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..errors import AttnlabError
 from ..models import create_model
 from ..schema import PositiveInt, Range, check_call
+from .compiling import compile_module, eager, is_compiled, run_or_fall_back
+from .config import autocast_dtype, resolve_precision
 
 
 def _sync(device: torch.device) -> None:
@@ -64,7 +67,8 @@ def benchmark_models(
     input_size: tuple[PositiveInt, PositiveInt, PositiveInt] = (3, 32, 32),
     batch_size: PositiveInt = 256,
     num_classes: PositiveInt = 10,
-    amp: bool = False,
+    precision: str = "auto",
+    compile: bool = False,
     channels_last: bool = True,
     repeats: PositiveInt = 10,
     warmup: Annotated[int, Range(0)] = 3,
@@ -75,13 +79,17 @@ def benchmark_models(
 
     Returns one dict per model: params, flops (forward, one image), latency_ms (median forward of ``latency_batch``
     images, eval mode), train_step_ms and train_img_per_s (median SGD step at ``batch_size``), and their ratios.
+    ``precision`` is a `TrainConfig` precision (auto: bf16 where the device has it natively); ``compile`` compiles
+    every model in place (`attnlab.train.compiling`), its compilation in the untimed warm-up rounds.
     """
     sizes = dict(input_size=input_size, batch_size=batch_size, num_classes=num_classes, repeats=repeats)
     check_call(benchmark_models, {**sizes, "warmup": warmup, "latency_batch": latency_batch}, "bench")
     if not names:
         raise AttnlabError("bench: no model given")
     dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    precision = resolve_precision(precision, device)
+    dtype = autocast_dtype(precision)
+    amp = dtype is not None
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_size, generator=gen).to(dev, memory_format=memory_format)
@@ -91,10 +99,12 @@ def benchmark_models(
     for name in names:
         torch.manual_seed(0)
         model = create_model(name, num_classes=num_classes, in_chans=input_size[0]).to(dev, memory_format=memory_format)
+        if compile:
+            compile_module(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model=model, optimizer=optimizer):
-            with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=amp):
                 loss = F.cross_entropy(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -102,7 +112,7 @@ def benchmark_models(
 
         @torch.no_grad()
         def infer(model=model):
-            with torch.autocast(dev.type, dtype=dtype, enabled=amp):
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=amp):
                 model(x_latency)
 
         setups.append((name, model, step, infer))
@@ -112,9 +122,9 @@ def benchmark_models(
     for i in range(warmup + repeats):
         for name, model, step, infer in setups:
             model.train()
-            t_step = _timed(step, dev)
+            t_step = run_or_fall_back(model, name, functools.partial(_timed, step, dev))
             model.eval()
-            t_infer = _timed(infer, dev)
+            t_infer = run_or_fall_back(model, name, functools.partial(_timed, infer, dev))
             if i >= warmup:
                 step_times[name].append(t_step)
                 latencies[name].append(t_infer)
@@ -126,11 +136,12 @@ def benchmark_models(
             {
                 "model": name,
                 "params": sum(p.numel() for p in model.parameters()),
-                "flops": count_flops(model, input_size[0], input_size[1:], dev),
+                "flops": _eager_flops(model, input_size, dev),
                 "latency_ms": 1000 * statistics.median(latencies[name]),
                 "train_step_ms": 1000 * step_s,
                 "train_img_per_s": batch_size / step_s,
-                "amp": "bf16" if amp and dev.type == "cpu" else ("fp16" if amp else "off"),
+                "precision": precision,
+                "compiled": is_compiled(model),
                 "batch_size": batch_size,
                 "input_size": "×".join(map(str, input_size)),
                 "device": device,
@@ -141,6 +152,11 @@ def benchmark_models(
         row["train_step_ratio"] = row["train_step_ms"] / base["train_step_ms"]
         row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
     return rows
+
+
+def _eager_flops(model: nn.Module, input_size: tuple[int, int, int], device: torch.device) -> int:
+    with eager(model):
+        return count_flops(model, input_size[0], input_size[1:], device)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

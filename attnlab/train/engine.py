@@ -36,7 +36,8 @@ from ..models import create_model
 from ..models.options import check_buildable
 from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
-from .config import RESUMABLE_CHANGES, TrainConfig, first_difference
+from .compiling import compile_module, eager, is_compiled, run_or_fall_back
+from .config import RESUMABLE_CHANGES, TrainConfig, autocast_dtype, first_difference, upgrade_settings
 from .cost import count_flops, measure_latency
 from .evaluate import Tally, check_labels, evaluate
 from .optim import make_optimizer, make_scheduler, schedule_for
@@ -47,16 +48,13 @@ class TrainingDiverged(AttnlabError):
     """The loss or the gradients became NaN/Inf and the run was told to stop."""
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype ``--amp`` asks for on ``device`` (None: full fp32)."""
-    if cfg.amp == "off":
-        return None
-    if cfg.amp == "fp16" and device.type == "cpu":
+def amp_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a config that still names its precision ``amp`` (off, auto, bf16, fp16), as
+    `attnlab.detection`'s does; None: full fp32."""
+    precision = upgrade_settings({"amp": cfg.amp, "device": str(device)})["precision"]
+    if precision == "fp16" and device.type == "cpu":
         raise AttnlabError("--amp fp16 needs CUDA; on CPU use --amp bf16")
-    if cfg.amp == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if device.type == "cpu" or cuda_bf16 else torch.float16
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return autocast_dtype(precision)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,15 +140,19 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def evaluate(self, split) -> dict[str, float]:
-        return evaluate(
-            self.net,
-            split,
-            self.bundle,
-            batch_size=self.cfg.eval_batch_size,
-            device=self.device,
-            dist=self.dist,
-            autocast_dtype=self.autocast_dtype,
-            channels_last=self.channels_last,
+        return run_or_fall_back(
+            self.model,
+            f"{self.cfg.model} (evaluation)",
+            lambda: evaluate(
+                self.net,
+                split,
+                self.bundle,
+                batch_size=self.cfg.eval_batch_size,
+                device=self.device,
+                dist=self.dist,
+                autocast_dtype=self.autocast_dtype,
+                channels_last=self.channels_last,
+            ),
         )
 
 
@@ -213,7 +215,7 @@ def setup(cfg: TrainConfig, dist, device: torch.device, folder: RunDir, resume: 
     channels_last = all(h.channels_last for h in hooks) if cfg.channels_last is None else cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    autocast_dtype = amp_dtype(cfg, device)
+    autocast = autocast_dtype(cfg.precision)
     per_rank_batch = max(1, cfg.batch_size // dist.world_size)
     steps_per_epoch = num_batches(len(bundle.train), per_rank_batch, train=True, world_size=dist.world_size)
     if steps_per_epoch == 0:
@@ -231,22 +233,48 @@ def setup(cfg: TrainConfig, dist, device: torch.device, folder: RunDir, resume: 
         net=model,
         hooks=hooks,
         channels_last=channels_last,
-        autocast_dtype=autocast_dtype,
+        autocast_dtype=autocast,
         per_rank_batch=per_rank_batch,
         steps_per_epoch=steps_per_epoch,
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg, steps_per_epoch),
-        scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
+        scaler=torch.amp.GradScaler(device.type, enabled=autocast == torch.float16),
         started=started,
     )
     if resume:
         _resume(run)
     if dist.enabled:
         run.net = DistributedDataParallel(model)
+    if cfg.compile:
+        _compile(run)
     if dist.is_main:
         write_text_atomic(folder.config, cfg.to_yaml())
         write_text_atomic(folder.metrics, "".join(json.dumps(h) + "\n" for h in run.history))
     return run
+
+
+def _compile(run: Run) -> None:
+    """Compile the model in place (the data pipeline stays eager) and compile its training graph now, on one batch of
+    zeros, so that a model that cannot compile falls back to eager (one warning) before training starts. The probe's
+    forward and backward leave no trace: the model's state (BN statistics), its gradients and the RNG are restored."""
+    model, bundle = run.model, run.bundle
+    compile_module(model)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    x = torch.zeros(run.per_rank_batch, bundle.in_chans, *bundle.image_size, device=run.device)
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def probe() -> None:
+        model.train()
+        with run.autocast():
+            out = run.net(x)
+        out.float().sum().backward()
+
+    run_or_fall_back(model, run.cfg.model, probe)
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(saved)
+    torch.set_rng_state(rng)
 
 
 def _resume(run: Run) -> None:
@@ -424,6 +452,9 @@ def finish(run: Run) -> dict[str, Any]:
 def _summary(run: Run, test: dict[str, float]) -> dict[str, Any]:
     cfg, bundle, history, device = run.cfg, run.bundle, run.history, run.device
     last = history[-1]
+    with eager(run.model) as model:  # FLOPs and the one-image latency of the plain module
+        flops = count_flops(model, bundle.in_chans, bundle.image_size, device)
+        latency_ms = measure_latency(model, bundle.in_chans, bundle.image_size, device)
     return {
         "model": cfg.model,
         "dataset": bundle.name,
@@ -434,8 +465,8 @@ def _summary(run: Run, test: dict[str, float]) -> dict[str, Any]:
         "test_acc": test["acc"],
         "test_loss": test["loss"],
         "params": sum(p.numel() for p in run.model.parameters()),
-        "flops": count_flops(run.model, bundle.in_chans, bundle.image_size, device),
-        "latency_ms": measure_latency(run.model, bundle.in_chans, bundle.image_size, device),
+        "flops": flops,
+        "latency_ms": latency_ms,
         "train_img_per_s": (run.train_images / run.train_seconds)
         if run.train_seconds
         else sum(h["img_per_s"] for h in history) / len(history),
@@ -444,6 +475,7 @@ def _summary(run: Run, test: dict[str, float]) -> dict[str, Any]:
         "image_size": list(bundle.image_size),
         "world_size": run.dist.world_size,
         "device": _device_name(device),
-        "amp": str(run.autocast_dtype).removeprefix("torch.") if run.autocast_dtype else "off",
+        "precision": cfg.precision,
+        "compile": is_compiled(run.model),  # False where --compile fell back to eager
         "versions": _versions(),
     }

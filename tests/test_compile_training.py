@@ -1,0 +1,89 @@
+"""``--compile`` in the product: compiled training computes what eager training computes (within float tolerance),
+keeps the module's state_dict keys, resumes bit-identically after a kill, records itself, and falls back to eager
+with one warning line where inductor cannot compile (here: no C++ compiler)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_runs import cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
+
+from attnlab.errors import AttnlabError
+from attnlab.models import create_model
+from attnlab.train import train
+from attnlab.train.compiling import compile_module, is_compiled, run_or_fall_back
+
+pytestmark = pytest.mark.slow  # every test here compiles a ResNet (tens of seconds on 2 busy cores)
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def test_compiled_training_matches_eager_within_float_tolerance_and_keeps_the_keys(tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    want = train(tiny(eager, precision="fp32"), log=_quiet)
+    got = train(tiny(compiled, precision="fp32", compile=True), log=_quiet)
+    for a, b in zip(metrics(eager), metrics(compiled), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        assert abs(b["val_acc"] - a["val_acc"]) <= 1 / 64 + 1e-9  # at most one of 64 images on the other side
+    assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-4)
+    assert abs(got["test_acc"] - want["test_acc"]) <= 1 / 128 + 1e-9
+    w_eager, w_compiled = load_file(str(eager / "model.safetensors")), load_file(str(compiled / "model.safetensors"))
+    assert w_compiled.keys() == w_eager.keys()  # the module was compiled in place: no "_orig_mod." prefix
+    assert not any("_orig_mod" in k for k in w_compiled)
+    for key in w_eager:
+        torch.testing.assert_close(w_compiled[key], w_eager[key], rtol=1e-3, atol=1e-4, msg=key)
+    assert yaml.safe_load((compiled / "config.yaml").read_text())["compile"] is True
+    assert (got["compile"], want["compile"], got["precision"]) == (True, False, "fp32")
+    assert json.loads((compiled / "summary.json").read_text())["compile"] is True
+
+
+def test_killed_compiled_run_resumes_to_bit_identical_weights(tmp_path):
+    reference = tmp_path / "reference"
+    cmd = [*cli_train(reference, epochs=3), "--compile"]
+    subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True)
+    out = tmp_path / "killed"
+    kill_when([*cli_train(out, epochs=3), "--compile"], out / "checkpoints" / "epoch-0001.json", timeout=900)
+    assert not (out / "summary.json").exists()
+    resumed = cli_resume(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "warning" not in resumed.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["compile"] is True  # --resume keeps the saved setting
+    assert same_weights(reference / "model.safetensors", out / "model.safetensors")
+    assert [m["val_loss"] for m in metrics(out)] == [m["val_loss"] for m in metrics(reference)]
+
+
+def _no_cxx_compiler(monkeypatch) -> None:
+    """inductor's CPU backend with a C++ compiler that does not exist, and no cached kernels to hide it."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/attnlab-test-c++",))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)
+    torch._dynamo.reset()
+
+
+def test_a_model_that_cannot_compile_trains_eagerly_after_one_warning(tmp_path, monkeypatch, capfd):
+    _no_cxx_compiler(monkeypatch)
+    want = train(tiny(tmp_path / "eager", epochs=1), log=_quiet)
+    got = train(tiny(tmp_path / "fallback", epochs=1, compile=True), log=_quiet)
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and warnings[0].startswith("attnlab: warning: --compile: resnet20 could not be compiled")
+    assert "running it eagerly" in warnings[0]
+    assert got["compile"] is False  # what actually ran
+    assert (got["test_loss"], got["val_acc"]) == (want["test_loss"], want["val_acc"])  # eager: bit-identical
+    assert same_weights(tmp_path / "eager" / "model.safetensors", tmp_path / "fallback" / "model.safetensors")
+
+
+def test_a_failure_of_the_model_itself_is_raised_not_hidden_by_the_fallback(capfd):
+    model = compile_module(create_model("resnet20", num_classes=4, in_chans=1))
+    with pytest.raises(AttnlabError, match="model expects 1 input channels, got 3"):
+        run_or_fall_back(model, "resnet20", lambda: model(torch.zeros(2, 3, 12, 12)))  # 3 channels into a 1-channel net
+    assert not is_compiled(model) and "warning" not in capfd.readouterr().err
