@@ -290,7 +290,8 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
             words += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     for key, value in args.data_arg:
         words += ["--data-arg", f"{key}={value}"]
-    words += ["--out", args.out] + (["--jobs", str(args.jobs)] if args.jobs is not None else []) + (["--resume"] * args.resume)
+    words += ["--out", args.out] + (["--jobs", str(args.jobs)] if args.jobs is not None else [])
+    words += ["--resume"] if args.resume else []
     return shlex.join(words)
 
 
@@ -456,7 +457,7 @@ def _add_study_commands(sub) -> None:
 def _add_launcher_flags(p: argparse.ArgumentParser) -> None:
     """Where compare's runs train: here (local), or one scheduler job each through submitit (SLURM)."""
     g = p.add_argument_group("launcher (see README: sweeps on a cluster)")
-    g.add_argument("--launcher", choices=("local", "submitit"), default="local", help="where runs train (default local)")
+    g.add_argument("--launcher", choices=("local", "submitit"), default="local", help="where runs train")
     g.add_argument("--cluster", help="submitit executor: slurm or local (default: slurm where srun exists, else local)")
     g.add_argument("--gpus-per-run", type=int, help="GPUs of each run's job (one task per GPU; default 0)")
     g.add_argument("--cpus-per-run", type=int, help="CPUs of each run's job (and its torch threads)")

@@ -6,17 +6,21 @@ sbatch script it would submit."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 submitit = pytest.importorskip("submitit")
+
+from tiny_runs import same_weights  # noqa: E402
 
 from attnlab.cli import main  # noqa: E402
 from attnlab.experiment import LocalPool, make_plan, run_compare  # noqa: E402
@@ -30,9 +34,7 @@ from attnlab.experiment.launchers import (  # noqa: E402
     make_executor,
 )
 from attnlab.report import build_report  # noqa: E402
-from attnlab.train import TrainConfig, train  # noqa: E402
-
-from tiny_runs import same_weights  # noqa: E402
+from attnlab.train import train  # noqa: E402
 
 SYNTH = {"shape": [1, 12, 12], "size": 256, "test_size": 64, "num_classes": 4}
 RECIPE = {"epochs": 1, "batch_size": 64, "val_size": 64, "lr": 0.05}
@@ -51,7 +53,8 @@ def plan(models="resnet20,fmm_resnet20[merge=gate]", seeds=2, **recipe):
 
 
 def launcher(out: Path, log=lambda _: None, **kwargs) -> SubmititLauncher:
-    return SubmititLauncher(out / SUBMITIT_DIR, Resources(timeout_min=10), cluster="local", log=log, poll_s=0.2, **kwargs)
+    resources = Resources(timeout_min=10)
+    return SubmititLauncher(out / SUBMITIT_DIR, resources, cluster="local", log=log, poll_s=0.2, **kwargs)
 
 
 def results_csv(out: Path) -> list[dict[str, str]]:
@@ -155,6 +158,7 @@ def reference(tmp_path: Path, seed: int, epochs: int) -> Path:
     return Path(cfg.out)
 
 
+@pytest.mark.slow
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     """submitit's preemption signal (USR2, what SLURM sends before it preempts or times out a job) after the first
     epoch: TrainJob.checkpoint has the run requeued with ``resume=True``; it continues after epoch 1 and ends with
@@ -182,20 +186,18 @@ def test_killed_job_resumes_from_checkpoint_and_running_job_is_collected(tmp_pat
         [(name, grid.run_config("synthetic", grid.entries[0], seed, out)) for seed, name in enumerate((dead, alive))],
         resume=False,
     )
-    gen_started = first.__next__  # submits both, then waits for the first to finish
-    ids = {}
+    ids: dict[str, str] = {}
 
-    def kill_and_stop() -> None:
+    def stop_and_kill() -> None:
+        wait_for(lambda: len(job_ids(out)) == 2, "both jobs")
         ids.update(job_ids(out))
+        os.kill(task_pid(int(ids[alive])), signal.SIGSTOP)
         wait_for(lambda: (out / dead / "checkpoints/epoch-0001.json").exists(), "the first checkpoint")
         os.kill(task_pid(int(ids[dead])), signal.SIGKILL)
-        os.kill(task_pid(int(ids[alive])), signal.SIGSTOP)
 
-    import threading
-
-    killer = threading.Thread(target=kill_and_stop)
+    killer = threading.Thread(target=stop_and_kill)
     killer.start()
-    name, summary = gen_started()  # the killed job is the first to end
+    name, summary = next(first)  # submits both jobs, then waits for one to end: the killed one
     killer.join()
     first.close()  # the comparison dies; the stopped job lives on
     assert name == dead and "failed" in summary and (out / dead / "failure.txt").exists()
@@ -205,7 +207,11 @@ def test_killed_job_resumes_from_checkpoint_and_running_job_is_collected(tmp_pat
             os.kill(task_pid(int(ids[alive])), signal.SIGCONT)
 
     lines: list[str] = []
-    outcome = run_compare(grid, out, resume=True, launcher=launcher(out, lambda s: (lines.append(s), log(s))))
+    try:
+        outcome = run_compare(grid, out, resume=True, launcher=launcher(out, lambda s: (lines.append(s), log(s))))
+    finally:
+        with contextlib.suppress(OSError, AssertionError):
+            os.kill(task_pid(int(ids[alive])), signal.SIGCONT)  # never leave a stopped job behind
     assert sorted(outcome.trained) == [dead, alive] and not outcome.failed, lines
     assert f"compare: {alive}: job {ids[alive]} is RUNNING; collecting it, not resubmitting" in lines
     after = job_ids(out)

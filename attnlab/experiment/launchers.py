@@ -206,7 +206,8 @@ class SubmititLauncher:
         executor.update_parameters(name=f"attnlab:{name}")
         job = executor.submit(TrainJob(name, cfg.to_dict(), resume, threads))
         record_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(record_file, {"job_id": job.job_id, "cluster": executor.cluster, "folder": str(executor.folder)})
+        record = {"job_id": job.job_id, "cluster": executor.cluster, "folder": str(executor.folder)}
+        write_json_atomic(record_file, record)
         self.log(f"compare: {name}: submitted job {job.job_id} ({executor.cluster})")
         return job
 
@@ -237,5 +238,3 @@ def check_launcher_options(launcher: str, given: dict[str, Any]) -> None:
         for flag, value in given.items():
             if value not in (None, [], {}):
                 raise AttnlabError(f"compare: {flag} needs --launcher submitit")
-
-
