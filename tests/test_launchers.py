@@ -25,6 +25,7 @@ from tiny_runs import same_weights  # noqa: E402
 from attnlab.cli import main  # noqa: E402
 from attnlab.experiment import LocalPool, make_plan, run_compare  # noqa: E402
 from attnlab.experiment.launchers import (  # noqa: E402
+    ACTIVE_STATES,
     JOB_FILE,
     SUBMITIT_DIR,
     Resources,
@@ -111,11 +112,7 @@ def test_bad_launcher_options_are_one_line_errors(tmp_path, capsys, flags, messa
 
 def test_the_slurm_script_asks_for_each_runs_resources(tmp_path, monkeypatch):
     """The SLURM executor gets the same parameters as the local one; its sbatch script carries them."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (fake / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")  # submitit's SLURM executor looks for srun
+    fake_command(tmp_path, monkeypatch, "srun", "exit 1")  # submitit's SLURM executor looks for srun
     resources = Resources(gpus=2, cpus=8, partition="gpu", timeout_min=30, mem_gb=32, slurm={"qos": "high"})
     executor = make_executor(tmp_path, "slurm", resources)
     script = executor._executor._make_submission_file_text("python -m x", "uid")
@@ -127,11 +124,29 @@ def test_the_slurm_script_asks_for_each_runs_resources(tmp_path, monkeypatch):
     assert local.parameters["timeout_min"] == 30 and "partition" not in local.parameters
 
 
+def fake_command(tmp_path: Path, monkeypatch, name: str, script: str) -> None:
+    """Put a shell script called ``name`` first on PATH (a stand-in for a SLURM command this machine lacks)."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\n{script}\n")
+    (folder / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_recorded_slurm_job_is_alive_while_sacct_says_so(tmp_path, monkeypatch):
+    states = {"101": "PENDING", "102": "RUNNING", "103": "REQUEUED", "104": "COMPLETED", "105": "CANCELLED by 7"}
+    answer = "\n".join(f"echo '{i}|{state}|node1'" for i, state in states.items())
+    fake_command(tmp_path, monkeypatch, "sacct", f"echo 'JobID|State|NodeList'\n{answer}")
+    alive = {i: job_state({"cluster": "slurm", "job_id": i, "folder": str(tmp_path)}) for i in states}
+    assert alive == {"101": "PENDING", "102": "RUNNING", "103": "REQUEUED", "104": "COMPLETED", "105": "CANCELLED"}
+    assert {i for i, state in alive.items() if state in ACTIVE_STATES} == {"101", "102", "103"}
+
+
 def test_a_requeued_job_resumes_and_a_dead_job_is_not_waited_for(tmp_path):
     job = TrainJob("r", {"out": str(tmp_path)}, resume=False, threads=1)
     again = job.checkpoint()
     assert again.function == TrainJob("r", {"out": str(tmp_path)}, resume=True, threads=1)
-    assert job_state({"cluster": "local", "job_id": os.getpid(), "folder": str(tmp_path)}) is None  # not submitit
+    assert job_state({"cluster": "local", "job_id": os.getpid(), "folder": str(tmp_path)}) == "ENDED"  # not a job
 
 
 # -------------------------------------------------------------------------------------------------------------- grids
@@ -202,6 +217,9 @@ def test_killed_job_resumes_from_checkpoint_and_running_job_is_collected(tmp_pat
     first.close()  # the comparison dies; the stopped job lives on
     assert name == dead and "failed" in summary and (out / dead / "failure.txt").exists()
 
+    lock = out / dead / ".lock"  # as if its node had died with it: a lock the engine must respect
+    lock.write_text(json.dumps({"pid": 1, "host": "node-lost-with-the-job"}))
+
     def log(line: str) -> None:
         if "collecting it" in line:
             os.kill(task_pid(int(ids[alive])), signal.SIGCONT)
@@ -214,6 +232,7 @@ def test_killed_job_resumes_from_checkpoint_and_running_job_is_collected(tmp_pat
             os.kill(task_pid(int(ids[alive])), signal.SIGCONT)  # never leave a stopped job behind
     assert sorted(outcome.trained) == [dead, alive] and not outcome.failed, lines
     assert f"compare: {alive}: job {ids[alive]} is RUNNING; collecting it, not resubmitting" in lines
+    assert any("removed the lock of node-lost-with-the-job:1, whose job has ended" in line for line in lines)
     after = job_ids(out)
     assert after[alive] == ids[alive] and after[dead] != ids[dead]
     assert "after epoch" in (out / SUBMITIT_DIR / f"{after[dead]}_0_log.out").read_text()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 
 from ..errors import AttnlabError, unknown_name
 from ..io import read_json, write_json_atomic
+from ..train.rundir import RunDir
 from .runner import Job, record_failure, train_one
 
 SUBMITIT_DIR = "submitit"
@@ -134,23 +136,35 @@ class TrainJob:
         return _submitit().helpers.DelayedSubmission(dataclasses.replace(self, resume=True))
 
 
-def job_state(record: dict[str, Any]) -> str | None:
-    """The state of the job a run's ``job.json`` records, if it is still pending or running; else None.
+def job_state(record: dict[str, Any]) -> str:
+    """The state of the job a run's ``job.json`` records (it will still train the run iff it is in `ACTIVE_STATES`).
 
-    A local job's id is the pid of submitit's controller process, alive while the job is; SLURM is asked through
-    submitit (``sacct``)."""
-    submitit = _submitit()
+    A local job's id is the pid of submitit's controller process: RUNNING while it lives, else ENDED. SLURM is asked
+    through submitit (``sacct``): its own state name, or UNKNOWN when it cannot tell."""
     folder, job_id = Path(record["folder"]), str(record["job_id"])
     if record.get("cluster") == "local":
         try:
             command = Path(f"/proc/{int(job_id)}/cmdline").read_bytes().split(b"\0")
             state = Path(f"/proc/{int(job_id)}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, ValueError, IndexError):
-            return None
+            return "ENDED"
         alive = b"submitit.local._local" in command and str(folder).encode() in command and state not in "ZX"
-        return "RUNNING" if alive else None
-    state = submitit.SlurmJob(folder, job_id).state.split()[0].upper()
-    return state if state in ACTIVE_STATES else None
+        return "RUNNING" if alive else "ENDED"
+    state = _submitit().SlurmJob(folder, job_id).watcher.get_state(job_id, mode="force")
+    return (state.split() or ["UNKNOWN"])[0].upper()  # e.g. "CANCELLED by 1000"
+
+
+def clear_lock_of_ended_job(run: Path, log: Callable[[str], None]) -> None:
+    """Remove the run's lock left by a job that has ended for sure (killed with its node, say): the lock names a
+    process on another host, which `RunDir.locked` must respect as long as anything might still hold it."""
+    lock = RunDir(run).lock
+    try:
+        owner = read_json(lock)
+    except AttnlabError:
+        return  # no lock, or a half-written one, which the engine clears itself
+    if owner.get("host") != socket.gethostname():
+        lock.unlink(missing_ok=True)
+        log(f"compare: {run}: removed the lock of {owner.get('host')}:{owner.get('pid')}, whose job has ended")
 
 
 @dataclass
@@ -198,11 +212,13 @@ class SubmititLauncher:
         if resume and record_file.is_file():
             record = read_json(record_file)
             state = job_state(record)
-            if state is not None:
+            if state in ACTIVE_STATES:
                 self.log(f"compare: {name}: job {record['job_id']} is {state}; collecting it, not resubmitting")
                 submitit = _submitit()
                 job_class = submitit.LocalJob if record.get("cluster") == "local" else submitit.SlurmJob
                 return job_class(Path(record["folder"]), str(record["job_id"]))
+            if state != "UNKNOWN":
+                clear_lock_of_ended_job(Path(cfg.out), self.log)
         executor.update_parameters(name=f"attnlab:{name}")
         job = executor.submit(TrainJob(name, cfg.to_dict(), resume, threads))
         record_file.parent.mkdir(parents=True, exist_ok=True)
@@ -220,13 +236,13 @@ class SubmititLauncher:
 
     def _done(self, job) -> bool:
         if isinstance(job, _submitit().LocalJob) and job._process is None:  # submitted by an earlier compare
-            return job_state({"cluster": "local", "job_id": job.job_id, "folder": self.folder}) is None
+            return job_state({"cluster": "local", "job_id": job.job_id, "folder": self.folder}) == "ENDED"
         return job.done()
 
     def _outcome(self, run: Path, job) -> dict[str, Any]:
         """The run's summary, or ``{"failed": why}``; why is written to ``failure.txt`` if `train_one` could not."""
         try:
-            return job.result()
+            return job.results()[0]  # a job of several tasks (one per GPU): rank 0 writes and answers
         except Exception as e:  # the job died outside `train_one`: killed, out of memory, node failure, ...
             text = str(e).strip() or type(e).__name__
             return record_failure(run, f"job {job.job_id}: {text.splitlines()[0]}", text)
