@@ -70,10 +70,10 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def task_pid(controller: int) -> int:
+def task_pid(controller: int, timeout: float = 300) -> int:
     """The training process of a local submitit job (the child of its controller, whose pid is the job id)."""
     children = Path(f"/proc/{controller}/task/{controller}/children")
-    wait_for(lambda: children.read_text().split(), "the job's task to start")
+    wait_for(lambda: children.read_text().split(), "the job's task to start", timeout)
     return int(children.read_text().split()[0])
 
 
@@ -229,7 +229,7 @@ def test_killed_job_resumes_from_checkpoint_and_running_job_is_collected(tmp_pat
         outcome = run_compare(grid, out, resume=True, launcher=launcher(out, lambda s: (lines.append(s), log(s))))
     finally:
         with contextlib.suppress(OSError, AssertionError):
-            os.kill(task_pid(int(ids[alive])), signal.SIGCONT)  # never leave a stopped job behind
+            os.kill(task_pid(int(ids[alive]), timeout=0), signal.SIGCONT)  # never leave a stopped job behind
     assert sorted(outcome.trained) == [dead, alive] and not outcome.failed, lines
     assert f"compare: {alive}: job {ids[alive]} is RUNNING; collecting it, not resubmitting" in lines
     assert any("removed the lock of node-lost-with-the-job:1, whose job has ended" in line for line in lines)
@@ -238,3 +238,16 @@ def test_killed_job_resumes_from_checkpoint_and_running_job_is_collected(tmp_pat
     assert "after epoch" in (out / SUBMITIT_DIR / f"{after[dead]}_0_log.out").read_text()
     assert not (out / dead / "failure.txt").exists()
     assert same_weights(out / dead / "model.safetensors", reference(tmp_path, 0, 3) / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_job_of_several_tasks_trains_one_run_with_ddp(tmp_path):
+    """``gpus`` > 1 starts one task per GPU; the tasks join one process group as under torchrun (gloo on this CPU
+    machine: the GPU count only sets the task count here) and rank 0 writes the run."""
+    out, grid = tmp_path / "ddp", plan(models="resnet20", seeds=1)
+    resources = Resources(gpus=2, cpus=1, timeout_min=10)
+    ddp = SubmititLauncher(out / SUBMITIT_DIR, resources, cluster="local", log=lambda _: None, poll_s=0.2)
+    outcome = run_compare(grid, out, launcher=ddp, log=lambda _: None)
+    assert outcome.trained == ["runs/synthetic/resnet20/seed0"] and not outcome.failed
+    summary = json.loads((out / "runs/synthetic/resnet20/seed0/summary.json").read_text())
+    assert summary["world_size"] == 2
