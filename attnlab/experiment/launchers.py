@@ -194,16 +194,20 @@ class SubmititLauncher:
         threads = self._threads(executor, len(jobs))
         waiting = deque(jobs)
         running: dict[str, tuple[Path, Any]] = {}
-        while waiting or running:
-            while waiting and (self.jobs is None or len(running) < self.jobs):
-                name, cfg = waiting.popleft()
-                running[name] = (Path(cfg.out), self._start(executor, name, cfg, resume, threads))
-            for name, (run, job) in list(running.items()):
-                if self._done(job):
-                    del running[name]
-                    yield name, self._outcome(run, job)
-            if running:
-                time.sleep(self.poll_s)
+        try:
+            while waiting or running:
+                while waiting and (self.jobs is None or len(running) < self.jobs):
+                    name, cfg = waiting.popleft()
+                    running[name] = (Path(cfg.out), self._start(executor, name, cfg, resume, threads))
+                for name, (run, job) in list(running.items()):
+                    if self._done(job):
+                        del running[name]
+                        yield name, self._outcome(run, job)
+                if running:
+                    time.sleep(self.poll_s)
+        finally:
+            if running:  # stopped before its jobs ended: the scheduler goes on with them
+                self.log(f"compare: {len(running)} job(s) not collected; `compare --resume` collects them")
 
     def _start(self, executor, name: str, cfg, resume: bool, threads: int | None):
         """The job training ``cfg``: the one its ``job.json`` records if that is still pending or running (with
