@@ -333,7 +333,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .experiment import Plan
     from .report import build_report
+    from .report.digest import digest, write_into_readme
 
+    if args.digest:
+        section = digest(Path(args.digest))
+        if args.readme:
+            write_into_readme(Path(args.readme), section)
+            print(f"report: the claim section of {args.readme} rebuilt from {args.digest}")
+        else:
+            print(section, end="")
+        return 0
+    if not args.dir:
+        raise AttnlabError("report: give a comparison folder, or --digest ROOT")
     files = build_report(Plan.load(Path(args.dir)), Path(args.dir))
     print(f"report: {files.markdown}  (self-contained: {files.html})")
     return 0
@@ -354,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     _add_tool_commands(sub)
     _add_study_commands(sub)
+    from .detection.cli import add_parser as add_detect_parser
+
+    add_detect_parser(sub, _key_value)  # `attnlab detect train|eval`
     return parser
 
 
@@ -450,7 +464,9 @@ def _add_study_commands(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="rebuild a comparison's CSV files and report from its folder, without training")
-    p.add_argument("dir", help="a folder written by `attnlab compare`")
+    p.add_argument("dir", nargs="?", help="a folder written by `attnlab compare`")
+    p.add_argument("--digest", metavar="ROOT", help="instead: the claim verdicts of every comparison under ROOT")
+    p.add_argument("--readme", metavar="FILE", help="with --digest: write it between FILE's claim markers")
     p.set_defaults(func=cmd_report)
 
 

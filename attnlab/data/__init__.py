@@ -22,7 +22,6 @@ run and every model is selected on the same images; ``val_size`` defaults to 500
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterator
 
@@ -30,7 +29,17 @@ import torch
 
 from ..errors import AttnlabError, unknown_name
 from .augment import draw_params, flip, normalize, random_crop
-from .bundle import SPLIT_SEED, DataBundle, Source, Split, carve, channel_stats, seeded_generator, take_subset
+from .bundle import (
+    SPLIT_SEED,
+    DataBundle,
+    Source,
+    Split,
+    carve,
+    channel_stats,
+    loader_kwargs,
+    seeded_generator,
+    take_subset,
+)
 from .cifar import load_cifar10, load_cifar100
 from .cluttered import load_cluttered_fashion_mnist
 from .folder import load_imagefolder
@@ -108,18 +117,7 @@ def load_dataset(
         **options: dataset options (e.g. ``shape`` for synthetic, ``canvas`` for cluttered-fashion-mnist).
     """
     loader, args = _resolve(name)
-    params = inspect.signature(loader).parameters
-    allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY and p != "download"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        takes = f"its options: {', '.join(allowed)}" if allowed else "it takes none"
-        raise AttnlabError(f"dataset '{name}' has no option '{unknown[0]}' ({takes})")
-    kwargs = dict(options)
-    if "data_dir" in params:
-        kwargs["data_dir"] = data_dir
-    if "download" in params:
-        kwargs["download"] = download
-    source = loader(*args, **kwargs)
+    source = loader(*args, **loader_kwargs(name, loader, options, data_dir, download))
     train, val = carve(source.train, source.default_val if val_size is None else val_size)
     if subset is not None:
         train = take_subset(train, subset, seed)

@@ -9,6 +9,9 @@ splits before validation carving.
 
 from __future__ import annotations
 
+import inspect
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,3 +176,22 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         means.append(mean.item())
         stds.append(var.sqrt().item() if var > 0 else 1.0)
     return tuple(means), tuple(stds)
+
+
+def loader_kwargs(
+    name: str, loader: Callable, options: dict, data_dir: str | os.PathLike | None, download: bool
+) -> dict:
+    """The keyword arguments for dataset ``name``'s ``loader``: its ``options``, refused in one line if it does not
+    take one, plus ``data_dir`` and ``download`` where it reads files."""
+    params = inspect.signature(loader).parameters
+    allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY and p != "download"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = f"its options: {', '.join(allowed)}" if allowed else "it takes none"
+        raise AttnlabError(f"dataset '{name}' has no option '{unknown[0]}' ({takes})")
+    kwargs = dict(options)
+    if "data_dir" in params:
+        kwargs["data_dir"] = data_dir
+    if "download" in params:
+        kwargs["download"] = download
+    return kwargs

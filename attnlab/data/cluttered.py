@@ -69,6 +69,34 @@ def add_clutter(canvas_images: torch.Tensor, pieces: torch.Tensor, origins: torc
         canvas_images.permute(0, 2, 3, 1)[batch, rows, cols] = merged
 
 
+def paste_clutter(
+    canvas_images: torch.Tensor,
+    pool: torch.Tensor,
+    donors: torch.Tensor,
+    cuts: torch.Tensor,
+    spots: torch.Tensor,
+    patch: int,
+) -> None:
+    """Cut ``patch``×``patch`` pieces of the ``pool`` images ``donors`` (B×K) at ``cuts`` (B×K×2, x then y) and paste
+    them into ``canvas_images`` (B×C×S×S) at ``spots`` (B×K×2) by maximum."""
+    offsets = torch.arange(patch)
+    rows = (cuts[:, :, 1, None] + offsets)[:, :, :, None]  # B×K×p×1
+    cols = (cuts[:, :, 0, None] + offsets)[:, :, None, :]  # B×K×1×p
+    pieces = pool.permute(0, 2, 3, 1)[donors[:, :, None, None], rows, cols]  # B×K×p×p×C
+    add_clutter(canvas_images, pieces.permute(0, 1, 4, 2, 3), spots)
+
+
+def check_options(what: str, counts: tuple[tuple[str, object, int], ...], scale: object) -> tuple[float, float]:
+    """Refuse a non-integer or too small count option (``(name, value, minimum)``) and a bad ``scale`` range in one
+    line; returns ``scale`` as floats."""
+    for name, value, minimum in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise AttnlabError(f"{what} option {name} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(scale, tuple | list) or len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]):
+        raise AttnlabError(f"{what} option scale must be (min, max) with 0 < min <= max, got {scale!r}")
+    return float(scale[0]), float(scale[1])
+
+
 def render(
     source: Split,
     canvas: int,
@@ -91,16 +119,12 @@ def render(
         spots = torch.randint(0, canvas - patch + 1, (n, clutter, 2), generator=clutter_rng)
     images = torch.empty(n, c, canvas, canvas, dtype=torch.uint8)
     boxes = torch.empty(n, 4, dtype=torch.float32)
-    offsets = torch.arange(patch)
     for start in range(0, n, CHUNK):
         sl = slice(start, start + CHUNK)
         garments = place(source.images[sl], canvas, scales[sl].float(), origins[sl].float())
         boxes[sl] = tight_boxes(garments)
         if clutter:
-            rows = (cuts[sl, :, 1, None] + offsets)[:, :, :, None]  # B×K×p×1
-            cols = (cuts[sl, :, 0, None] + offsets)[:, :, None, :]  # B×K×1×p
-            pieces = source.images.permute(0, 2, 3, 1)[donors[sl, :, None, None], rows, cols]  # B×K×p×p×C
-            add_clutter(garments, pieces.permute(0, 1, 4, 2, 3), spots[sl])
+            paste_clutter(garments, source.images, donors[sl], cuts[sl], spots[sl], patch)
         images[sl] = garments
     return Split(images, source.labels.clone(), boxes)
 
@@ -128,12 +152,7 @@ def load_cluttered_fashion_mnist(
     """
     what = "cluttered-fashion-mnist"
     checks = (("canvas", canvas, 1), ("clutter", clutter, 0), ("patch", patch, 1), ("data_seed", data_seed, 0))
-    for name, value, minimum in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise AttnlabError(f"{what} option {name} must be an integer >= {minimum}, got {value!r}")
-    if not isinstance(scale, tuple | list) or len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]):
-        raise AttnlabError(f"{what} option scale must be (min, max) with 0 < min <= max, got {scale!r}")
-    scale = (float(scale[0]), float(scale[1]))
+    scale = check_options(what, checks, scale)
     source = load_fashion_mnist(data_dir, download=download)
     side = max(source.train.images.shape[2:])
     if canvas < math.ceil(side * scale[1]):

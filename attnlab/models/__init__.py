@@ -150,7 +150,9 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if arch.imagenet:
         model = build_model_with_cfg(timm_resnet.ResNet, name, False, **cfg_kwargs)
     else:
-        feature_cfg = dict(out_indices=tuple(range(len(arch.channels) + 1)))  # stem + one level per stage
+        # stem + one level per stage; a caller's own feature_cfg (timm's out_map, feature_cls, ...) adds to it
+        levels = tuple(range(len(arch.channels) + 1))
+        feature_cfg = {"out_indices": levels, **(cfg_kwargs.pop("feature_cfg", None) or {})}
         model = build_model_with_cfg(
             CifarResNet, name, False, channels=arch.channels, feature_cfg=feature_cfg, **cfg_kwargs
         )
@@ -163,7 +165,9 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 ARCH_DEFAULT_CLASSES = {False: 10, True: 1000}
-FEATURE_OPTIONS = frozenset({"features_only", "out_indices", "feature_cls", "output_fmt", "flatten_sequential"})
+FEATURE_OPTIONS = frozenset(
+    {"features_only", "out_indices", "feature_cls", "feature_cfg", "output_fmt", "flatten_sequential"}
+)
 """Options timm's builder takes for feature extraction (``features_only=True``) rather than passing on."""
 
 

@@ -1,0 +1,96 @@
+"""The README's claim section: rebuilt from committed comparison folders by the presets' own rules, digit for digit.
+
+`test_committed_reports_rebuild_byte_for_byte` and `test_readme_claims_match_the_committed_files` check the real
+``results/claims/`` of this repository; the others check the digest itself on comparison folders written here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from attnlab.cli import main
+from attnlab.errors import AttnlabError
+from attnlab.experiment import HOLDS, make_plan
+from attnlab.experiment.plan import run_dir
+from attnlab.report import build_report
+from attnlab.report.digest import BEGIN, END, digest, readme_section, write_into_readme
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "results" / "claims"
+REBUILT = ("results.csv", "summary.csv", "report.md")
+
+
+def _fake_comparison(out: Path, accuracies: dict[str, list[float]]) -> None:
+    """The committed files of a finished `aw` comparison: its plan and each run's summary.json, nothing else."""
+    plan = make_plan(preset="aw", budget="cpu")
+    out.mkdir()
+    plan.save(out)
+    for _dataset, entry, seed, folder in plan.runs(out):
+        folder.mkdir(parents=True)
+        summary = {
+            "model": entry.model,
+            "seed": seed,
+            "val_acc": accuracies[entry.name][seed],
+            "test_acc": accuracies[entry.name][seed],
+            "test_loss": 0.3,
+            "params": 1000,
+            "flops": 2000,
+            "train_img_per_s": 100.0,
+            "latency_ms": 1.0,
+            "wall_time_s": 600.0,
+            "epochs": 15,
+            "device": "test CPU (1 threads)",
+        }
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_digest_decides_the_claims_from_the_files(tmp_path):
+    base = [0.90, 0.91, 0.92]
+    accuracies = {e.name: base for e in make_plan(preset="aw").entries}
+    accuracies["aw_resnet20"] = [a + 0.01 + 0.001 * i for i, a in enumerate(base)]  # beats resnet20 on every seed
+    _fake_comparison(tmp_path / "aw", accuracies)
+    text = digest(tmp_path)
+    assert "`aw` — budget `cpu`" in text and "runs finished: 18 of 18 (3 seeds)" in text
+    assert "training wall time 3.0 h" in text
+    line = next(row for row in text.splitlines() if row.startswith("| aw_resnet20 beats resnet20"))
+    assert f"**{HOLDS}**" in line
+    assert "| fashion-mnist | aw_resnet20 | 92.10 ± 1.10 | 3 |" in text
+    assert "| fashion-mnist | resnet20 | 91.00 ± 1.00 | 3 |" in text
+    shutil.rmtree(run_dir(tmp_path / "aw", "fashion-mnist", make_plan(preset="aw").entries[1], 2))
+    assert "runs finished: 17 of 18" in digest(tmp_path)  # an unfinished run is left out and counted
+
+
+def test_readme_markers_are_written_and_read_back(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{BEGIN}\nold\n{END}\n\nrest\n")
+    write_into_readme(readme, "new section\n")
+    assert readme_section(readme) == "new section\n"
+    assert readme.read_text().endswith(f"{END}\n\nrest\n")
+    assert main(["report", "--digest", str(tmp_path / "nothing"), "--readme", str(readme)]) == 0
+    assert "No claim experiment has been committed" in readme_section(readme)
+    readme.write_text("no markers\n")
+    with pytest.raises(AttnlabError, match="no claim markers"):
+        write_into_readme(readme, "x")
+    assert main(["report", "--digest", str(tmp_path / "nothing"), "--readme", str(readme)]) == 2
+    assert readme.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in COMMITTED.glob("*/compare.json")), ids=lambda p: p.name)
+def test_committed_reports_rebuild_byte_for_byte(folder, tmp_path):
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    from attnlab.experiment import Plan
+
+    build_report(Plan.load(copy), copy)
+    for name in REBUILT:
+        assert (copy / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_readme_claims_match_the_committed_files():
+    assert readme_section(ROOT / "README.md") == digest(COMMITTED, shown_as="results/claims"), (
+        "README's claim section is out of date: attnlab report --digest results/claims --readme README.md"
+    )
