@@ -9,9 +9,11 @@ the same run with ``resume=True`` and submitit requeues it, so it continues from
 epoch boundary), with the engine's exact resume. ``compare --resume`` waits for a recorded job still pending or
 running instead of submitting the run again.
 
-The SLURM path and the local one are the same code: only the executor differs (``cluster="slurm"`` or ``"local"``
-in `make_executor`; the default lets submitit pick SLURM where ``srun`` exists), and only `job_state` asks each of
-them differently whether a recorded job is still alive.
+The SLURM path and the local one are the same code. What differs: the executor (``cluster="slurm"`` or ``"local"``
+in `make_executor`; the default lets submitit pick SLURM where ``srun`` exists), which receives the ``slurm_``
+parameters only on SLURM; `job_state` (``sacct`` through submitit, or the local controller's process); the job class
+that re-attaches a recorded job in `SubmititLauncher._start`; and the torch threads of a job (`_threads`: a share of
+this machine's cores locally, ``--cpus-per-run`` on a cluster).
 """
 
 from __future__ import annotations
