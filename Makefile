@@ -9,6 +9,7 @@ PYTEST_WORKERS ?= 2
 .PHONY: demo test setup data lint bench claims clean
 
 setup: $(STAMP)
+	@$(PY) scripts/fetch_timm_tests.py  # timm's own model tests, for tests/test_timm_conformance.py
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,4 +34,4 @@ bench: data
 	$(PY) benchmarks/train_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .timm-tests

@@ -248,12 +248,12 @@ def test_fmm_resnet20_forward_backward_reaches_every_parameter():
     torch.manual_seed(0)
     model = create_model("fmm_resnet20").train()
     assert all(
-        b.merge.__class__ is merge_mod._MERGES[DEFAULT_FMM_MERGE] for b in model.modules() if isinstance(b, BasicBlock)
+        b.merge.__class__ is merge_mod.MERGES[DEFAULT_FMM_MERGE] for b in model.modules() if isinstance(b, BasicBlock)
     )
     logits = model(torch.randn(4, 3, 32, 32))
     assert logits.shape == (4, 10)
     nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
-    zeroed = merge_mod._MERGES[DEFAULT_FMM_MERGE].zero_init_residual
+    zeroed = merge_mod.MERGES[DEFAULT_FMM_MERGE].zero_init_residual
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.isfinite().all(), pname
         # a zeroed last BN blocks the gradient to the convs before it at step 0, as in ResNet

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from timm.layers import EcaModule, SEModule
+from timm.layers import EcaModule, SEModule, register_notrace_module
 from timm.layers.cbam import CbamModule
 from torch import nn
 
@@ -18,9 +18,14 @@ from ..errors import lookup
 from .awconv import AWConv2d, aw_module
 from .cram import CRAM
 from .hooks import StepHook, register_training_hook, training_hooks
-from .merge import create_merge, list_merges
+from .merge import MERGES, create_merge, list_merges
 from .probe import AttentionProbe
 from .spatial import SpatialAttention
+
+# torch.fx leaves (timm's notrace registry, which its feature extractors and tests trace with): these branch on the
+# input's shape, dtype or memory layout, which symbolic tracing cannot follow; a traced network calls them whole
+for _leaf in (AWConv2d, CRAM, *MERGES.values()):
+    register_notrace_module(_leaf)
 
 AttnFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, AttnFactory] = {}

@@ -42,7 +42,7 @@ GATES = ("sigmoid2", "sigmoid", "softmax_kernel", "linear")
 GENERATORS = ("full", "factorized")
 
 
-def _gate_spec(gate: str, kernel_size: tuple[int, int]) -> tuple[str, float]:
+def _gate_spec(gate: str, kernel_size: list[int]) -> tuple[str, float]:
     """A gate as (elementwise base, constant scale): A = scale · base(z)."""
     return {
         "sigmoid2": ("sigmoid", 2.0),
@@ -54,8 +54,9 @@ def _gate_spec(gate: str, kernel_size: tuple[int, int]) -> tuple[str, float]:
 
 def weight_gate(logits: torch.Tensor, gate: str) -> torch.Tensor:
     """A = gate(logits) with plain autograd ops; the last two dims of ``logits`` are the k×k kernel offsets."""
-    if gate not in GATES:
-        raise unknown_name("AW gate", gate, GATES)
+    if not torch.jit.is_scripting():  # (scripted, an unknown gate fails in the lookup below)
+        if gate not in GATES:
+            raise unknown_name("AW gate", gate, GATES)
     base, scale = _gate_spec(gate, logits.shape[-2:])
     if base == "sigmoid":
         return scale * torch.sigmoid(logits)
@@ -339,13 +340,26 @@ class AWConv2d(nn.Conv2d):
         if self.generator == "factorized":
             attn_out, attn_in = self._factors(logits)
             return attn_out.unsqueeze(2) * attn_in.unsqueeze(1)
-        return weight_gate(logits.view(x.shape[0], *self.weight.shape), self.gate)
+        return weight_gate(logits.view([x.shape[0]] + list(self.weight.shape)), self.gate)
 
     def _factors(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_logits, in_logits = logits.split([self.out_channels, self.in_channels // self.groups], dim=1)
         return weight_gate(out_logits, self.gate), weight_gate(in_logits, self.gate)
 
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution with plain autograd ops: what TorchScript runs (it cannot run autograd Functions).
+        Outputs equal `forward`'s; backward keeps the per-sample weights alive, the memory `forward` saves."""
+        b = x.shape[0]
+        weights = (self.attention(x) * self.weight).flatten(0, 1)  # (B·C_out) × C_in/groups × k × k
+        folded = x.reshape(1, b * self.in_channels, x.shape[2], x.shape[3])
+        out = F.conv2d(folded, weights, None, self.stride, self._explicit_padding, self.dilation, b * self.groups)
+        out = out.view(b, self.out_channels, out.shape[2], out.shape[3])
+        bias = self.bias  # a local, so that TorchScript refines the Optional
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.forward_plain(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise AttnlabError(f"AWConv2d expects B×{self.in_channels}×H×W input, got shape {tuple(x.shape)}")
         logits = self.logits(x)

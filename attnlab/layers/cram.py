@@ -56,12 +56,12 @@ FILLS = ("zero", "circular")
 _ISOTROPY_TOL = 1e-5  # eigenvalue gap (relative to the trace) below which the angle is undefined and set to 0
 
 
-def pixel_centers(n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def pixel_centers(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Normalised pixel-centre coordinates ``(2j + 1 - n) / n`` of a side of n pixels (exactly antisymmetric)."""
     return (2 * torch.arange(n, device=device, dtype=dtype) + 1 - n) / n
 
 
-def rectangle_from_scores(scores: Tensor, *, min_size: float = 0.0, rotate: bool = True) -> tuple[Tensor, ...]:
+def rectangle_from_scores(scores: Tensor, min_size: float = 0.0, rotate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """The rectangle with the centre of mass and covariance of ``softmax(scores)`` over positions.
 
     Each pixel is a uniform cell of side 2/W × 2/H, which adds diag(1/(3W²), 1/(3H²)) to the covariance of the pixel
@@ -81,11 +81,16 @@ def rectangle_from_scores(scores: Tensor, *, min_size: float = 0.0, rotate: bool
         scores = scores.squeeze(1)
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
-    with torch.autocast(scores.device.type, enabled=False):
-        return _moments_rectangle(scores, min_size, rotate)
+    if not torch.jit.is_scripting():  # (TorchScript compiles no autocast here)
+        if torch.amp.is_autocast_available(scores.device.type):  # the meta device has no autocast to turn off
+            with torch.autocast(scores.device.type, enabled=False):
+                return _moments_rectangle(scores, min_size, rotate)
+    return _moments_rectangle(scores, min_size, rotate)
 
 
-def _moments_rectangle(scores: Tensor, min_size: float, rotate: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _moments_rectangle(
+    scores: Tensor, min_size: float, rotate: bool, isotropy_tol: float = _ISOTROPY_TOL
+) -> tuple[Tensor, Tensor, Tensor]:
     b, height, width = scores.shape
     p = torch.softmax(scores.reshape(b, -1), dim=1)
     u = pixel_centers(width, device=p.device, dtype=p.dtype).repeat(height)  # row-major, like p
@@ -101,7 +106,7 @@ def _moments_rectangle(scores: Tensor, min_size: float, rotate: bool) -> tuple[T
     cov = uv - cx * cy
     half_diff, mean = (var_u - var_v) / 2, (var_u + var_v) / 2
     gap2 = half_diff**2 + cov**2
-    isotropic = gap2 <= (_ISOTROPY_TOL * mean) ** 2
+    isotropic = gap2 <= (isotropy_tol * mean) ** 2
     # where() on the inputs as well as the outputs keeps the gradient finite at the isotropic point
     gap = torch.where(isotropic, 0.0, torch.sqrt(torch.where(isotropic, 1.0, gap2)))
     angle = torch.where(isotropic, 0.0, 0.5 * torch.atan2(cov, torch.where(isotropic, 1.0, half_diff)))
@@ -115,6 +120,8 @@ def rectangle_mask(
     """Soft mask σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|)) of each rectangle on an H×W pixel-centre grid, B×1×H×W."""
     u = pixel_centers(width, device=center.device, dtype=center.dtype)
     v = pixel_centers(height, device=center.device, dtype=center.dtype)
+    # one type for β (TorchScript cannot multiply a Tensor | float); a float in center's dtype gives the same numbers
+    beta = beta if isinstance(beta, Tensor) else torch.tensor(beta, dtype=center.dtype, device=center.device)
     cos, sin = (beta * torch.cos(angle))[:, None, None], (beta * torch.sin(angle))[:, None, None]
     du = (u - center[:, :1])[:, None, :]  # B×1×W
     dv = (v - center[:, 1:])[:, :, None]  # B×H×1
@@ -228,7 +235,7 @@ class CRAM(nn.Module):
 
     def rectangle(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """center B×2, size B×2, angle B of the rectangle predicted for x (normalised units, see module doc)."""
-        if self.predictor == "moments":
+        if hasattr(self, "score"):  # the "moments" predictor (hasattr: TorchScript compiles only this branch)
             if self.score_kind == "pool":
                 scores = self.score(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1))
             else:  # the 1×1 conv as a batched matmul: same result, ~4× faster on CPU than a conv with one output
@@ -246,8 +253,9 @@ class CRAM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         center, size, angle = self.rectangle(x)
         mask = rectangle_mask(center, size, angle, x.shape[-2], x.shape[-1], self.beta)
-        rect = self.probe({"center": center, "size": size, "angle": angle, "mask": mask})
-        mask = rect["mask"].to(x.dtype)
+        if not torch.jit.is_scripting():  # the probe's value is untyped in TorchScript (probe.py)
+            mask = self.probe({"center": center, "size": size, "angle": angle, "mask": mask})["mask"]
+        mask = mask.to(x.dtype)
         return x * (mask if self.apply_mode == "mul" else 1 + mask)  # 1 + m on the small map: one product either way
 
     def extra_repr(self) -> str:

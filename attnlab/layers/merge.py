@@ -39,24 +39,21 @@ from torch import nn
 
 from ..errors import AttnlabError, lookup
 
-_HALF = (torch.float16, torch.bfloat16)
 
-
-def _upcast(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.dtype]:
-    """The tensors in fp32 if any is half precision, and the dtype the result must be returned in."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    if dtype in _HALF:
-        return [t.float() for t in tensors], dtype
-    return list(tensors), dtype
+def _upcast(f: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """F and S in fp32 if either is half precision, and the dtype the result must be returned in."""
+    dtype = torch.promote_types(f.dtype, s.dtype)
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        return f.float(), s.float(), dtype
+    return f, s, dtype
 
 
 def _downcast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``y`` in ``dtype``, clamped to its finite range so a large product saturates instead of becoming inf."""
     if y.dtype == dtype:
         return y
-    limit = torch.finfo(dtype).max
+    # only ever called to return to half precision; the two finite maxima as literals, for TorchScript
+    limit = 65504.0 if dtype == torch.float16 else 3.3895313892515355e38
     return y.clamp(-limit, limit).to(dtype)
 
 
@@ -80,7 +77,7 @@ class FixedBiasBatchNorm2d(nn.BatchNorm2d):
         fixed.weight.data.copy_(bn.weight.data)
         fixed.running_mean.copy_(bn.running_mean)
         fixed.running_var.copy_(bn.running_var)
-        return fixed.to(bn.weight.device)
+        return fixed.to(device=bn.weight.device, dtype=bn.weight.dtype)
 
 
 def _shortcut_bn(channels: int, bias: float | None) -> nn.BatchNorm2d:
@@ -121,7 +118,7 @@ class MulMerge(nn.Module):
         self.gain = float(gain)
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        (f, s), dtype = _upcast(residual, shortcut)
+        f, s, dtype = _upcast(residual, shortcut)
         return _downcast(self.gain * f * s, dtype)
 
     def extra_repr(self) -> str:
@@ -160,7 +157,7 @@ class MulBNMerge(nn.Module):
         self.bn_residual = nn.BatchNorm2d(channels) if bn_residual else nn.Identity()
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        (f, s), dtype = _upcast(self.bn_residual(residual), self.bn_shortcut(shortcut))
+        f, s, dtype = _upcast(self.bn_residual(residual), self.bn_shortcut(shortcut))
         return _downcast(f * s, dtype)
 
 
@@ -187,7 +184,7 @@ class GateMerge(nn.Module):
         self.bn_shortcut = nn.BatchNorm2d(channels) if bn_shortcut else nn.Identity()
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        (f, s), dtype = _upcast(residual, self.bn_shortcut(shortcut))
+        f, s, dtype = _upcast(residual, self.bn_shortcut(shortcut))
         return _downcast((torch.sigmoid(f) + self.offset) * s, dtype)
 
     def extra_repr(self) -> str:
@@ -222,7 +219,7 @@ class GateShortcutMerge(nn.Module):
         self.bn_shortcut = nn.BatchNorm2d(channels)
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        (f, s), dtype = _upcast(residual, self.bn_shortcut(shortcut))
+        f, s, dtype = _upcast(residual, self.bn_shortcut(shortcut))
         return _downcast((torch.sigmoid(s) + self.offset) * f, dtype)
 
     def extra_repr(self) -> str:
@@ -246,11 +243,11 @@ class MulResidualMerge(nn.Module):
         super().__init__()
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        (f, s), dtype = _upcast(residual, shortcut)
+        f, s, dtype = _upcast(residual, shortcut)
         return _downcast((1.0 + f) * s, dtype)
 
 
-_MERGES: dict[str, type[nn.Module]] = {
+MERGES: dict[str, type[nn.Module]] = {
     "add": AddMerge,
     "mul": MulMerge,
     "mul_bn": MulBNMerge,
@@ -263,7 +260,7 @@ DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fm
 
 def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
     """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
-    cls = lookup(_MERGES, name, "merge")
+    cls = lookup(MERGES, name, "merge")
     try:
         inspect.signature(cls).bind(channels, **kwargs)
     except TypeError:
@@ -274,4 +271,4 @@ def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
 
 def list_merges() -> list[str]:
     """Registered merge names, sorted."""
-    return sorted(_MERGES)
+    return sorted(MERGES)

@@ -2,6 +2,8 @@
 
 `capture_attention` (in `attnlab.capture`) hooks every `AttentionProbe`; an attention module calls
 ``self.probe(value)`` on its gate, map, rectangle dict or weight-attention tensor and gets the value back unchanged.
+A probe scripts (``torch.jit.script``), but its value has no static type, so scripted layers skip it
+(``if not torch.jit.is_scripting()``): hooks on scripted modules are not what `capture_attention` observes anyway.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ class AttentionProbe(nn.Module):
         kind: what passes through: ``"channel"`` (B×C×1×1 gate), ``"spatial"`` (B×1×H×W map),
             ``"rectangle"`` (dict with center, size, angle, mask) or ``"weight"`` (B×C_out×C_in×k×k).
     """
+
+    __jit_unused_properties__ = ["observed"]  # TorchScript compiles properties otherwise; this one reads hooks
 
     def __init__(self, kind: str):
         super().__init__()

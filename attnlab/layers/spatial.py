@@ -31,5 +31,7 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        gate = self.probe(torch.sigmoid(self.bn(self.conv(pooled))))
+        gate = torch.sigmoid(self.bn(self.conv(pooled)))
+        if not torch.jit.is_scripting():  # the probe's value is untyped in TorchScript (probe.py)
+            gate = self.probe(gate)
         return x * gate

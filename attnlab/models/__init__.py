@@ -14,6 +14,7 @@ import fnmatch
 import functools
 import inspect
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,24 +101,54 @@ def list_models(pattern: str = "*") -> list[str]:
     return [n for n in MODEL_NAMES if fnmatch.fnmatch(n, pattern)]
 
 
-def _check_input(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: a clear error for inputs the network cannot take, instead of one from deep inside torch."""
-    x = args[0] if args else None
-    if not isinstance(x, torch.Tensor):
-        raise AttnlabError(f"model input must be a tensor, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise AttnlabError(f"model input must be B×C×H×W, got shape {tuple(x.shape)}")
+class UnknownModelOption(AttnlabError, TypeError):
+    """An option neither the network nor timm's builder knows: a one-line `AttnlabError` for our CLI, and the
+    ``TypeError`` timm's model contract (and its tests) expect from a constructor given an unknown argument."""
+
+
+def _check_input(model, args: tuple[torch.Tensor]) -> None:
+    """Forward pre-hook: a clear error for inputs the network cannot take, instead of one from deep inside torch.
+
+    Written so that TorchScript compiles it too (``torch.jit.script`` scripts a module's hooks with it)."""
+    if not torch.jit.is_scripting():
+        _check_is_tensor(args)
+    x = args[0]
+    if x.dim() != 4:
+        raise AttnlabError(f"model input must be B×C×H×W, got shape {_shape(x)}")
     if x.shape[1] != model.in_chans:
         raise AttnlabError(f"model expects {model.in_chans} input channels, got {x.shape[1]} (set in_chans)")
-    if min(x.shape[2:]) < model.min_input_size:
+    if min(x.shape[2], x.shape[3]) < model.min_input_size:
         raise AttnlabError(
             f"input {x.shape[2]}×{x.shape[3]} is too small: this network needs at least "
             f"{model.min_input_size}×{model.min_input_size}"
         )
     if not x.is_floating_point():
         raise AttnlabError(f"model input must be floating point, got {x.dtype} (normalise images first)")
-    if model.check_finite and not torch.isfinite(x).all():
+    if model.check_finite and not bool(torch.isfinite(x).all()):
         raise AttnlabError("model input contains NaN or Inf values")
+
+
+def _check_is_tensor(args: tuple) -> None:
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        raise AttnlabError(f"model input must be a tensor, got {type(x).__name__}")
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "(" + ", ".join([str(n) for n in x.shape]) + ")"
+
+
+def _construct(
+    model_cls: type[nn.Module], where: str | Sequence[int], guard: tuple[int, bool] | None, **kwargs
+) -> nn.Module:
+    """The network itself, with its attention restricted to ``where`` and, unless ``guard`` is None (feature
+    extraction), the input check: timm's builder calls this before it wraps the model for ``features_only``."""
+    model = model_cls(**kwargs)
+    restrict_attention(model, where)
+    if guard is not None:
+        model.min_input_size, model.check_finite = guard
+        model.register_forward_pre_hook(_check_input)
+    return model
 
 
 def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -145,40 +176,42 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         create_attn(attn, 8, **attn_kwargs)  # fail early, with a clear message, on a bad name or argument
         block_args["attn_layer"] = functools.partial(create_attn, attn, **attn_kwargs)
     kwargs.setdefault("num_classes", ARCH_DEFAULT_CLASSES[arch.imagenet])
-    _check_options(name, kwargs, timm_resnet.ResNet if arch.imagenet else CifarResNet)
-    cfg_kwargs = dict(block=arch.block, layers=arch.layers, block_args=block_args, **kwargs)
-    if arch.imagenet:
-        model = build_model_with_cfg(timm_resnet.ResNet, name, False, **cfg_kwargs)
-    else:
-        # stem + one level per stage; a caller's own feature_cfg (timm's out_map, feature_cls, ...) adds to it
-        levels = tuple(range(len(arch.channels) + 1))
-        feature_cfg = {"out_indices": levels, **(cfg_kwargs.pop("feature_cfg", None) or {})}
-        model = build_model_with_cfg(
-            CifarResNet, name, False, channels=arch.channels, feature_cfg=feature_cfg, **cfg_kwargs
-        )
-    restrict_attention(model, where)
-    if not kwargs.get("features_only"):
-        model.min_input_size = arch.min_size
-        model.check_finite = check_finite
-        model.register_forward_pre_hook(_check_input)
-    return model
+    model_cls = timm_resnet.ResNet if arch.imagenet else CifarResNet
+    _check_options(name, kwargs, model_cls)
+    # feature extraction: one level per stage after the stem's (all of them by default), timm's options on top
+    feature_cfg = {"out_indices": tuple(range(len(arch.layers) + 1)), **(kwargs.pop("feature_cfg", None) or {})}
+    feature_cfg.update({k: kwargs.pop(k) for k in FEATURE_CFG_OPTIONS & set(kwargs)})
+    if not arch.imagenet:
+        kwargs.setdefault("channels", arch.channels)
+    guard = None if kwargs.get("features_only") else (arch.min_size, check_finite)
+    constructor = functools.partial(_construct, model_cls, where, guard)
+    return build_model_with_cfg(
+        constructor,
+        name,
+        False,
+        feature_cfg=feature_cfg,
+        block=arch.block,
+        layers=arch.layers,
+        block_args=block_args,
+        **kwargs,
+    )
 
 
 ARCH_DEFAULT_CLASSES = {False: 10, True: 1000}
-FEATURE_OPTIONS = frozenset(
-    {"features_only", "out_indices", "feature_cls", "feature_cfg", "output_fmt", "flatten_sequential"}
-)
+FEATURE_CFG_OPTIONS = frozenset({"output_fmt", "flatten_sequential"})
+"""Feature-extraction options that belong in timm's ``feature_cfg`` (accepted as plain keywords too)."""
+FEATURE_OPTIONS = frozenset({"features_only", "out_indices", "feature_cls", "feature_cfg", *FEATURE_CFG_OPTIONS})
 """Options timm's builder takes for feature extraction (``features_only=True``) rather than passing on."""
 
 
 def _check_options(name: str, kwargs: dict[str, Any], model_cls: type) -> None:
-    """Refuse options neither the network nor timm's builder knows (our CIFAR ResNet must accept, and so would
-    otherwise swallow, the ResNet-only arguments timm's builder hands every model)."""
-    own = {*inspect.signature(model_cls).parameters, *FEATURE_OPTIONS} - {"block", "layers", "block_args", "_ignored"}
+    """Refuse options neither the network nor timm's builder knows (with close matches), as a ``TypeError`` like
+    any constructor given an unknown argument."""
+    own = {*inspect.signature(model_cls).parameters, *FEATURE_OPTIONS} - {"block", "layers", "block_args"}
     builder = inspect.signature(build_model_with_cfg).parameters
     for key in kwargs:
         if key not in own and key not in builder:
-            raise unknown_name(
+            error = unknown_name(
                 f"{name} option",
                 key,
                 [
@@ -193,6 +226,7 @@ def _check_options(name: str, kwargs: dict[str, Any], model_cls: type) -> None:
                     "check_finite",
                 ],
             )
+            raise UnknownModelOption(str(error))
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
@@ -219,7 +253,7 @@ def _default_cfg(arch: Arch) -> dict[str, Any]:
         url="",
         num_classes=10,
         input_size=(3, 32, 32),
-        pool_size=(8, 8),
+        pool_size=(32 // 2 ** (len(arch.layers) - 1),) * 2,  # every stage after the first halves the 32 px input
         crop_pct=1.0,
         interpolation="bilinear",
         mean=(0.4914, 0.4822, 0.4465),

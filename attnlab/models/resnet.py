@@ -15,13 +15,14 @@ of 16/32/64 channels (resnet20/32/56/110: 6n+2 layers) or 64–512 (resnet18c). 
 conv + BN (option B) rather than the paper's zero-padding (option A): same depth, +0.4% params on resnet20.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.layers import create_classifier
+import torch.nn.functional as F
+from timm.layers import create_classifier, get_device_dtype
+from timm.models import checkpoint_seq
 from timm.models import resnet as timm_resnet
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..errors import AttnlabError
@@ -52,7 +53,8 @@ class _MergeAwMixin:
         outplanes = planes * self.expansion
         if aw:
             self.conv2 = AWConv2d.from_conv(self.conv2, **(aw if isinstance(aw, dict) else {}))
-        self.merge = create_merge(merge, outplanes, **(merge_args or {}))
+        factory = {k: kwargs[k] for k in ("device", "dtype") if kwargs.get(k) is not None}
+        self.merge = create_merge(merge, outplanes, **(merge_args or {})).to(**factory)
         if getattr(self.merge, "residual_bias", None) is not None:  # the merge fixes the bias of F's last BN
             bn = getattr(self, self.last_bn)
             setattr(self, self.last_bn, FixedBiasBatchNorm2d.from_bn(bn, self.merge.residual_bias))
@@ -65,14 +67,14 @@ class _MergeAwMixin:
         if self.merge.zero_init_residual:
             super().zero_init_last()
 
-    def _merge(self, x: torch.Tensor, shortcut: torch.Tensor, act: nn.Module) -> torch.Tensor:
-        """Attention, stochastic depth, then act(merge(F, S)): the common end of both blocks."""
+    def _merge(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """Attention, stochastic depth, then merge(F, S): the common end of both blocks (the caller activates it
+        unless ``post_act`` is off; an activation module cannot be an argument in TorchScript)."""
         if self.se is not None:
             x = self.se(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
-        x = self.merge(x, shortcut)
-        return act(x) if self.post_act else x
+        return self.merge(x, shortcut)
 
 
 class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
@@ -81,7 +83,8 @@ class BasicBlock(_MergeAwMixin, timm_resnet.BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        return self._merge(self.bn2(self.conv2(x)), shortcut, self.act2)
+        x = self._merge(self.bn2(self.conv2(x)), shortcut)
+        return self.act2(x) if self.post_act else x
 
 
 class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
@@ -93,22 +96,30 @@ class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        return self._merge(self.bn3(self.conv3(x)), shortcut, self.act3)
+        x = self._merge(self.bn3(self.conv3(x)), shortcut)
+        return self.act3(x) if self.post_act else x
+
+
+MAX_STAGES = 4  # layer1..layer4, as timm's ResNet; TorchScript needs the stages as named attributes
 
 
 class CifarResNet(nn.Module):
-    """ResNet for small images: 3×3 stem, no max-pool, one stage per entry of ``channels``.
+    """ResNet for small images: 3×3 stem, no max-pool, one stage (``layer1``, ``layer2``, ...) per entry of
+    ``channels``; timm's ResNet interface (``forward_features``, ``forward_head``, ``forward_intermediates``,
+    ``feature_info``, ``reset_classifier``, gradient checkpointing), scriptable.
 
     Args:
         block: block class (`BasicBlock` or `Bottleneck`).
-        layers: blocks per stage.
+        layers: blocks per stage (1 to 4 stages).
         channels: width of each stage (the stem has the first width).
-        num_classes: classifier outputs.
+        num_classes: classifier outputs (0: no classifier, the forward returns pooled features).
         in_chans: input channels.
+        global_pool: timm's pooling type (``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"``; ``""``: none).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over blocks.
         zero_init_last: zero the last BN of each residual branch where the block's merge allows it.
         block_args: extra keyword arguments for every block (``attn_layer``, ``merge``, ``aw``, ...).
+        device, dtype: where and in which dtype to create the parameters.
     """
 
     def __init__(
@@ -118,20 +129,27 @@ class CifarResNet(nn.Module):
         channels: Sequence[int] = (16, 32, 64),
         num_classes: int = 10,
         in_chans: int = 3,
+        global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         zero_init_last: bool = True,
         act_layer: Callable[..., nn.Module] = nn.ReLU,
         norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
         block_args: dict | None = None,
-        **_ignored,  # timm's builder passes ResNet-only arguments (e.g. pretrained_cfg); they do not apply here
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        if not 1 <= len(layers) <= MAX_STAGES or len(channels) != len(layers):
+            raise AttnlabError(
+                f"CifarResNet needs 1 to {MAX_STAGES} stages with one width each, got {layers}, {channels}"
+            )
+        dd = {"device": device, "dtype": dtype}
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.grad_checkpointing = False
         stem = channels[0]
-        self.conv1 = nn.Conv2d(in_chans, stem, 3, padding=1, bias=False)
-        self.bn1 = norm_layer(stem)
+        self.conv1 = nn.Conv2d(in_chans, stem, 3, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(stem, **dd)
         self.act1 = act_layer(inplace=True)
         stages, feature_info = timm_resnet.make_blocks(
             (block,) * len(layers),
@@ -142,17 +160,22 @@ class CifarResNet(nn.Module):
             act_layer=act_layer,
             norm_layer=norm_layer,
             **(block_args or {}),
+            **dd,
         )
         for name, stage in stages:
             self.add_module(name, stage)
+        for i in range(len(stages), MAX_STAGES):
+            setattr(self, f"layer{i + 1}", None)
         self.stage_names = [name for name, _ in stages]
         # make_blocks assumes an ImageNet stem that already downsampled 4×; ours keeps full resolution.
         self.feature_info = [dict(num_chs=stem, reduction=1, module="act1")]
         self.feature_info += [dict(info, reduction=2**i) for i, info in enumerate(feature_info)]
-        self.num_features = self.head_hidden_size = channels[-1] * block.expansion
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type="avg")
+        self.num_features = channels[-1] * block.expansion
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.init_weights(zero_init_last)
 
+    @torch.jit.ignore
     def init_weights(self, zero_init_last: bool = True) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -162,23 +185,97 @@ class CifarResNet(nn.Module):
                 if hasattr(m, "zero_init_last"):
                     m.zero_init_last()
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        return dict(stem=r"^conv1|bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> str | nn.Module:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none); ``global_pool`` None keeps the current pooling."""
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool_type, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    @torch.jit.ignore
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, name) for name in self.stage_names]
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final features and the feature maps of the stem (index 0) and stages (1, 2, ...), as timm's ResNet.
+
+        Args:
+            x: input batch.
+            indices: the last n maps if an int, all if None, else the listed indices.
+            norm: unused (no final norm), accepted for timm's interface.
+            stop_early: skip the stages after the last map asked for.
+            output_fmt: ``"NCHW"`` only.
+            intermediates_only: return only the list of maps.
+        """
+        if output_fmt != "NCHW":
+            raise AttnlabError(f"forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = self.stages()[:max_index] if stop_early else self.stages()
+        for i, stage in enumerate(stages, start=1):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last map in ``indices`` (and the head); returns the indices kept."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, nn.Sequential())  # empty, so forward and checkpoint_seq still iterate it
+        if max_index < len(self.stage_names):
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < len(self.stage_names):
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages(), x, flatten=True)
+        x = self.layer1(x)  # spelt out (no getattr by name) so that TorchScript compiles it
+        if self.layer2 is not None:
+            x = self.layer2(x)
+        if self.layer3 is not None:
+            x = self.layer3(x)
+        if self.layer4 is not None:
+            x = self.layer4(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
