@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,captum,detection]"
+	$(PY) -m pip install --quiet -e ".[dev,captum,detection,cluster]"
 	@touch $(STAMP)
 
 data: setup

@@ -341,7 +341,8 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
             words += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     for key, value in args.data_arg:
         words += ["--data-arg", f"{key}={value}"]
-    words += ["--out", args.out, "--jobs", str(args.jobs)] + (["--resume"] if args.resume else [])
+    words += ["--out", args.out] + (["--jobs", str(args.jobs)] if args.jobs is not None else [])
+    words += ["--resume"] if args.resume else []
     return shlex.join(words)
 
 
@@ -353,6 +354,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.out:
         raise AttnlabError("compare: --out DIR is required")
     check_writable(args.out, "--out")
+    launcher = _launcher(args)
     recipe, datasets, options = _compare_recipe(args)
     analyses = None
     if args.analyses is not None:
@@ -369,9 +371,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         analysis_images=args.analysis_images,
         baseline=args.baseline,
         command=_compare_command(args, recipe),
-        jobs=args.jobs,
+        jobs=1 if args.jobs is None else args.jobs,
     )
-    outcome = run_compare(plan, args.out, resume=args.resume, jobs=args.jobs, progress=args.progress)
+    jobs, progress = 1 if args.jobs is None else args.jobs, args.progress
+    outcome = run_compare(plan, args.out, resume=args.resume, jobs=jobs, progress=progress, launcher=launcher)
     files = build_report(plan, args.out)
     print(f"compare: report written to {files.markdown} and {files.html}")
     print(f"report: {files.markdown}  (self-contained: {files.html})")
@@ -507,7 +510,11 @@ def _add_study_commands(sub) -> None:
     g.add_argument("--seeds", help="number of seeds (0..N-1) or a list such as 0,3,7 (default 3, or the preset's)")
     g.add_argument("--out", help="the comparison's folder (required); runs go to OUT/runs/<dataset>/<model>/seed<k>")
     g.add_argument("--resume", action="store_true", help="skip finished runs and continue unfinished ones")
-    g.add_argument("--jobs", type=int, default=1, help="runs trained at once, in separate processes (default 1)")
+    g.add_argument(
+        "--jobs",
+        type=int,
+        help="runs trained at once: local processes (default 1), or submitit jobs queued at once (default all)",
+    )
     g.add_argument("--preset", help=f"a claim experiment (models, data, budget, analyses): {', '.join(list_presets())}")
     g.add_argument(
         "--budget",
@@ -516,6 +523,7 @@ def _add_study_commands(sub) -> None:
     g.add_argument("--baseline", help="entry the others are compared with (default: the first)")
     g.add_argument("--analyses", help="analyses run on every entry, comma-separated, or 'none' (replaces a preset's)")
     g.add_argument("--analysis-images", type=int, help="images per analysis (overrides the preset's)")
+    _add_launcher_flags(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="rebuild a comparison's CSV files and report from its folder, without training")
@@ -523,6 +531,40 @@ def _add_study_commands(sub) -> None:
     p.add_argument("--digest", metavar="ROOT", help="instead: the claim verdicts of every comparison under ROOT")
     p.add_argument("--readme", metavar="FILE", help="with --digest: write it between FILE's claim markers")
     p.set_defaults(func=cmd_report)
+
+
+def _add_launcher_flags(p: argparse.ArgumentParser) -> None:
+    """Where compare's runs train: here (local), or one scheduler job each through submitit (SLURM)."""
+    g = p.add_argument_group("launcher (see README: sweeps on a cluster)")
+    g.add_argument("--launcher", choices=("local", "submitit"), default="local", help="where runs train")
+    g.add_argument("--cluster", help="submitit executor: slurm or local (default: slurm where srun exists, else local)")
+    g.add_argument("--gpus-per-run", type=int, help="GPUs of each run's job (one task per GPU; default 0)")
+    g.add_argument("--cpus-per-run", type=int, help="CPUs of each run's job (and its torch threads)")
+    g.add_argument("--partition", help="SLURM partition of the jobs")
+    g.add_argument("--timeout-min", type=int, help="time limit of each job; a job past it is requeued (default 60)")
+    g.add_argument("--mem-gb", type=float, help="memory of each run's job")
+    _key_values(g, "--slurm-arg", "any other parameter of submitit's SlurmExecutor, e.g. qos=high, account=lab")
+
+
+def _launcher(args: argparse.Namespace):
+    """The launcher --launcher asks for, checked before anything is written (None: compare's own LocalPool)."""
+    from pathlib import Path
+
+    from .experiment.launchers import SUBMITIT_DIR, Resources, SubmititLauncher, check_launcher_options
+
+    flags = ("cluster", "gpus_per_run", "cpus_per_run", "partition", "timeout_min", "mem_gb", "slurm_arg")
+    check_launcher_options(args.launcher, {"--" + f.replace("_", "-"): getattr(args, f) for f in flags})
+    if args.launcher == "local":
+        return None
+    resources = Resources(
+        gpus=args.gpus_per_run or 0,
+        cpus=args.cpus_per_run,
+        partition=args.partition,
+        timeout_min=60 if args.timeout_min is None else args.timeout_min,
+        mem_gb=args.mem_gb,
+        slurm=dict(args.slurm_arg),
+    )
+    return SubmititLauncher(Path(args.out) / SUBMITIT_DIR, resources, cluster=args.cluster, jobs=args.jobs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

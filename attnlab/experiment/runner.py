@@ -60,13 +60,17 @@ def train_one(cfg_values: dict[str, Any], resume: bool, progress: bool | None, p
         summary = train(cfg, resume=resume, progress=progress, log=lambda line: print(f"{prefix} {line}", flush=True))
     except Exception as e:
         message = str(e) if isinstance(e, AttnlabError) else f"{type(e).__name__}: {e}"
-        failure = Path(cfg.out) / FAILURE_FILE
-        if failure.parent.is_dir():
-            detail = "" if isinstance(e, AttnlabError) else "\n" + traceback.format_exc()
-            write_text_atomic(failure, f"{message}\n{detail}")
-        return {"failed": message.splitlines()[0] if message else type(e).__name__}
+        detail = "" if isinstance(e, AttnlabError) else traceback.format_exc()
+        return record_failure(Path(cfg.out), message, detail)
     (Path(cfg.out) / FAILURE_FILE).unlink(missing_ok=True)
     return summary
+
+
+def record_failure(run: Path, message: str, detail: str = "") -> dict[str, str]:
+    """Write why a run failed to its ``failure.txt`` (when its folder exists); the summary a launcher yields for it."""
+    if run.is_dir():
+        write_text_atomic(run / FAILURE_FILE, f"{message}\n" + (f"\n{detail}" if detail else ""))
+    return {"failed": message.splitlines()[0] if message else "failed"}
 
 
 @dataclass
