@@ -17,16 +17,42 @@ SYNTH = {"shape": [1, 12, 12], "size": 384, "test_size": 128, "num_classes": 4}
 
 def tiny(out: Path, **overrides) -> TrainConfig:
     """resnet20 on 320 synthetic 12×12 images (5 steps per epoch), 2 epochs unless overridden."""
-    values = dict(model="resnet20", dataset="synthetic", dataset_options=SYNTH, epochs=2, batch_size=64,
-                  val_size=64, out=str(out), lr=0.05)
+    values = dict(
+        model="resnet20",
+        dataset="synthetic",
+        dataset_options=SYNTH,
+        epochs=2,
+        batch_size=64,
+        val_size=64,
+        out=str(out),
+        lr=0.05,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
 def cli_train(out: Path, epochs: int = 4) -> list[str]:
     """The same run as `tiny` as an `attnlab train` command line."""
-    return [sys.executable, "-m", "attnlab", "train", "--model", "resnet20", "--dataset", "synthetic",
-            *[f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()], "--epochs", str(epochs),
-            "--batch-size", "64", "--val-size", "64", "--lr", "0.05", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "attnlab",
+        "train",
+        "--model",
+        "resnet20",
+        "--dataset",
+        "synthetic",
+        *[f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()],
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "64",
+        "--val-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--out",
+        str(out),
+    ]
 
 
 def subprocess_env() -> dict[str, str]:

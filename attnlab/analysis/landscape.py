@@ -10,8 +10,9 @@ back from a saved copy afterwards, so they end bit-identical.
 
 Curvature comes from Hessian-vector products of the mean loss over the given batches, exact by double backward (as
 PyHessian). The top eigenvalue (largest in magnitude) is found by power iteration, the trace by Hutchinson's estimator
-E[vᵀHv] with Rademacher v; either can be restricted to a block of the parameters by a filter. A model that cannot be
-differentiated twice (AW-convolution's fused function) is an error, not a silent approximation:
+E[vᵀHv] with Rademacher v; either can be restricted to a block of the parameters by a filter. AW-convolutions switch
+to their twice-differentiable forms for it (`attnlab.layers.awconv.twice_differentiable`); a model that still cannot be
+differentiated twice is an error, not a silent approximation:
 ``hvp="finite_difference"`` opts into central differences of gradients, Hv ≈ (∇L(w + εv) − ∇L(w − εv)) / 2ε with
 ε = 1e-3·‖w‖ along the unit vector v — 2.5× faster on CPU, exact to ~1e-3 on smooth networks, but in float32 on a ReLU
 network the rounding of the gradients and the kinks crossed within ε dominate (measured on se_resnet20, 250
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttnlabError, unknown_name
+from ..layers.awconv import twice_differentiable
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -234,7 +236,8 @@ class HessianVectorProduct:
             if self.method == "finite_difference":
                 return [h.detach() for h in self._finite_difference(v)]
             try:
-                return [h.detach() for h in self._exact(v)]
+                with twice_differentiable(self.model):
+                    return [h.detach() for h in self._exact(v)]
             except RuntimeError as e:
                 if "backward" not in str(e).lower():
                     raise
