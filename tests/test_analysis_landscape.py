@@ -216,3 +216,22 @@ def test_a_model_without_double_backward_is_an_error_unless_differences_are_aske
         hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=2)
     got = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=2, hvp="finite_difference")
     assert got["hvp"] == "finite_difference" and len(got["history"]) == 2
+
+
+def test_hessian_vector_products_over_regrouped_batches_equal_the_per_batch_sum():
+    """The HVP re-cuts the caller's batches into few large ones: the same Hv as summing batch by batch."""
+    from attnlab.analysis.landscape import regrouped
+
+    torch.manual_seed(0)
+    model = create_model("se_resnet20", num_classes=3, in_chans=1).eval()
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
+    small = list(zip(x.split(3), y.split(3)))
+    assert [len(b[1]) for b in regrouped(small, 4)] == [4, 4, 2] and regrouped(small)[0][0].shape[0] == 10
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    merged = HessianVectorProduct(model, small, params, F.cross_entropy)
+    separate = HessianVectorProduct(model, small, params, F.cross_entropy)
+    separate.batches = small
+    assert len(merged.batches) == 1
+    for got, want in zip(merged(v), separate(v)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
