@@ -12,13 +12,13 @@ relative to a plain ``nn.Conv2d`` of the same shape. Writes ``OUT/aw_paths.csv``
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
 from timing import interleaved_medians, load_average
 
 from attnlab.layers.awconv import AWConv2d
+from attnlab.train.bench import write_csv
 
 SHAPES = {"3x32x32": ((16, 32), (32, 16), (64, 8)), "1x28x28": ((16, 28), (32, 14), (64, 7))}
 PATHS = {"full": ("grouped", "unfold", "loop"), "factorized": ("grouped", "taps", "unfold", "loop")}
@@ -86,13 +86,7 @@ def main() -> None:
                             + ", ".join(f"{r['path']} {r['ms']}" for r in rows[-len(PATHS[generator]) - 1 :]),
                             flush=True,
                         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "aw_paths.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out / 'aw_paths.csv'}")
+    print(f"wrote {write_csv(Path(args.out) / 'aw_paths.csv', rows)}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes ``OUT/prefix_cost.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from timing import interleaved_medians, load_average
 
 from attnlab import create_model
+from attnlab.train.bench import write_csv
 
 PREFIXES = {  # prefix → (model name, build options, compiled target relative to resnet20)
     "none": ("resnet20", {}, 1.0),
@@ -132,13 +132,7 @@ def main() -> None:
     for key in args.inputs:
         for batch in args.batch or [INPUTS[key][1]]:
             rows += measure_input(key, batch, args.prefixes, args.mode, args.repeats, args.clock)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "prefix_cost.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out / 'prefix_cost.csv'}")
+    print(f"wrote {write_csv(Path(args.out) / 'prefix_cost.csv', rows)}")
 
 
 if __name__ == "__main__":
