@@ -300,7 +300,9 @@ def conv_loop(x: torch.Tensor, weights: torch.Tensor, geometry: tuple) -> torch.
     return torch.cat([F.conv2d(xi, wi, None, stride, padding, dilation, groups) for xi, wi in zip(x.split(1), weights)])
 
 
-_PER_SAMPLE = {"unfold": conv_unfold, "loop": conv_loop}
+# under torch.compile the grouped form runs as plain ops (the fused functions' in-place gate and mark_dirty break the
+# graph at every AW layer, and nine differently shaped breaks in resnet20 exceed dynamo's recompile limit)
+_PER_SAMPLE = {"unfold": conv_unfold, "loop": conv_loop, "grouped": _grouped_conv}
 
 
 TAPS_MIN_WEIGHT_SHARE = 2.0
@@ -462,7 +464,7 @@ class AWConv2d(nn.Conv2d):
         geometry = (self.stride, self._explicit_padding, self.dilation, self.groups)
         path = self.path(x)
         if self.generator == "full":
-            if path == "grouped":
+            if path == "grouped" and not torch.compiler.is_compiling():
                 out, attn = _AWConvFunction.apply(
                     x, logits, self.weight, _gate_spec(self.gate, self.kernel_size), geometry
                 )
@@ -474,7 +476,7 @@ class AWConv2d(nn.Conv2d):
             attn_out, attn_in = self._factors(logits)
             if path == "taps":
                 out = conv_taps(x, attn_out, attn_in, self.weight, geometry)
-            elif path == "grouped":
+            elif path == "grouped" and not torch.compiler.is_compiling():
                 out = _FactorizedAWConvFunction.apply(x, attn_out, attn_in, self.weight, geometry)
             else:
                 out = _PER_SAMPLE[path](x, self.weight * attn_out.unsqueeze(2) * attn_in.unsqueeze(1), geometry)
