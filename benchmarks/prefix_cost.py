@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # dynamo counts recompilations per code object across instances: nine compiled ResNets of one class in one
+    # process exceed the default limit of 8 and the last ones would silently run eager
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for mode in args.modes:
         rows += measure_input("3x32x32", INPUTS["3x32x32"][1], ["none", "cbam"], mode, args.repeats, args.clock)
