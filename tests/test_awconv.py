@@ -15,7 +15,7 @@ from torch import nn
 import attnlab
 from attnlab.errors import AttnlabError
 from attnlab.layers import create_attn
-from attnlab.layers.awconv import GATES, AWConv2d, AWModule
+from attnlab.layers.awconv import GATES, IMPLS, AWConv2d, AWModule, auto_path
 
 GATE_AT_ZERO = {"sigmoid2": 1.0, "sigmoid": 0.5, "softmax_kernel": 1.0, "linear": 1.0}
 
@@ -87,6 +87,7 @@ def layer_cases(draw):
         min_hidden=draw(st.integers(1, 4)),
         **geometry,
     )
+    layer_kw["impl"] = draw(st.sampled_from([i for i in IMPLS if i != "taps" or layer_kw["generator"] == "factorized"]))
     return in_channels, out_channels, k, layer_kw, (draw(st.integers(1, 3)), in_channels, h, w), draw(st.integers())
 
 
@@ -198,10 +199,60 @@ def test_loss_on_the_attention_alone_backpropagates():
     torch.testing.assert_close(got, want)
 
 
+@given(layer_cases(), st.data())
+def test_every_implementation_equals_the_grouped_form(case, data):
+    """The implementations are one function: outputs and gradients agree with the grouped convolution (≤ 1e-5)."""
+    in_channels, out_channels, k, layer_kw, shape, seed = case
+    torch.manual_seed(seed % 2**31)
+    layer = randomize_generator(AWConv2d(in_channels, out_channels, k, **{**layer_kw, "impl": "grouped"}))
+    other = copy.deepcopy(layer)
+    other.impl = data.draw(st.sampled_from([i for i in IMPLS if i != "taps" or layer.generator == "factorized"]))
+    memory_format = data.draw(st.sampled_from([torch.contiguous_format, torch.channels_last]))
+    x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
+    out, want = other(x), layer(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    for got, ref in zip(
+        grads(out, grad_out, [x, *other.parameters()]), grads(want, grad_out, [x, *layer.parameters()])
+    ):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("generator", "impl"), [("factorized", "taps"), ("full", "unfold"), ("full", "loop")])
+def test_plain_autograd_paths_differentiate_twice(generator, impl):
+    """taps, unfold and loop are plain autograd ops: second derivatives are exact (gradgradcheck in float64)."""
+    torch.manual_seed(0)
+    layer = randomize_generator(AWConv2d(4, 3, 3, stride=2, padding=1, groups=1, generator=generator, impl=impl))
+    layer = layer.double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.double, requires_grad=True)
+    params = (layer.weight, layer.attn_reduce.weight, layer.attn_expand_weight)
+    assert torch.autograd.gradgradcheck(lambda x, *_: layer(x), (x, *params))
+
+
+def test_taps_keeps_channels_last_and_groups():
+    torch.manual_seed(1)
+    layer = randomize_generator(AWConv2d(6, 4, 3, padding=1, groups=2, generator="factorized", impl="taps"))
+    x = torch.randn(2, 6, 7, 5).contiguous(memory_format=torch.channels_last)
+    out = layer(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference_awconv(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_path_is_the_measured_rule():
+    """benchmarks/aw_paths.py: taps beats the grouped convolution only where the per-sample weights outweigh the
+    activations (64 channels on 8×8 maps), the grouped convolution is kept for the full generator."""
+    wide, narrow = torch.empty(8, 64, 8, 8), torch.empty(8, 16, 32, 32)
+    layer = AWConv2d(64, 64, 3, padding=1, generator="factorized")
+    assert auto_path(layer, wide) == "taps" and auto_path(layer, narrow[:, :1].expand(8, 64, 32, 32)) == "grouped"
+    assert auto_path(AWConv2d(16, 16, 3, padding=1, generator="factorized"), narrow) == "grouped"
+    assert auto_path(AWConv2d(64, 64, 3, padding=1), wide) == "grouped"
+    assert AWConv2d(4, 4, 3, impl="unfold").path(torch.empty(1, 4, 5, 5)) == "unfold"
+
+
 @pytest.mark.parametrize("generator", ["full", "factorized"])
 def test_double_backward_is_refused_loudly(generator):
     """Second derivatives must fail, not silently lose the AW terms (the landscape analysis then falls back)."""
-    layer = AWConv2d(2, 2, 3, padding=1, generator=generator)
+    layer = AWConv2d(2, 2, 3, padding=1, generator=generator, impl="grouped")
     x = torch.randn(1, 2, 4, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()], create_graph=True)
@@ -265,6 +316,8 @@ def test_aw_module_is_shape_preserving_and_the_identity_at_init():
         (lambda: AWConv2d(4, 4, 1, gate="softmax_kernel"), "kernel_size > 1"),
         (lambda: AWConv2d(4, 4, 2, padding="same"), "symmetric padding"),
         (lambda: AWConv2d(4, 4, 3, reduction=0), "reduction >= 1"),
+        (lambda: AWConv2d(4, 4, 3, impl="tap"), "unknown AW implementation 'tap'"),
+        (lambda: AWConv2d(4, 4, 3, impl="taps"), "needs generator='factorized'"),
         (lambda: AWConv2d.from_conv(nn.Linear(3, 3)), "needs an nn.Conv2d, got Linear"),
         (lambda: AWModule(4, kernel_size=2), "odd"),
         (lambda: AWConv2d(3, 4, 3)(torch.randn(1, 5, 6, 6)), r"B×3×H×W input, got shape \(1, 5, 6, 6\)"),

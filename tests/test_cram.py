@@ -514,3 +514,21 @@ def test_cram_resnet20_trains_every_parameter(in_chans, size, predictor):
     cram_grads = [p.grad for c in crams for p in c.parameters()]
     assert all(g is not None and bool(g.isfinite().all()) for g in cram_grads)
     assert any(bool((g != 0).any()) for g in cram_grads)
+
+
+@settings(max_examples=15)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), beta=st.floats(0.5, 60), seed=st.integers(0, 10**6))
+def test_axis_aligned_mask_is_the_general_formula_at_angle_zero(h, w, beta, seed):
+    """The separable form (angle=None: one sigmoid profile per axis) equals the rotated formula at θ = 0, values and
+    gradients (CRAM with rotate=False uses it)."""
+    center, size, _ = random_rectangles(3, seed)
+    center.requires_grad_(), size.requires_grad_()
+    fast = rectangle_mask(center, size, None, h, w, beta)
+    plain = rectangle_mask(center, size, torch.zeros(3, dtype=F64), h, w, beta)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(plain)
+    for got, want in zip(
+        torch.autograd.grad((fast * weights).sum(), (center, size)),
+        torch.autograd.grad((plain * weights).sum(), (center, size)),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -161,10 +161,77 @@ def test_landscape_runs_end_to_end_and_keeps_the_weights():
     assert result["loss"] == pytest.approx(result["surface_1d"]["loss"][1], rel=1e-6)
 
 
+class _OnceDifferentiable(torch.autograd.Function):
+    """x ↦ x², with a backward that refuses to be differentiated (like a fused kernel without double backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("this backward cannot differentiate twice")
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _Squared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _OnceDifferentiable.apply(self.fc(x.flatten(1)[:, :4]))
+
+
+@pytest.mark.parametrize("generator", ["full", "factorized"])
+def test_aw_models_get_exact_hessian_vector_products(generator):
+    """AW layers switch to a twice-differentiable form for the HVP: the same Hv as with the slow per-sample loop."""
+    torch.manual_seed(0)
+    model = create_model("aw_resnet20", num_classes=3, in_chans=1, aw={"generator": generator}).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+        if hasattr(m, "attn_expand_weight"):
+            nn.init.normal_(m.attn_expand_weight, std=0.3)
+    batches = [(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]))]
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    got = HessianVectorProduct(model, batches, params, F.cross_entropy)(v)
+    assert all(m.impl == "auto" for m in model.modules() if hasattr(m, "impl"))  # restored afterwards
+    for m in model.modules():
+        if hasattr(m, "impl"):
+            m.impl = "loop"
+    want = HessianVectorProduct(model, batches, params, F.cross_entropy)(v)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_a_model_without_double_backward_is_an_error_unless_differences_are_asked_for():
-    model = create_model("aw_resnet20", num_classes=3, in_chans=1).eval()
+    model = _Squared().eval()
     batches = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))]
     with pytest.raises(AttnlabError, match="need double backward.*finite_difference"):
         hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=2)
     got = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=2, hvp="finite_difference")
     assert got["hvp"] == "finite_difference" and len(got["history"]) == 2
+
+
+def test_hessian_vector_products_over_regrouped_batches_equal_the_per_batch_sum():
+    """The HVP re-cuts the caller's batches into few large ones: the same Hv as summing batch by batch."""
+    from attnlab.analysis.landscape import regrouped
+
+    torch.manual_seed(0)
+    model = create_model("se_resnet20", num_classes=3, in_chans=1).eval()
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
+    small = list(zip(x.split(3), y.split(3)))
+    assert [len(b[1]) for b in regrouped(small, 4)] == [4, 4, 2] and regrouped(small)[0][0].shape[0] == 10
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    merged = HessianVectorProduct(model, small, params, F.cross_entropy)
+    separate = HessianVectorProduct(model, small, params, F.cross_entropy)
+    separate.batches = small
+    assert len(merged.batches) == 1
+    for got, want in zip(merged(v), separate(v)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -92,6 +92,129 @@ def _layer_mean(per_layer: list[np.ndarray]) -> np.ndarray:
         return np.where(counts > 0, np.nansum(stacked, 0) / np.maximum(counts, 1), np.nan)
 
 
+def _checked_methods(methods, images: torch.Tensor, labels: torch.Tensor) -> tuple[list[str], dict[str, str]]:
+    """The importance methods to run (captum dropped, and noted, when it is not installed)."""
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise AttnlabError(f"consistency needs at least one importance method: {', '.join(METHODS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise unknown_name("importance method", m, METHODS)
+    if len(images) != len(labels) or len(images) == 0:
+        raise AttnlabError(f"consistency needs as many labels as images (got {len(images)} and {len(labels)})")
+    notes = {}
+    if "captum" in methods and not captum_available():
+        methods.remove("captum")
+        notes["captum"] = "skipped: captum is not installed (pip install captum)"
+        if not methods:
+            raise AttnlabError("consistency: captum is not installed and no other importance method was asked for")
+    return methods, notes
+
+
+def _importances(
+    model: nn.Module,
+    work: nn.Module,
+    sites: list[GateSite],
+    images: torch.Tensor,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    base_loss: torch.Tensor,
+    methods: list[str],
+    notes: dict[str, str],
+    opts: dict[str, Any],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{method: {site path: N×U importances}} (captum on the first ``captum_images`` images only)."""
+    importances: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
+    grid = opts["grid"]
+    if "ablation" in methods:
+        for site in sites:
+            importances["ablation"][site.path] = ablation_importance(
+                work, x, labels, site, grid=grid, max_rows=opts["max_rows"], base_loss=base_loss
+            )
+    if {"grad_x_act", "captum"} & set(methods):  # gradients in the default layout (AW's backward needs it)
+        backward_work = inference_copy(model, fold_bn=opts["fast"], channels_last=False)
+        backward_sites = gate_sites(backward_work)
+    if "captum" in methods:
+        n = min(opts["captum_images"], len(x))
+        for site, twin in zip(sites, backward_sites):
+            importances["captum"][site.path] = captum_importance(
+                backward_work, images[:n], labels[:n], twin, grid=grid, steps=opts["captum_steps"]
+            )
+        notes["captum"] = f"LayerIntegratedGradients of log p_y, {opts['captum_steps']} steps, first {n} images"
+    if "grad_x_act" in methods:
+        importances["grad_x_act"] = gradient_x_activation(backward_work, images, labels, backward_sites, grid=grid)
+    return importances
+
+
+def _random_gate_spearman(
+    work: nn.Module, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, opts: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Per site, Spearman's ρ of the shuffled-attention control's gates against its own ablation importances."""
+    n = min(opts["control_images"], len(x))
+    control = shuffle_attention(work, generator)
+    control_sites = gate_sites(control)
+    control_gates, control_loss = gates_and_losses(
+        control, x[:n], labels[:n], control_sites, grid=opts["grid"], aw_reduce=opts["aw_reduce"]
+    )
+    return {
+        s.path: spearman_rows(
+            control_gates[s.path],
+            ablation_importance(
+                control, x[:n], labels[:n], s, grid=opts["grid"], max_rows=opts["max_rows"], base_loss=control_loss
+            ),
+        )
+        for s in control_sites
+    }
+
+
+def _layer_statistics(
+    site: GateSite,
+    gate: torch.Tensor,
+    importances: dict[str, dict[str, torch.Tensor]],
+    per_sample: dict[str, list[np.ndarray]],
+    topk: float,
+) -> dict[str, Any]:
+    """One layer's statistics for every method; appends each per-sample statistic to ``per_sample``."""
+    units = gate.shape[1]
+    k = max(1, min(units, math.ceil(topk * units) if topk < 1 else int(topk)))
+    layer: dict[str, Any] = {
+        "path": site.path,
+        "kind": site.kind,
+        "units": site.units,
+        "n_units": units,
+        "k": k,
+        "gate_mean": float(gate.mean()),
+        "gate_std": float(gate.std()),
+    }
+    for method, by_site in importances.items():
+        importance = by_site[site.path]
+        rows = _row_stats(gate[: len(importance)], importance, k)
+        for stat, values in rows.items():
+            layer.setdefault(stat, {})[method] = mean_ci(values)
+            per_sample.setdefault(f"{stat}_{method}", []).append(values)
+        layer.setdefault("importance_mean", {})[method] = float(importance.mean())
+    return layer
+
+
+def _controls_of_layer(
+    layer: dict[str, Any],
+    gate: torch.Tensor,
+    reference: torch.Tensor | None,
+    control: np.ndarray | None,
+    per_sample: dict[str, list[np.ndarray]],
+    generator: torch.Generator,
+) -> None:
+    """Adds the null (shuffled ``reference`` importances) and random-gate control statistics to ``layer``."""
+    if reference is not None:
+        shuffled = shuffled_rows(reference, generator)
+        values = spearman_rows(gate[: len(shuffled)], shuffled)
+        layer["null_spearman"] = mean_ci(values)
+        per_sample.setdefault("null_spearman", []).append(values)
+    if control is not None:
+        layer["random_gate_spearman"] = mean_ci(control)
+        per_sample.setdefault("random_gate_spearman", []).append(control)
+
+
 def consistency(
     model: nn.Module,
     images: torch.Tensor,
@@ -134,98 +257,28 @@ def consistency(
         ``{"layers": [per-layer statistics], "summary": {statistic: {mean, ci_low, ci_high, n}}, ...}``; a summary
         statistic is the per-sample mean over layers, then its mean and interval over samples.
     """
-    methods = list(dict.fromkeys(methods))
-    if not methods:
-        raise AttnlabError(f"consistency needs at least one importance method: {', '.join(METHODS)}")
-    for m in methods:
-        if m not in METHODS:
-            raise unknown_name("importance method", m, METHODS)
-    if len(images) != len(labels) or len(images) == 0:
-        raise AttnlabError(f"consistency needs as many labels as images (got {len(images)} and {len(labels)})")
-    notes = {}
-    if "captum" in methods and not captum_available():
-        methods.remove("captum")
-        notes["captum"] = "skipped: captum is not installed (pip install captum)"
-        if not methods:
-            raise AttnlabError("consistency: captum is not installed and no other importance method was asked for")
+    methods, notes = _checked_methods(methods, images, labels)
+    opts = dict(grid=grid, aw_reduce=aw_reduce, max_rows=max_rows, fast=fast, control_images=control_images)
+    opts.update(captum_images=captum_images, captum_steps=captum_steps)
     work = inference_copy(model, fold_bn=fast, channels_last=fast)
     x = images.contiguous(memory_format=torch.channels_last) if fast else images
-    if {"grad_x_act", "captum"} & set(methods):  # gradients in the default layout (AW's backward needs it)
-        backward_work = inference_copy(model, fold_bn=fast, channels_last=False)
-        backward_sites = gate_sites(backward_work)
     sites = gate_sites(work)
     if not sites:
         raise AttnlabError("consistency: the model has no attention gates (SE, ECA, CBAM, spatial, CRAM or AW)")
     generator = torch.Generator().manual_seed(seed)
     gates, base_loss = gates_and_losses(work, x, labels, sites, grid=grid, aw_reduce=aw_reduce)
-    importances: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
-    n_captum = min(captum_images, len(x))
-    for site in sites:
-        if "ablation" in methods:
-            importances["ablation"][site.path] = ablation_importance(
-                work, x, labels, site, grid=grid, max_rows=max_rows, base_loss=base_loss
-            )
-        if "captum" in methods:
-            twin = backward_sites[sites.index(site)]
-            importances["captum"][site.path] = captum_importance(
-                backward_work, images[:n_captum], labels[:n_captum], twin, grid=grid, steps=captum_steps
-            )
-    if "grad_x_act" in methods:
-        importances["grad_x_act"] = gradient_x_activation(backward_work, images, labels, backward_sites, grid=grid)
-    if "captum" in methods:
-        notes["captum"] = f"LayerIntegratedGradients of log p_y, {captum_steps} steps, first {n_captum} images"
-
-    controls = {}
+    importances = _importances(model, work, sites, images, x, labels, base_loss, methods, notes, opts)
+    controls = _random_gate_spearman(work, x, labels, generator, opts) if random_gate else {}
     if random_gate:
         n = min(control_images, len(x))
-        control = shuffle_attention(work, generator)
-        control_sites = gate_sites(control)
-        control_gates, control_loss = gates_and_losses(
-            control, x[:n], labels[:n], control_sites, grid=grid, aw_reduce=aw_reduce
-        )
-        controls = {
-            s.path: spearman_rows(
-                control_gates[s.path],
-                ablation_importance(
-                    control, x[:n], labels[:n], s, grid=grid, max_rows=max_rows, base_loss=control_loss
-                ),
-            )
-            for s in control_sites
-        }
         notes["random_gate"] = f"attention parameters shuffled (seed {seed}), first {n} images, ablation importance"
-
     layers, per_sample = [], {}
     reference = "ablation" if "ablation" in methods else methods[0]
     for site in sites:
-        gate = gates[site.path]
-        units = gate.shape[1]
-        k = max(1, min(units, math.ceil(topk * units) if topk < 1 else int(topk)))
-        layer: dict[str, Any] = {
-            "path": site.path,
-            "kind": site.kind,
-            "units": site.units,
-            "n_units": units,
-            "k": k,
-            "gate_mean": float(gate.mean()),
-            "gate_std": float(gate.std()),
-        }
-        for method in methods:
-            importance = importances[method][site.path]
-            rows = _row_stats(gate[: len(importance)], importance, k)
-            for stat, values in rows.items():
-                layer.setdefault(stat, {})[method] = mean_ci(values)
-                per_sample.setdefault(f"{stat}_{method}", []).append(values)
-            layer.setdefault("importance_mean", {})[method] = float(importance.mean())
-        if null:
-            shuffled = shuffled_rows(importances[reference][site.path], generator)
-            values = spearman_rows(gate[: len(shuffled)], shuffled)
-            layer["null_spearman"] = mean_ci(values)
-            per_sample.setdefault("null_spearman", []).append(values)
-        if site.path in controls:
-            layer["random_gate_spearman"] = mean_ci(controls[site.path])
-            per_sample.setdefault("random_gate_spearman", []).append(controls[site.path])
+        layer = _layer_statistics(site, gates[site.path], importances, per_sample, topk)
+        null_reference = importances[reference][site.path] if null else None
+        _controls_of_layer(layer, gates[site.path], null_reference, controls.get(site.path), per_sample, generator)
         layers.append(layer)
-
     result: dict[str, Any] = {
         "images": len(x),
         "methods": methods,

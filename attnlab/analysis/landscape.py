@@ -10,12 +10,13 @@ back from a saved copy afterwards, so they end bit-identical.
 
 Curvature comes from Hessian-vector products of the mean loss over the given batches, exact by double backward (as
 PyHessian). The top eigenvalue (largest in magnitude) is found by power iteration, the trace by Hutchinson's estimator
-E[vᵀHv] with Rademacher v; either can be restricted to a block of the parameters by a filter. A model that cannot be
-differentiated twice (AW-convolution's fused function) is an error, not a silent approximation:
+E[vᵀHv] with Rademacher v; either can be restricted to a block of the parameters by a filter. AW-convolutions switch
+to their twice-differentiable forms for it (`attnlab.layers.awconv.twice_differentiable`); a model that still cannot be
+differentiated twice is an error, not a silent approximation:
 ``hvp="finite_difference"`` opts into central differences of gradients, Hv ≈ (∇L(w + εv) − ∇L(w − εv)) / 2ε with
-ε = 1e-3·‖w‖ along the unit vector v — 2.5× faster on CPU, exact to ~1e-3 on smooth networks, but in float32 on a ReLU
-network the rounding of the gradients and the kinks crossed within ε dominate (measured on se_resnet20, 250
-Fashion-MNIST images: 60–120% error for ε = 1e-2…1e-3·‖w‖; `benchmarks/analysis_speed.py`).
+ε = 1e-3·‖w‖ along the unit vector v — faster on CPU, but in float32 on a ReLU network the rounding of the gradients
+and the kinks crossed within ε dominate (errors measured by `benchmarks/analysis_speed.py`). Exact products run over
+few, large batches (`regrouped`, ``HVP_BATCH`` images each).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttnlabError, unknown_name
+from ..layers.awconv import twice_differentiable
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -182,6 +184,18 @@ def _gradient(model, batches, params, loss_fn, create_graph: bool) -> list[torch
 
 
 HVP_METHODS = ("auto", "double_backward", "finite_difference")
+HVP_BATCH = (
+    1000  # images per double-backward pass: fewer, larger passes are faster on CPU (benchmarks/analysis_speed.py)
+)
+
+
+def regrouped(batches: Batches, max_rows: int = HVP_BATCH) -> Batches:
+    """The same images and labels, in order, re-cut into as few batches of at most ``max_rows`` as possible (the mean
+    loss over all images is unchanged; in eval mode no sample depends on its batch)."""
+    if len(batches) <= 1 or max_rows <= max(len(y) for _, y in batches):
+        return batches
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return list(zip(x.split(max_rows), y.split(max_rows)))
 
 
 class HessianVectorProduct:
@@ -197,7 +211,7 @@ class HessianVectorProduct:
     ):
         if method not in HVP_METHODS:
             raise unknown_name("Hessian-vector product method", method, HVP_METHODS)
-        self.model, self.batches, self.params, self.loss_fn = model, batches, params, loss_fn
+        self.model, self.batches, self.params, self.loss_fn = model, regrouped(batches), params, loss_fn
         self.method = "double_backward" if method == "auto" else method
 
     def _exact(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -234,7 +248,8 @@ class HessianVectorProduct:
             if self.method == "finite_difference":
                 return [h.detach() for h in self._finite_difference(v)]
             try:
-                return [h.detach() for h in self._exact(v)]
+                with twice_differentiable(self.model):
+                    return [h.detach() for h in self._exact(v)]
             except RuntimeError as e:
                 if "backward" not in str(e).lower():
                     raise

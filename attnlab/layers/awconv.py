@@ -19,15 +19,20 @@ sample. Only the abstract is available; everything it does not state is *our rea
   plain convolution times that constant — 1 for every gate except ``"sigmoid"`` (0.5, or 0.25 factorized) — so
   swapping it into a trained or freshly initialised network changes nothing until it learns.
 
-The batch runs as ONE grouped convolution with the samples folded into the groups (input 1×(B·C_in)×H×W, per-sample
-weights (B·C_out)×C_in×k×k, groups=B), never as a loop over samples. Two custom autograd functions keep the
-weight-shaped memory down: the full generator keeps only A for backward (A ⊙ W is rebuilt there, and the gate runs in
-place on the generator's output and is differentiated from A), the factorized one keeps only its two small factors.
-Double backward (``create_graph=True``) is not supported and raises.
+The batch never loops over samples in Python. By default (``impl="grouped"``) it runs as ONE grouped convolution with
+the samples folded into the groups (input 1×(B·C_in)×H×W, per-sample weights (B·C_out)×C_in×k×k, groups=B); two
+custom autograd functions keep the weight-shaped memory down (the full generator keeps only A for backward, the
+factorized one only its two factors) and are once differentiable: double backward through them raises. The factorized
+attention is rank one over the channels per kernel offset, so ``impl="taps"`` needs no per-sample weights at all (one
+shared 1×1 convolution per offset, `conv_taps`); ``"unfold"`` (im2col + batched matmul) and ``"loop"`` are the other
+measured forms. ``impl="auto"`` picks the fastest per shape (`auto_path`); all but ``"grouped"`` can be
+differentiated twice, and `twice_differentiable` switches a model to them for Hessian-vector products.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,6 +46,12 @@ from .probe import AttentionProbe
 
 GATES = ("sigmoid2", "sigmoid", "softmax_kernel", "linear")
 GENERATORS = ("full", "factorized")
+IMPLS = ("auto", "grouped", "taps", "unfold", "loop")
+"""How the batch is convolved: ``"grouped"`` (one convolution, samples folded into the groups; a fused,
+once-differentiable function), ``"taps"`` (factorized only: one shared 1×1 convolution per kernel offset, no
+per-sample weights), ``"unfold"`` (im2col and a batched matmul), ``"loop"`` (one convolution per sample); ``"auto"``
+picks by `auto_path`. All give the same numbers up to float rounding; all but ``"grouped"`` can be differentiated
+twice."""
 
 
 def _gate_spec(gate: str, kernel_size: list[int]) -> tuple[str, float]:
@@ -218,22 +229,113 @@ def _factorized_weights(weight: torch.Tensor, attn_out: torch.Tensor, attn_in: t
     return (weight * attn_out.unsqueeze(2)).mul_(attn_in.unsqueeze(1))
 
 
+def _output_size(x: torch.Tensor, kernel: tuple[int, int], geometry: tuple) -> tuple[int, int]:
+    stride, padding, dilation, _ = geometry
+    return tuple(
+        (x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(2)
+    )
+
+
+def _like_input(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` in channels-last memory when ``x`` is (so a channels-last network stays channels-last)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def conv_taps(
+    x: torch.Tensor, attn_out: torch.Tensor, attn_in: torch.Tensor, weight: torch.Tensor, geometry: tuple
+) -> torch.Tensor:
+    """conv(x_b, (a_out_b ⊗ a_in_b) ⊙ W) for every sample b without per-sample weights.
+
+    The factorized attention is rank one over the channels at each kernel offset k, so the convolution splits into
+    one term per offset: shift x to offset k, scale its channels by a_in[:, :, k], apply the shared 1×1 slice
+    W[:, :, k] (one convolution for the whole batch), scale the output channels by a_out[:, :, k], and sum — the way
+    ODConv (Li et al., ICLR 2022) puts channel attentions around a shared kernel. Plain autograd ops throughout, so
+    it can be differentiated twice.
+
+    Args:
+        x: B × C_in × H × W.
+        attn_out: B × C_out × k × k; attn_in: B × C_in/groups × k × k (gated factors).
+        weight: C_out × C_in/groups × k × k.
+        geometry: (stride, explicit symmetric padding, dilation, groups).
+    """
+    stride, (pad_h, pad_w), dilation, groups = geometry
+    kh, kw = weight.shape[-2:]
+    ho, wo = _output_size(x, (kh, kw), geometry)
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
+    attn_in = attn_in.repeat(1, groups, 1, 1) if groups > 1 else attn_in  # input channel c has factor c mod C_in/g
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation[0], j * dilation[1]
+            tap = padded[
+                :,
+                :,
+                top : top + stride[0] * (ho - 1) + 1 : stride[0],
+                left : left + stride[1] * (wo - 1) + 1 : stride[1],
+            ]
+            y = F.conv2d(
+                tap * attn_in[:, :, i, j, None, None], weight[:, :, i : i + 1, j : j + 1], None, 1, 0, 1, groups
+            )
+            y = y * attn_out[:, :, i, j, None, None]
+            out = y if out is None else out + y
+    return out
+
+
+def conv_unfold(x: torch.Tensor, weights: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """conv(x_b, weights_b) for every sample b as im2col (``F.unfold``) and one batched matmul; plain autograd ops.
+
+    Args:
+        x: B × C_in × H × W; weights: B × C_out × C_in/groups × k × k; geometry: as `conv_taps`.
+    """
+    stride, padding, dilation, groups = geometry
+    b, c_out = weights.shape[:2]
+    ho, wo = _output_size(x, weights.shape[-2:], geometry)
+    cols = F.unfold(x, weights.shape[-2:], dilation, padding, stride).view(b, groups, -1, ho * wo)
+    out = torch.matmul(weights.reshape(b, groups, c_out // groups, -1).to(cols.dtype), cols)
+    return _like_input(out.view(b, c_out, ho, wo), x)
+
+
+def conv_loop(x: torch.Tensor, weights: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """conv(x_b, weights_b) for every sample b as a Python loop of plain convolutions (the slow reference form)."""
+    stride, padding, dilation, groups = geometry
+    return torch.cat([F.conv2d(xi, wi, None, stride, padding, dilation, groups) for xi, wi in zip(x.split(1), weights)])
+
+
+# under torch.compile the grouped form runs as plain ops (the fused functions' in-place gate and mark_dirty break the
+# graph at every AW layer, and nine differently shaped breaks in resnet20 exceed dynamo's recompile limit)
+_PER_SAMPLE = {"unfold": conv_unfold, "loop": conv_loop, "grouped": _grouped_conv}
+
+
+TAPS_MIN_WEIGHT_SHARE = 2.0
+"""``"auto"`` takes ``"taps"`` where the per-sample weights hold at least this many times the values of the layer's
+input and output activations (measured by `benchmarks/aw_paths.py`, see `auto_path`)."""
+
+
+def auto_path(layer: AWConv2d, x: torch.Tensor) -> str:
+    """The implementation measured fastest for ``layer`` on input ``x`` (`benchmarks/aw_paths.py`).
+
+    Factorized: the grouped convolution wins while the per-sample weights (C_out·C_in/g·k² values per sample) are small
+    next to the activations; ``"taps"`` makes ~k² passes over the activations instead of building the weights, and
+    wins once the weights outweigh the activations (resnet20's 64-channel stage on 8×8 or 7×7 maps, not its 16- and
+    32-channel stages). Full: the grouped convolution (the loop and im2col + batched matmul are no faster on CPU).
+    """
+    if layer.generator == "full":
+        return "grouped"
+    ho, wo = _output_size(x, layer.kernel_size, (layer.stride, layer._explicit_padding, layer.dilation, layer.groups))
+    weights = layer.weight.numel()
+    activations = layer.in_channels * x.shape[2] * x.shape[3] + layer.out_channels * ho * wo
+    return "taps" if weights >= TAPS_MIN_WEIGHT_SHARE * activations else "grouped"
+
+
 class AWConv2d(nn.Conv2d):
     """A Conv2d whose weight is re-weighted per sample by attention computed from the input: conv(x, A ⊙ W).
 
     Memory: the per-sample weights cost B·C_out·(C_in/groups)·k² values per layer — linear in the batch, quadratic in
-    the width, independent of H×W. In resnet20 at batch 128 the nine AW conv2 layers (three each of 16→16, 32→32,
-    64→64, 3×3) come to 128·9·3·(16² + 32² + 64²) = 18.6 M values (74 MB in fp32) per weight-shaped tensor; a
-    64→64 layer on 8×8 maps holds 4.7 M values of per-sample weights against 0.5 M of activation. With the full
-    generator backward keeps one such tensor per layer (A): measured by ``benchmarks/aw_speed_memory.py``, aw_resnet20
-    keeps 264 MB for backward against resnet20's 192 MB (1.38×); the factorized generator keeps only its factors
-    (199 MB, 1.04×) and builds the per-sample weights transiently. At ImageNet widths the transient cost dominates:
-    one 512→512 3×3 layer at batch 256 is 604 M values (2.4 GB) per copy, against 6.4 M for its 7×7 activation.
-
-    Speed (same benchmark, one CPU thread): a training step of aw_resnet20 at batch 256 takes about 1.5× resnet20's
-    with the factorized generator and 1.5–1.9× with the full one. The grouped convolution costs about twice the plain
-    one at 64 channels; the rest is passes over weight-shaped tensors, and glibc's malloc makes each fresh tensor over
-    32 MB (here 256·64·64·9 floats) page-fault anew — ``MALLOC_MMAP_MAX_=0`` or jemalloc/tcmalloc remove that part.
+    the width, independent of H×W (a 64→64 layer on 8×8 maps holds 9× more per-sample weight values than activation
+    values). The full generator keeps one such tensor per layer for backward (A); the factorized one keeps only its
+    factors, and its ``"taps"`` form never builds the weights. Measured costs: README and `benchmarks/aw_paths.py`.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as `nn.Conv2d`
@@ -243,6 +345,7 @@ class AWConv2d(nn.Conv2d):
         gate: ``"sigmoid2"`` (default), ``"sigmoid"``, ``"softmax_kernel"`` or ``"linear"`` (module docstring).
         generator: ``"full"`` (C_out·C_in logits per kernel offset) or ``"factorized"`` (outer product of a C_out
             and a C_in factor).
+        impl: how the batch is convolved, one of `IMPLS` (``"auto"``: `auto_path`).
     """
 
     def __init__(
@@ -261,6 +364,7 @@ class AWConv2d(nn.Conv2d):
         min_hidden: int = 8,
         gate: str = "sigmoid2",
         generator: str = "full",
+        impl: str = "auto",
         device: Any = None,
         dtype: Any = None,
     ):
@@ -270,6 +374,10 @@ class AWConv2d(nn.Conv2d):
             raise unknown_name("AW gate", gate, GATES)
         if generator not in GENERATORS:
             raise unknown_name("AW generator", generator, GENERATORS)
+        if impl not in IMPLS:
+            raise unknown_name("AW implementation", impl, IMPLS)
+        if impl == "taps" and generator != "factorized":
+            raise AttnlabError("AW impl 'taps' needs generator='factorized' (the full attention is not rank one)")
         if reduction < 1 or min_hidden < 1:
             raise AttnlabError(f"AWConv2d needs reduction >= 1 and min_hidden >= 1, got {reduction} and {min_hidden}")
         if min(in_channels, out_channels, groups) < 1 or in_channels % groups or out_channels % groups:
@@ -288,6 +396,7 @@ class AWConv2d(nn.Conv2d):
         self._explicit_padding = (top, left)
         self.gate = gate
         self.generator = generator
+        self.impl = impl
         self.hidden = max(in_channels // reduction, min_hidden)
         in_per_group = in_channels // groups
         n_logits = out_channels * in_per_group if generator == "full" else out_channels + in_per_group
@@ -359,6 +468,10 @@ class AWConv2d(nn.Conv2d):
         bias = self.bias  # a local, so that TorchScript refines the Optional
         return out if bias is None else out + bias.view(1, -1, 1, 1)
 
+    def path(self, x: torch.Tensor) -> str:
+        """The implementation ``forward`` uses for input ``x``: ``impl`` unless it is ``"auto"`` (`auto_path`)."""
+        return auto_path(self, x) if self.impl == "auto" else self.impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self.forward_plain(x)
@@ -366,19 +479,49 @@ class AWConv2d(nn.Conv2d):
             raise AttnlabError(f"AWConv2d expects B×{self.in_channels}×H×W input, got shape {tuple(x.shape)}")
         logits = self.logits(x)
         geometry = (self.stride, self._explicit_padding, self.dilation, self.groups)
+        path = self.path(x)
         if self.generator == "full":
-            gate = _gate_spec(self.gate, self.kernel_size)
-            out, attn = _AWConvFunction.apply(x, logits, self.weight, gate, geometry)
-            self.probe(attn.view(x.shape[0], *self.weight.shape))
+            if path == "grouped" and not torch.compiler.is_compiling():
+                out, attn = _AWConvFunction.apply(
+                    x, logits, self.weight, _gate_spec(self.gate, self.kernel_size), geometry
+                )
+                self.probe(attn.view(x.shape[0], *self.weight.shape))
+            else:
+                attn = self.probe(weight_gate(logits.view(x.shape[0], *self.weight.shape), self.gate))
+                out = _PER_SAMPLE[path](x, attn * self.weight, geometry)
         else:
             attn_out, attn_in = self._factors(logits)
-            out = _FactorizedAWConvFunction.apply(x, attn_out, attn_in, self.weight, geometry)
+            if path == "taps":
+                out = conv_taps(x, attn_out, attn_in, self.weight, geometry)
+            elif path == "grouped" and not torch.compiler.is_compiling():
+                out = _FactorizedAWConvFunction.apply(x, attn_out, attn_in, self.weight, geometry)
+            else:
+                out = _PER_SAMPLE[path](x, self.weight * attn_out.unsqueeze(2) * attn_in.unsqueeze(1), geometry)
             if self.probe.observed:  # the weight-shaped attention exists only for observers here: skip it otherwise
                 self.probe(attn_out.unsqueeze(2) * attn_in.unsqueeze(1))
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gate={self.gate!r}, generator={self.generator!r}, hidden={self.hidden}"
+        return (
+            f"{super().extra_repr()}, gate={self.gate!r}, generator={self.generator!r}, impl={self.impl!r}, "
+            f"hidden={self.hidden}"
+        )
+
+
+@contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[None]:
+    """While active, every `AWConv2d` of ``model`` that would use the once-differentiable grouped form uses a plain
+    autograd one instead (``"taps"`` when factorized, ``"unfold"`` when full): same numbers, exact second derivatives
+    (Hessian-vector products by double backward). Each layer's ``impl`` is restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, AWConv2d) and m.impl in ("auto", "grouped")]
+    saved = [m.impl for m in layers]
+    try:
+        for m in layers:
+            m.impl = "taps" if m.generator == "factorized" else "unfold"
+        yield
+    finally:
+        for m, impl in zip(layers, saved):
+            m.impl = impl
 
 
 class AWModule(nn.Module):

@@ -115,13 +115,22 @@ def _moments_rectangle(
 
 
 def rectangle_mask(
-    center: Tensor, size: Tensor, angle: Tensor, height: int, width: int, beta: Tensor | float
+    center: Tensor, size: Tensor, angle: Tensor | None, height: int, width: int, beta: Tensor | float
 ) -> Tensor:
-    """Soft mask σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|)) of each rectangle on an H×W pixel-centre grid, B×1×H×W."""
+    """Soft mask σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|)) of each rectangle on an H×W pixel-centre grid, B×1×H×W.
+
+    ``angle=None`` means axis-aligned (θ = 0): the mask is then the outer product of one sigmoid profile along each
+    axis, W + H sigmoids per sample instead of 2·H·W (the same numbers as θ = 0).
+    """
     u = pixel_centers(width, device=center.device, dtype=center.dtype)
     v = pixel_centers(height, device=center.device, dtype=center.dtype)
     # one type for β (TorchScript cannot multiply a Tensor | float); a float in center's dtype gives the same numbers
     beta = beta if isinstance(beta, Tensor) else torch.tensor(beta, dtype=center.dtype, device=center.device)
+    if angle is None:
+        half = beta * size / 2
+        along = torch.sigmoid(half[:, :1] - (beta * (u - center[:, :1])).abs())  # B×W
+        across = torch.sigmoid(half[:, 1:] - (beta * (v - center[:, 1:])).abs())  # B×H
+        return (across[:, :, None] * along[:, None, :]).unsqueeze(1)
     cos, sin = (beta * torch.cos(angle))[:, None, None], (beta * torch.sin(angle))[:, None, None]
     du = (u - center[:, :1])[:, None, :]  # B×1×W
     dv = (v - center[:, 1:])[:, :, None]  # B×H×1
@@ -252,7 +261,7 @@ class CRAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         center, size, angle = self.rectangle(x)
-        mask = rectangle_mask(center, size, angle, x.shape[-2], x.shape[-1], self.beta)
+        mask = rectangle_mask(center, size, angle if self.rotate else None, x.shape[-2], x.shape[-1], self.beta)
         if not torch.jit.is_scripting():  # the probe's value is untyped in TorchScript (probe.py)
             mask = self.probe({"center": center, "size": size, "angle": angle, "mask": mask})["mask"]
         mask = mask.to(x.dtype)
