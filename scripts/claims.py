@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnlab.experiment import make_plan  # noqa: E402
+from attnlab.experiment import Plan, make_plan  # noqa: E402
 from attnlab.experiment.plan import analysis_dir, run_dir  # noqa: E402
 from attnlab.io import read_yaml  # noqa: E402
+from attnlab.report import build_report  # noqa: E402
 from attnlab.train.config import RESUMABLE_CHANGES, first_difference  # noqa: E402
 
 ORDER = ("aw", "fmm", "consistency", "smoothness", "cram")
@@ -37,14 +38,21 @@ SKIP_PARTS = {"checkpoints"}
 SKIP_NAMES = {"report.html", "model.safetensors", ".lock"}
 
 
+def _unfinished_run(rel: Path, out: Path) -> bool:
+    """A file of a run folder (``runs/<dataset>/<entry>/seed<k>/...``) whose run has not finished."""
+    parts = rel.parts
+    return len(parts) > 4 and parts[0] == "runs" and not (out / Path(*parts[:4]) / "summary.json").is_file()
+
+
 def export(out: Path, keep: Path) -> int:
-    """Copy the small files of comparison ``out`` to ``keep``; returns how many changed."""
+    """Copy the small files of comparison ``out`` to ``keep`` (finished runs only), then rebuild the report there
+    from those files alone, so what is committed is what `attnlab report` makes of it; returns how many changed."""
     changed = 0
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out)
         if not path.is_file() or path.suffix not in KEEP or path.name in SKIP_NAMES or SKIP_PARTS & set(rel.parts):
             continue
-        if path.name.startswith(".") or ".tmp" in path.name:
+        if path.name.startswith(".") or ".tmp" in path.name or _unfinished_run(rel, out):
             continue
         target = keep / rel
         data = path.read_bytes()
@@ -55,6 +63,9 @@ def export(out: Path, keep: Path) -> int:
         tmp.write_bytes(data)
         tmp.replace(target)
         changed += 1
+    if (keep / "compare.json").is_file():
+        build_report(Plan.load(keep), keep)
+        (keep / "report.html").unlink(missing_ok=True)  # embeds every PNG again; `attnlab report` rebuilds it
     return changed
 
 
