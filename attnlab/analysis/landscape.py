@@ -342,6 +342,26 @@ def _stage_filters(model: nn.Module) -> dict[str, str]:
     return {**out, "head": "fc.*"} if head else out
 
 
+def _batches(images: torch.Tensor, labels: torch.Tensor, n: int, batch_size: int) -> Batches:
+    """The first ``n`` samples in batches of ``batch_size``."""
+    return list(zip(images[:n].split(batch_size), labels[:n].split(batch_size)))
+
+
+def _hessian_estimates(model, batches, iters: int, trace_samples: int, per_block: bool, generator, hvp: str):
+    """(top eigenvalue, Hutchinson trace or None, {block: top eigenvalue}) of the loss Hessian on ``batches``."""
+    kw = dict(generator=generator, hvp=hvp)
+    with _eval_mode(model):
+        top = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=iters, **kw)
+        trace = None
+        if trace_samples > 0:
+            trace = hessian_trace(model, F.cross_entropy, batches, samples=trace_samples, **kw)
+        blocks = {
+            name: hessian_top_eigenvalue(model, F.cross_entropy, batches, params_filter=pattern, iters=iters, **kw)
+            for name, pattern in (_stage_filters(model).items() if per_block else ())
+        }
+    return top, trace, blocks
+
+
 def landscape(
     model: nn.Module,
     images: torch.Tensor,
@@ -376,39 +396,20 @@ def landscape(
         hvp: how Hessian-vector products are computed (`HessianVectorProduct`).
     """
     generator = torch.Generator().manual_seed(seed)
-    batches = list(zip(images.split(batch_size), labels.split(batch_size)))
+    batches = _batches(images, labels, len(images), batch_size)
     n_surface = min(surface_images, len(images))
-    surface_batches = list(zip(images[:n_surface].split(batch_size), labels[:n_surface].split(batch_size)))
     n_hessian = len(images) if hessian_images is None else min(hessian_images, len(images))
-    hessian_batches = list(zip(images[:n_hessian].split(batch_size), labels[:n_hessian].split(batch_size)))
     kw = dict(generator=generator, ignore_bn_bias=ignore_bn_bias, norm=norm)
     d1, d2, d3 = (filter_normalized_direction(model, **kw) for _ in range(3))
     alphas = torch.linspace(-span, span, points).tolist()
     one = loss_surface_1d(model, batches, d1, alphas)
     rise = loss_surface_1d(model, batches, d1, [0.0, sharpness_step, -sharpness_step])
     steps = torch.linspace(-span, span, grid).tolist()
-    two = loss_surface_2d(model, surface_batches, (d2, d3), steps, steps)
-    with _eval_mode(model):
-        top = hessian_top_eigenvalue(
-            model, F.cross_entropy, hessian_batches, iters=hessian_iters, generator=generator, hvp=hvp
-        )
-        trace = (
-            hessian_trace(model, F.cross_entropy, hessian_batches, samples=trace_samples, generator=generator, hvp=hvp)
-            if trace_samples > 0
-            else None
-        )
-        blocks = {
-            name: hessian_top_eigenvalue(
-                model,
-                F.cross_entropy,
-                hessian_batches,
-                params_filter=pattern,
-                iters=hessian_iters,
-                generator=generator,
-                hvp=hvp,
-            )
-            for name, pattern in (_stage_filters(model).items() if per_block else ())
-        }
+    two = loss_surface_2d(model, _batches(images, labels, n_surface, batch_size), (d2, d3), steps, steps)
+    hessian_batches = _batches(images, labels, n_hessian, batch_size)
+    top, trace, blocks = _hessian_estimates(
+        model, hessian_batches, hessian_iters, trace_samples, per_block, generator, hvp
+    )
     return {
         "images": len(images),
         "surface_1d": one,

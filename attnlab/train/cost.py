@@ -61,6 +61,31 @@ def measure_latency(
     return 1000 * sorted(times)[len(times) // 2]
 
 
+def _bench_setup(name, x, y, x_latency, num_classes: int, dtype, compile: bool, memory_format):
+    """Model ``name`` (seed 0) on ``x``'s device, with a closure for one SGD step on (x, y) and one for inference."""
+    torch.manual_seed(0)
+    dev = x.device
+    model = create_model(name, num_classes=num_classes, in_chans=x.shape[1]).to(dev, memory_format=memory_format)
+    if compile:
+        compile_module(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    amp = dtype is not None
+
+    def step():
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=amp):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def infer():
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=amp):
+            model(x_latency)
+
+    return model, step, infer
+
+
 def benchmark_models(
     names: Sequence[str],
     *,
@@ -89,33 +114,14 @@ def benchmark_models(
     dev = torch.device(device)
     precision = resolve_precision(precision, device)
     dtype = autocast_dtype(precision)
-    amp = dtype is not None
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_size, generator=gen).to(dev, memory_format=memory_format)
     y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
     x_latency = x[:latency_batch]
-    setups = []
-    for name in names:
-        torch.manual_seed(0)
-        model = create_model(name, num_classes=num_classes, in_chans=input_size[0]).to(dev, memory_format=memory_format)
-        if compile:
-            compile_module(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(model=model, optimizer=optimizer):
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=amp):
-                loss = F.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        @torch.no_grad()
-        def infer(model=model):
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=amp):
-                model(x_latency)
-
-        setups.append((name, model, step, infer))
+    setups = [
+        (name, *_bench_setup(name, x, y, x_latency, num_classes, dtype, compile, memory_format)) for name in names
+    ]
 
     step_times: dict[str, list[float]] = {name: [] for name in names}
     latencies: dict[str, list[float]] = {name: [] for name in names}
