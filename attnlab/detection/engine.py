@@ -27,12 +27,10 @@ from tqdm import tqdm
 
 from ..data.detection import DetectionData, detection_batches, load_detection_dataset
 from ..errors import AttnlabError
-from ..io import read_yaml, remove_stale_temporaries, write_text_atomic
-from ..models.options import check_buildable
+from ..io import remove_stale_temporaries, write_text_atomic
 from ..train import distributed
 from ..train.checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
-from ..train.config import first_difference
-from ..train.engine import TrainingDiverged, _device_name, _versions, amp_dtype, resolve_device
+from ..train.engine import TrainingDiverged, amp_dtype, device_name, opened_run, versions
 from ..train.optim import make_optimizer, make_scheduler, schedule_for
 from ..train.rundir import RunDir
 from .config import RESUMABLE_CHANGES, DetectConfig
@@ -153,16 +151,6 @@ def _for_training(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"boxes": target["boxes"][keep], "labels": target["labels"][keep] + 1}
 
 
-def _check_resumable(cfg: DetectConfig, run: RunDir) -> None:
-    differs = first_difference(read_yaml(run.config), cfg.to_dict(), RESUMABLE_CHANGES)
-    if differs:
-        key, saved, wanted = differs
-        raise AttnlabError(
-            f"--resume: {run.config} has {key}={saved!r} but this command asks for {wanted!r}; "
-            "resume with the saved settings or use another --out"
-        )
-
-
 def train_detector(
     cfg: DetectConfig, *, resume: bool = False, progress: bool | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -174,19 +162,8 @@ def train_detector(
         progress: a tqdm bar per epoch (default: when stderr is a terminal); otherwise one line per epoch.
         log: where the per-epoch lines go (default: print to stdout).
     """
-    dist, device = distributed.setup(cfg.device)
-    try:
-        run = RunDir(cfg.out)
-        if dist.is_main:
-            check_buildable(cfg.model, cfg.model_kwargs)  # a bad backbone option fails before anything is written
-            run.prepare(resume)
-            if resume and run.config.exists():
-                _check_resumable(cfg, run)
-        dist.barrier()
-        with run.locked() if dist.is_main else contextlib.nullcontext():
-            return _train(cfg, dist, resolve_device(str(device)), run, resume, progress, log or print)
-    finally:
-        distributed.teardown()
+    with opened_run(cfg, resume, RESUMABLE_CHANGES) as (dist, device, run):
+        return _train(cfg, dist, device, run, resume, progress, log or print)
 
 
 class _Run:
@@ -351,9 +328,9 @@ def _finish(state: _Run, run: RunDir, test: dict[str, float | None], started: fl
         "train_time_s": seconds,
         "wall_time_s": time.time() - started,
         "world_size": state.dist.world_size,
-        "device": _device_name(state.device),
+        "device": device_name(state.device),
         "amp": str(state.autocast).removeprefix("torch.") if state.autocast else "off",
-        "versions": _versions(),
+        "versions": versions(),
     }
     write_text_atomic(run.summary, json.dumps(summary, indent=2))
     return summary

@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,7 @@ def _epoch_generator(seed: int, epoch: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 7919 + salt) % (2**63))
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import timm
     import torchvision
 
@@ -103,9 +103,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
@@ -156,6 +156,28 @@ class Run:
         )
 
 
+@contextlib.contextmanager
+def opened_run(
+    cfg, resume: bool, may_change: frozenset[str]
+) -> Iterator[tuple[distributed.Dist, torch.device, RunDir]]:
+    """What every training command does around its loop: start the processes (torchrun), let rank 0 refuse a bad model
+    option or a resume with settings outside ``may_change`` before anything is written, prepare and lock the run
+    folder, and tear the processes down at the end. Yields (processes, device, run folder)."""
+    dist, device = distributed.setup(cfg.device)
+    try:
+        folder = RunDir(cfg.out)
+        if dist.is_main:
+            check_buildable(cfg.model, cfg.model_kwargs)  # a bad model option fails before anything is written
+            folder.prepare(resume)
+            if resume and folder.config.exists():
+                check_resumable(cfg, folder, may_change)
+        dist.barrier()
+        with folder.locked() if dist.is_main else contextlib.nullcontext():
+            yield dist, resolve_device(str(device)), folder
+    finally:
+        distributed.teardown()
+
+
 def train(
     cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -167,27 +189,16 @@ def train(
         progress: show a tqdm bar per epoch (default: when stderr is a terminal); otherwise one line per epoch.
         log: where the per-epoch lines go (default: print to stdout).
     """
-    dist, device = distributed.setup(cfg.device)
-    try:
-        folder = RunDir(cfg.out)
-        if dist.is_main:
-            check_buildable(cfg.model, cfg.model_kwargs)  # a bad model option fails before anything is written
-            folder.prepare(resume)
-            if resume and folder.config.exists():
-                _check_resumable(cfg, folder)
-        dist.barrier()
-        with folder.locked() if dist.is_main else contextlib.nullcontext():
-            run = setup(cfg, dist, resolve_device(str(device)), folder, resume, progress, log or print)
-            for epoch in range(run.start_epoch, cfg.epochs):
-                end_epoch(run, epoch, *train_epoch(run, epoch))
-            return finish(run)
-    finally:
-        distributed.teardown()
+    with opened_run(cfg, resume, RESUMABLE_CHANGES) as (dist, device, folder):
+        run = setup(cfg, dist, device, folder, resume, progress, log or print)
+        for epoch in range(run.start_epoch, cfg.epochs):
+            end_epoch(run, epoch, *train_epoch(run, epoch))
+        return finish(run)
 
 
-def _check_resumable(cfg: TrainConfig, folder: RunDir) -> None:
-    """Refuse to resume a run with settings that would change its numbers."""
-    differs = first_difference(read_yaml(folder.config), cfg.to_dict(), RESUMABLE_CHANGES)
+def check_resumable(cfg, folder: RunDir, may_change: frozenset[str]) -> None:
+    """Refuse to resume a run with settings that would change its numbers (any outside ``may_change``)."""
+    differs = first_difference(read_yaml(folder.config), cfg.to_dict(), may_change)
     if differs:
         key, saved, wanted = differs
         raise AttnlabError(
@@ -474,8 +485,8 @@ def _summary(run: Run, test: dict[str, float]) -> dict[str, Any]:
         "train_time_s": sum(h["epoch_time"] for h in history),
         "image_size": list(bundle.image_size),
         "world_size": run.dist.world_size,
-        "device": _device_name(device),
+        "device": device_name(device),
         "precision": cfg.precision,
         "compile": is_compiled(run.model),  # False where --compile fell back to eager
-        "versions": _versions(),
+        "versions": versions(),
     }
