@@ -63,8 +63,8 @@ def export(out: Path, keep: Path) -> int:
         tmp.write_bytes(data)
         tmp.replace(target)
         changed += 1
-    if (keep / "compare.json").is_file():
-        build_report(Plan.load(keep), keep)
+    if (keep / "compare.json").is_file() and (changed or not (keep / "report.md").is_file()):
+        build_report(Plan.load(keep), keep)  # only when a file moved: the exporter runs every few minutes
         (keep / "report.html").unlink(missing_ok=True)  # embeds every PNG again; `attnlab report` rebuilds it
     return changed
 
