@@ -94,8 +94,8 @@ def _legacy_amp(text: str) -> str:
     return LEGACY_AMP[text]
 
 
-def _add_speed_flags(g) -> None:
-    """--precision (with --amp, its old name) and --compile: how fast a model runs, not what it computes."""
+def _add_precision_flags(g) -> None:
+    """--precision, with --amp, its old name (also `attnlab detect train`'s)."""
     from .train.config import PRECISIONS
 
     g.add_argument(
@@ -113,6 +113,11 @@ def _add_speed_flags(g) -> None:
         metavar="{off,auto,bf16,fp16}",
         help="old name of --precision (off = fp32; bare --amp = auto)",
     )
+
+
+def _add_speed_flags(g) -> None:
+    """--precision (with --amp, its old name) and --compile: how fast a model runs, not what it computes."""
+    _add_precision_flags(g)
     g.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -323,6 +328,7 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
 
     words = ["attnlab", "compare"]
     for flag, value in (
+        ("--task", args.task),
         ("--preset", args.preset),
         ("--budget", args.budget),
         ("--models", args.models),
@@ -372,6 +378,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         command=_compare_command(args, recipe),
         jobs=1 if args.jobs is None else args.jobs,
+        task=args.task,
     )
     jobs, progress = 1 if args.jobs is None else args.jobs, args.progress
     outcome = run_compare(plan, args.out, resume=args.resume, jobs=jobs, progress=progress, launcher=launcher)
@@ -424,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_commands(sub)
     from .detection.cli import add_parser as add_detect_parser
 
-    add_detect_parser(sub, _key_value)  # `attnlab detect train|eval`
+    add_detect_parser(sub, _key_value, _add_precision_flags)  # `attnlab detect train|eval`
     return parser
 
 
@@ -507,6 +514,12 @@ def _add_study_commands(sub) -> None:
     g = p.add_argument_group("comparison")
     g.add_argument("--models", help="comma-separated entries, e.g. resnet20,fmm_resnet20[merge=gate]; first = baseline")
     g.add_argument("--dataset", help="dataset name(s), comma-separated (with --preset: some of its datasets)")
+    g.add_argument(
+        "--task",
+        choices=("classify", "detect"),
+        help="what each run trains: classifiers (default), or Faster R-CNN/RetinaNet detectors with the entries as "
+        "backbones (the recipe is then `attnlab detect train`'s; default: the preset's)",
+    )
     g.add_argument("--seeds", help="number of seeds (0..N-1) or a list such as 0,3,7 (default 3, or the preset's)")
     g.add_argument("--out", help="the comparison's folder (required); runs go to OUT/runs/<dataset>/<model>/seed<k>")
     g.add_argument("--resume", action="store_true", help="skip finished runs and continue unfinished ones")

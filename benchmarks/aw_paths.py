@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from attnlab.train.bench import write_csv
 from timing import interleaved_medians, load_average
 
+from attnlab.io import write_csv
 from attnlab.layers.awconv import AWConv2d
 
 SHAPES = {"3x32x32": ((16, 32), (32, 16), (64, 8)), "1x28x28": ((16, 28), (32, 14), (64, 7))}

@@ -23,15 +23,8 @@ import torch
 from attnlab.data.detection import detection_batches
 from attnlab.detection import DetectConfig
 from attnlab.detection.engine import _for_training, build_detector, load_data
+from attnlab.experiment.presets import LIGHT_HEADS
 from attnlab.train.optim import make_optimizer
-
-LIGHT_HEADS = {  # proposals and RoI samples for canvases with at most a handful of objects
-    "rpn_pre_nms_top_n_train": 600,
-    "rpn_post_nms_top_n_train": 300,
-    "rpn_pre_nms_top_n_test": 300,
-    "rpn_post_nms_top_n_test": 150,
-    "box_batch_size_per_image": 128,
-}
 
 
 def timed(fn) -> tuple[float, float]:
@@ -100,7 +93,7 @@ def main() -> None:
             fpn_channels=args.fpn_channels,
             out_indices=[int(v) for v in args.out_indices.split(",")],
             dataset_options=options,
-            detector_kwargs=LIGHT_HEADS,
+            detector_kwargs={} if args.default_heads else LIGHT_HEADS,
         )
         heads = "default" if args.default_heads else "light"
         row = {"model": name, "canvas": args.canvas, "heads": heads, "threads": torch.get_num_threads()}

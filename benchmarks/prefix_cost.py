@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from attnlab.train.bench import write_csv
 from timing import interleaved_medians, load_average
 
 from attnlab import create_model
+from attnlab.io import write_csv
 
 PREFIXES = {  # prefix → (model name, build options, compiled target relative to resnet20)
     "none": ("resnet20", {}, 1.0),
@@ -134,6 +134,9 @@ def main() -> None:
         rows += measure_input("3x32x32", INPUTS["3x32x32"][1], ["none", "cbam"], mode, args.repeats, args.clock)
     for key in args.inputs:
         for batch in args.batch or [INPUTS[key][1]]:
+            # a graph compiled for another input size would be recompiled with symbolic sizes, which some models'
+            # kernels refuse (CRAM: "cannot determine truth value of Relational"): start each input afresh
+            torch._dynamo.reset()
             rows += measure_input(key, batch, args.prefixes, args.mode, args.repeats, args.clock)
     print(f"wrote {write_csv(Path(args.out) / 'prefix_cost.csv', rows)}")
 

@@ -442,6 +442,51 @@ def test_detect_bad_input_is_one_line_and_exit_2(garments, tmp_path, capsys):
     assert "not an attnlab detector" in capsys.readouterr().err
 
 
+def test_detect_precision_replaces_amp_and_old_configs_still_load(garments, tmp_path):
+    old = tiny_detect(garments, tmp_path / "old").to_dict()
+    old.pop("precision")
+    assert DetectConfig.from_dict({**old, "amp": "off"}).precision == "fp32"
+    assert DetectConfig.from_dict({**old, "amp": "bf16"}).precision == "bf16"
+    with pytest.raises(AttnlabError, match="precision fp16 needs CUDA"):
+        DetectConfig.from_dict({**old, "precision": "fp16"})
+
+
+def test_compare_detection_preset_trains_reports_and_decides_on_ap(garments, tmp_path, capsys):
+    """`compare --preset aw-detection` trains detectors (the preset's task), reports AP, decides its claims on AP and
+    reuses its finished runs; a classification flag that detection does not have is one line."""
+    recipe = tmp_path / "tiny.yaml"
+    tiny = tiny_detect(garments, tmp_path / "unused", epochs=1).to_dict()
+    keep = ("epochs", "batch_size", "eval_batch_size", "lr", "fpn_channels", "subset", "val_size", "detector_kwargs")
+    recipe.write_text(json.dumps({k: tiny[k] for k in keep}))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "aw-detection", "--config", str(recipe), "--seeds", "1", "--data-dir", str(garments)]
+    argv += [f"--data-arg={k}={json.dumps(v)}" for k, v in TINY_DATA.items()]
+    assert main([*argv, "--out", str(out)]) == 0
+    capsys.readouterr()
+    config = DetectConfig.from_yaml(out / "runs" / "detection-fashion-mnist" / "aw_se_resnet20" / "seed0" / "config.yaml")
+    assert config.model == "aw_se_resnet20" and config.fpn_channels == 8 and config.out_indices == [2, 3]
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["dataset", "model", "arch", "seed", "val_ap", "test_ap", "test_ap50", "test_ap75"]
+    assert "test_acc" not in header and "flops" not in header
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("dataset,model,baseline,n,test_ap_mean,test_ap_std") and len(summary) == 5
+    report = (out / "report.md").read_text()
+    assert "adds detection AP as a backbone, also on top of activation attention (se_resnet20)" in report
+    assert "aw_se_resnet20 beats se_resnet20 on detection-fashion-mnist" in report and "test AP ×100" in report
+    assert (out / "figures" / "curves_detection-fashion-mnist.png").is_file()
+
+    assert main([*argv, "--out", str(out), "--resume"]) == 0  # every run finished with the same settings
+    assert "4 of 4 runs already finished" in capsys.readouterr().out
+    before = (out / "report.md").read_text()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == before
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "b"), "--label-smoothing", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "label_smoothing" in err
+    assert main([*argv, "--out", str(tmp_path / "c"), "--task", "classify"]) == 2
+    assert "trains task detect; drop --task classify" in capsys.readouterr().err
+
+
 def test_detect_train_and_eval_on_a_coco_folder(tmp_path, capsys):
     write_coco(tmp_path / "coco", n=12)
     out = tmp_path / "run"
@@ -509,6 +554,8 @@ def test_detect_under_torchrun_two_processes_matches_metrics_of_its_own_weights(
         "16",
         "--val-size",
         "4",
+        "--precision",  # bf16 rounding differs with the batch a kernel sees; the test is about the gather
+        "fp32",
         *[f"--data-arg={k}={json.dumps(v)}" for k, v in TINY_DATA.items()],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -467,6 +467,9 @@ def test_every_claim_preset_has_a_cpu_budget_with_the_converged_settings():
         if preset.small_budget:
             continue
         cpu = preset.budget("cpu")
+        if preset.task == "detect":  # issue 14 sizes it by measuring, not by issue 12's classification rules
+            assert cpu.seeds >= 3 and cpu.note, name
+            continue
         assert cpu.seeds >= 3 and cpu.recipe["precision"] == "bf16" and cpu.recipe["epochs"] >= 15, name
         assert cpu.recipe["subset"] is None, name  # the whole Fashion-MNIST training split
         if CLUTTERED in preset.datasets:

@@ -17,9 +17,14 @@ DATASETS_HELP = (
 DICT_FIELDS = ("model_kwargs", "detector_kwargs", "dataset_options")
 
 
-def add_parser(sub: argparse._SubParsersAction, key_value: Callable[[str], tuple[str, Any]]) -> None:
-    """Add ``detect`` with its ``train`` and ``eval`` subcommands to ``sub``."""
-    from ..train.config import AMP_CHOICES, SCHEDULES
+def add_parser(
+    sub: argparse._SubParsersAction,
+    key_value: Callable[[str], tuple[str, Any]],
+    precision_flags: Callable[[argparse._ArgumentGroup], None],
+) -> None:
+    """Add ``detect`` with its ``train`` and ``eval`` subcommands to ``sub`` (``key_value`` parses ``KEY=VALUE``,
+    ``precision_flags`` adds the classifiers' ``--precision``/``--amp``)."""
+    from ..train.config import SCHEDULES
     from .detector import DETECTORS
 
     detect = sub.add_parser("detect", help="object detection: Faster R-CNN / RetinaNet with an attnlab backbone")
@@ -37,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, key_value: Callable[[str], tuple
     g.add_argument("--subset", type=int, help="train on N images of a seeded shuffle (quick runs)")
     g.add_argument("--val-size", type=float, help="validation images carved from train (count, or fraction if < 1)")
     g.add_argument("--device", help="cpu or cuda[:N]")
-    g.add_argument("--amp", nargs="?", const="auto", choices=AMP_CHOICES, help="mixed precision (bf16 on CPU)")
+    precision_flags(g)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a terminal")
     g = p.add_argument_group("recipe")
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--momentum", float)):

@@ -2,7 +2,8 @@
 
 Default recipe (our reading of torchvision's detection reference, scaled to a CPU and to backbones trained from
 scratch): SGD with momentum 0.9, batch 16, lr 0.02 after a one-epoch linear warm-up, cosine decay to zero, weight
-decay 1e-4 on conv/linear weights only, horizontal flips; every backbone layer trainable with ordinary BatchNorm
+decay 1e-4 on conv/linear weights only, horizontal flips, bf16 autocast where the device has native bf16 (``precision``
+as the classifiers'; ``amp``, its old name, is still read); every backbone layer trainable with ordinary BatchNorm
 (torchvision freezes layers and BN only under pretrained weights, which attnlab does not have).
 """
 
@@ -19,7 +20,7 @@ from ..errors import AttnlabError, unknown_name
 from ..io import read_yaml
 from ..models import list_models
 from ..schema import check_fields, check_keys
-from ..train.config import AMP_CHOICES, SCHEDULES, seed_and_split_checks
+from ..train.config import PRECISIONS, SCHEDULES, resolve_precision, seed_and_split_checks, upgrade_settings
 from .detector import DETECTORS
 
 
@@ -45,7 +46,7 @@ class DetectConfig:
     subset: int | None = None
     val_size: int | float | None = None
     device: str = "cpu"
-    amp: str = "off"
+    precision: str = "auto"  # as the classifiers': bf16 autocast where the device has native bf16, else fp32
     fpn_channels: int = 64
     out_indices: list[int] | None = None  # backbone levels under the pyramid (None: every stage)
     anchor_scale: float = 8.0
@@ -70,7 +71,10 @@ class DetectConfig:
             (self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be ≥ 0, got {self.warmup_epochs}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}"),
+            (
+                self.precision in PRECISIONS,
+                f"precision must be one of {', '.join(PRECISIONS[1:])}, got {self.precision!r}",
+            ),
             (self.detector in DETECTORS, f"detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}"),
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
             (self.subset is None or self.subset > 0, f"subset must be > 0, got {self.subset}"),
@@ -84,6 +88,7 @@ class DetectConfig:
                 raise AttnlabError(message)
         if self.model not in list_models():
             raise unknown_name("model", self.model, list_models())
+        self.precision = resolve_precision(self.precision, self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +99,7 @@ class DetectConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> DetectConfig:
         try:
+            values = upgrade_settings(values)  # ``amp``, the old name of ``precision``
             check_keys(values, [f.name for f in dataclasses.fields(cls)])
             return cls(**values)
         except AttnlabError as e:
@@ -104,5 +110,7 @@ class DetectConfig:
         return cls.from_dict(read_yaml(path), source=str(path))
 
 
-# Settings that may differ between a run and its resumption (they do not change the numbers a run computes).
-RESUMABLE_CHANGES = frozenset({"out", "device", "epochs", "data_dir", "eval_batch_size"})
+NEUTRAL = frozenset({"out", "device", "data_dir", "eval_batch_size"})
+"""Settings that say where a detection run executes, not what it computes (as `attnlab.train.config.NEUTRAL`)."""
+RESUMABLE_CHANGES = NEUTRAL | {"epochs"}
+"""What may change when a run is resumed: the neutral settings, and the length (more epochs stretch the schedule)."""

@@ -30,7 +30,8 @@ from ..errors import AttnlabError
 from ..io import remove_stale_temporaries, write_text_atomic
 from ..train import distributed
 from ..train.checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
-from ..train.engine import TrainingDiverged, amp_dtype, device_name, opened_run, versions
+from ..train.config import autocast_dtype
+from ..train.engine import TrainingDiverged, device_name, opened_run, versions
 from ..train.optim import make_optimizer, make_scheduler, schedule_for
 from ..train.rundir import RunDir
 from .config import RESUMABLE_CHANGES, DetectConfig
@@ -174,7 +175,7 @@ class _Run:
         self.cfg, self.dist, self.device, self.run = cfg, dist, device, run
         self.data = load_data(cfg)
         self.model = build_detector(cfg, self.data).to(device)
-        self.autocast = amp_dtype(cfg, device)
+        self.autocast = autocast_dtype(cfg.precision)
         self.batch = max(1, cfg.batch_size // dist.world_size)
         self.steps = -(-(len(self.data.train) // dist.world_size) // self.batch)
         if self.steps == 0:

@@ -11,6 +11,7 @@ from torch import nn
 from ..data.detection import DetectionData, load_detection_dataset
 from ..errors import AttnlabError
 from ..train.checkpoint import load_state_strict, load_tensors
+from ..train.config import autocast_dtype
 from ..train.engine import resolve_device
 from ..train.load import _weights_path, read_metadata
 from .config import DetectConfig
@@ -56,7 +57,8 @@ def evaluate_run(
     batch_size: int = 32,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """COCO metrics of a trained detector on a split of its own dataset (default) or of ``dataset``."""
+    """COCO metrics of a trained detector on a split of its own dataset (default) or of ``dataset``, computed in the
+    precision it was trained in, as its training's own evaluation was (an fp16 run evaluated on a CPU: fp32)."""
     device = str(resolve_device(device))
     model, cfg, trained_on = load_detector(path, device)
     same = dataset is None or dataset == cfg.dataset
@@ -71,5 +73,15 @@ def evaluate_run(
             f"{trained_on.in_chans} and {trained_on.num_classes}"
         )
     chosen = getattr(data, split)
-    metrics = evaluate_detector(model, chosen, batch_size=batch_size, device=device)
-    return {"checkpoint": str(path), "dataset": name, "split": split, "images": len(chosen), **metrics}
+    precision = cfg.precision if cfg.precision != "fp16" or device.startswith("cuda") else "fp32"
+    metrics = evaluate_detector(
+        model, chosen, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype(precision)
+    )
+    return {
+        "checkpoint": str(path),
+        "dataset": name,
+        "split": split,
+        "images": len(chosen),
+        "precision": precision,
+        **metrics,
+    }

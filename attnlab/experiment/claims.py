@@ -115,6 +115,7 @@ class Metric:
 
 
 TEST_ACC = Metric("test_acc", label="test accuracy", scale=100, unit="%")
+TEST_AP = Metric("test_ap", label="test AP@[.5:.95] ×100", scale=100)
 
 
 class Evidence:
@@ -402,19 +403,22 @@ def smoother_than_plain(baseline: str, models: Sequence[str]) -> Claim:
     )
 
 
-def weight_attention_adds(pairs: Sequence[tuple[str, str]]) -> Claim:
-    """Zhu et al.: weight-shaped (AW) attention improves a network, also on top of activation attention.
+def weight_attention_adds(pairs: Sequence[tuple[str, str]], metric: Metric = TEST_ACC) -> Claim:
+    """Zhu et al.: weight-shaped (AW) attention improves a network, also on top of activation attention — in
+    classification accuracy and, as a detection backbone, in COCO AP (``metric`` `TEST_AP`).
 
     Args:
         pairs: (entry with AW, the same entry without it).
+        metric: what "improves" is measured by.
     """
 
     def rule(evidence: Evidence, datasets: Sequence[str]) -> list[Verdict]:
-        return [pairwise(f"{a} beats {b} on {d}", evidence, d, a, b) for d in datasets for a, b in pairs]
+        return [pairwise(f"{a} beats {b} on {d}", evidence, d, a, b, metric) for d in datasets for a, b in pairs]
 
     attended = [b for _, b in pairs if parse_entry(b).model not in ARCHS]  # bases that already have attention
     also = f", also on top of activation attention ({', '.join(attended)})" if attended else ""
-    return Claim("aw", f"AW-convolution (attention shaped like the weights) adds accuracy{also}.", rule)
+    gain = "accuracy" if metric == TEST_ACC else "detection AP as a backbone"
+    return Claim("aw", f"AW-convolution (attention shaped like the weights) adds {gain}{also}.", rule)
 
 
 def cram_beats_spatial(spatial: str, crams: Sequence[str], equivariant: str | None, localize: bool) -> Claim:

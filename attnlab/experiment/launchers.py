@@ -33,6 +33,7 @@ from ..errors import AttnlabError, unknown_name
 from ..io import read_json, write_json_atomic
 from ..train.rundir import RunDir
 from .runner import Job, record_failure, train_one
+from .tasks import task_of
 
 SUBMITIT_DIR = "submitit"
 """The comparison's folder for submitit's job files (pickles, stdout/stderr logs)."""
@@ -122,6 +123,7 @@ class TrainJob:
     cfg: dict[str, Any]
     resume: bool
     threads: int | None = None
+    task: str = "classify"
 
     def __call__(self) -> dict[str, Any]:
         submitit = _submitit()
@@ -132,7 +134,7 @@ class TrainJob:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # one task per GPU: the engine joins the process group as under torchrun
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return train_one(self.cfg, self.resume, False, f"[{self.name}]")
+        return train_one(self.task, self.cfg, self.resume, False, f"[{self.name}]")
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         return _submitit().helpers.DelayedSubmission(dataclasses.replace(self, resume=True))
@@ -226,7 +228,7 @@ class SubmititLauncher:
             if state != "UNKNOWN":
                 clear_lock_of_ended_job(Path(cfg.out), self.log)
         executor.update_parameters(name=f"attnlab:{name}")
-        job = executor.submit(TrainJob(name, cfg.to_dict(), resume, threads))
+        job = executor.submit(TrainJob(name, cfg.to_dict(), resume, threads, task_of(cfg).name))
         record_file.parent.mkdir(parents=True, exist_ok=True)
         record = {"job_id": job.job_id, "cluster": executor.cluster, "folder": str(executor.folder)}
         write_json_atomic(record_file, record)

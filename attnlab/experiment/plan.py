@@ -4,10 +4,11 @@ from it and the run folders, never from memory.
 
 An entry is written ``model[key=value,key=value]``: ``fmm_resnet20[merge=gate]`` is the model ``fmm_resnet20`` built
 with ``merge="gate"``; ``cram_resnet20[equivariance=0.1]`` trains ``cram_resnet20`` with the training setting
-``equivariance=0.1``. A key that is a `TrainConfig` field changes the recipe of that entry only; any other key is a
-model option. Values are read as YAML (``0.1`` a number, ``[1,2]`` a list, ``gate`` a string); a dotted key sets one
-key of a dict option (``merge_args.residual_bias=1``). The whole text is the entry's display name, so several entries
-of one model can be compared side by side.
+``equivariance=0.1``. A key that is a field of the run configuration (`TrainConfig`, or `DetectConfig` in a
+detection comparison) changes the recipe of that entry only; any other key is a model option. Values are read as
+YAML (``0.1`` a number, ``[1,2]`` a list, ``gate`` a string); a dotted key sets one key of a dict option
+(``merge_args.residual_bias=1``). The whole text is the entry's display name, so several entries of one model can be
+compared side by side.
 
 Run folders: ``OUT/runs/<dataset>/<entry>/seed<k>/``, folder names made shell-safe (``fmm_resnet20[merge=gate]`` →
 ``fmm_resnet20-merge=gate``). Analyses of seed k: ``OUT/analyses/<dataset>/seed<k>/``.
@@ -24,10 +25,10 @@ from typing import Any
 
 from ..errors import AttnlabError, unknown_name
 from ..io import write_json_atomic, yaml_scalar
-from ..train.config import TrainConfig
+from .tasks import Task, get_task
 
 PER_RUN_FIELDS = ("model", "dataset", "seed", "out", "model_kwargs", "dataset_options")
-"""`TrainConfig` fields a comparison sets per run; an entry's options may not name them."""
+"""Run configuration fields a comparison sets per run; an entry's options may not name them."""
 
 PLAN_FILE = "compare.json"
 FAILURE_FILE = "failure.txt"
@@ -69,8 +70,9 @@ def _split_top(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def parse_entry(text: str) -> Entry:
-    """``"name[key=value,...]"`` → `Entry` (see the module docstring)."""
+def parse_entry(text: str, task: str = "classify") -> Entry:
+    """``"name[key=value,...]"`` → `Entry` (see the module docstring); a key that is a field of ``task``'s run
+    configuration is a training setting."""
     from ..models import list_models
 
     text = text.strip()
@@ -80,7 +82,7 @@ def parse_entry(text: str) -> Entry:
     model, options = match.group(1), match.group(2)
     if model not in list_models():
         raise unknown_name("model", model, list_models())
-    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config_fields = {f.name for f in dataclasses.fields(get_task(task).config)}
     model_kwargs: dict[str, Any] = {}
     train: dict[str, Any] = {}
     for item in _split_top(options or ""):
@@ -115,12 +117,12 @@ def check_buildable(entries: list[Entry]) -> None:
             raise AttnlabError(f"model entry {e.name!r}: {err}") from None
 
 
-def parse_entries(text: str | list[str]) -> list[Entry]:
+def parse_entries(text: str | list[str], task: str = "classify") -> list[Entry]:
     """A comma-separated list (or a list) of entries; display names and folder names must be unique."""
     items = _split_top(text) if isinstance(text, str) else [t.strip() for t in text if t.strip()]
     if not items:
         raise AttnlabError("--models: no model given")
-    entries = [parse_entry(t) for t in items]
+    entries = [parse_entry(t, task) for t in items]
     for attr in ("name", "slug"):
         seen: set[str] = set()
         for e in entries:
@@ -195,9 +197,10 @@ class Plan:
         entries: the compared networks, baseline first unless ``baseline`` names another.
         datasets: dataset names.
         seeds: training seeds.
-        recipe: the shared `TrainConfig` settings (without the per-run fields).
+        recipe: the shared run settings (`TrainConfig`'s, or `DetectConfig`'s for ``task`` detect), without the
+            per-run fields.
         dataset_options: options per dataset name.
-        dataset_recipe: `TrainConfig` settings per dataset name, over the shared ``recipe`` (a budget may train the
+        dataset_recipe: run settings per dataset name, over the shared ``recipe`` (a budget may train the
             larger cluttered canvas on fewer images, say).
         budget: the name of the preset budget the plan was made from (``"full"``: the preset's own).
         baseline: display name of the entry every other one is compared with.
@@ -206,6 +209,7 @@ class Plan:
         command: the command line, for the report.
         machine: where it ran (``cpus``, ``platform``), for the report.
         date: when the comparison was (last) started, ISO 8601.
+        task: what each run trains (`attnlab.experiment.tasks`): ``classify`` or ``detect``.
     """
 
     entries: list[Entry]
@@ -221,8 +225,14 @@ class Plan:
     command: str = ""
     machine: dict[str, Any] = field(default_factory=dict)
     date: str = ""
+    task: str = "classify"
+
+    @property
+    def kind(self) -> Task:
+        return get_task(self.task)
 
     def __post_init__(self) -> None:
+        get_task(self.task)
         names = [e.name for e in self.entries]
         if not self.baseline:
             self.baseline = names[0]
@@ -250,8 +260,8 @@ class Plan:
                 return e
         raise unknown_name("entry", name, [e.name for e in self.entries])
 
-    def run_config(self, dataset: str, entry: Entry, seed: int, out: Path) -> TrainConfig:
-        """The `TrainConfig` of one run."""
+    def run_config(self, dataset: str, entry: Entry, seed: int, out: Path) -> Any:
+        """The run configuration of one run (the task's: `TrainConfig`, `DetectConfig`)."""
         values = {
             **self.recipe,
             **self.dataset_recipe.get(dataset, {}),
@@ -263,7 +273,7 @@ class Plan:
             "model_kwargs": dict(entry.model_kwargs),
             "dataset_options": dict(self.dataset_options.get(dataset, {})),
         }
-        return TrainConfig.from_dict(values, source=f"entry {entry.name}")
+        return self.kind.make_config(values, source=f"entry {entry.name}")
 
     def analysis_datasets(self, spec: AnalysisSpec) -> list[str]:
         return [d for d in self.datasets if not spec.datasets or d in spec.datasets]
@@ -276,7 +286,9 @@ class Plan:
         return [(d, e, s, run_dir(out, d, e, s)) for d in self.datasets for e in self.entries for s in self.seeds]
 
     def to_dict(self) -> dict[str, Any]:
+        task = {"task": self.task} if self.task != "classify" else {}  # older plans and readers know no task
         return {
+            **task,
             "preset": self.preset,
             "datasets": list(self.datasets),
             "entries": [e.name for e in self.entries],
@@ -294,8 +306,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        task = d.get("task", "classify")
         return cls(
-            entries=parse_entries(list(d["entries"])),
+            task=task,
+            entries=parse_entries(list(d["entries"]), task),
             datasets=list(d["datasets"]),
             seeds=list(d["seeds"]),
             recipe=dict(d["recipe"]),

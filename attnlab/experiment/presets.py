@@ -26,6 +26,7 @@ from ..analysis.runner import check_analysis_options
 from ..errors import AttnlabError, lookup, unknown_name
 from ..schema import Range, check
 from .claims import (
+    TEST_AP,
     Claim,
     attention_weakly_consistent,
     cram_beats_spatial,
@@ -73,6 +74,7 @@ class Preset:
         claims: the claims it decides.
         small_budget: say in the report's first lines that its numbers are not evidence.
         budgets: other named budgets (``--budget NAME``) beside the preset's own, ``"full"``.
+        task: what each run trains: ``classify`` or ``detect`` (`attnlab.experiment.tasks`).
     """
 
     name: str
@@ -86,6 +88,7 @@ class Preset:
     claims: tuple[Claim, ...] = ()
     small_budget: bool = False
     budgets: dict[str, Budget] = field(default_factory=dict)
+    task: str = "classify"
 
     def budget(self, name: str) -> Budget:
         """Budget ``name``: ``"full"`` (the preset's own settings) or one of ``budgets``."""
@@ -131,6 +134,19 @@ CPU = Budget(
     ),
 )
 """The ``cpu`` budget of every claim preset (``--budget cpu``): what converges on the project's 2-core machine."""
+
+DETECTION_CPU = Budget(
+    seeds=3,
+    recipe={"epochs": 3, "precision": "bf16"},
+    dataset_options={"detection-fashion-mnist": {"canvas": 64, "size": 4000, "test_size": 1000}},
+    note=(
+        "fits the 2-core CPU: 64×64 canvases, a pool of 4,000 (3,600 train / 400 validation) and 1,000 test canvases, "
+        "3 epochs of batch 16 in bf16, two runs at a time of one thread each; sized from benchmarks/detection_cost.py "
+        "(resnet20 57 ms per training image and 14 ms per evaluated image at 64×64, one thread, fp32) so that a run "
+        "takes about 10 minutes"
+    ),
+)
+"""The ``cpu`` budget of the detection preset (``--budget cpu``)."""
 
 PRESETS: dict[str, Preset] = {}
 
@@ -198,6 +214,39 @@ _add(
             ),
         ),
         budgets={"cpu": CPU},
+    )
+)
+LIGHT_HEADS = {
+    "rpn_pre_nms_top_n_train": 600,
+    "rpn_post_nms_top_n_train": 300,
+    "rpn_pre_nms_top_n_test": 300,
+    "rpn_post_nms_top_n_test": 150,
+    "box_batch_size_per_image": 128,
+}
+"""Faster R-CNN proposal and RoI-sample counts for canvases with at most five objects (torchvision's defaults,
+2000/1000 proposals and 512 RoIs per image, are sized for COCO's crowded photographs)."""
+DETECTION = "detection-fashion-mnist"
+DETECTION_RECIPE: dict[str, Any] = {
+    "epochs": 12,
+    "out_indices": [2, 3],
+    "fpn_channels": 64,
+    "detector_kwargs": LIGHT_HEADS,
+}
+"""Faster R-CNN + 64-channel FPN over the backbone's two deepest levels (strides 2 and 4 of ResNet-20), the
+`attnlab detect train` recipe otherwise."""
+
+_add(
+    Preset(
+        name="aw-detection",
+        description="Faster R-CNN + FPN on detection-fashion-mnist with ResNet-20 backbones: plain, AW, SE, and AW on "
+        "top of SE (the AW paper's detection claim, at the scale of this task).",
+        models=("resnet20", "aw_resnet20", "se_resnet20", "aw_se_resnet20"),
+        datasets=(DETECTION,),
+        seeds=3,
+        recipe=DETECTION_RECIPE,
+        claims=(weight_attention_adds((("aw_resnet20", "resnet20"), ("aw_se_resnet20", "se_resnet20")), TEST_AP),),
+        budgets={"cpu": DETECTION_CPU},
+        task="detect",
     )
 )
 _add(
@@ -273,6 +322,7 @@ def make_plan(
     baseline: str | None = None,
     command: str = "",
     jobs: int = 1,
+    task: str | None = None,
 ) -> Plan:
     """A `Plan` from a preset and/or explicit choices; explicit budget settings override the preset's.
 
@@ -290,11 +340,17 @@ def make_plan(
         baseline: the entry others are compared with (default: the first).
         command: the command line, recorded for the report.
         jobs: worker processes, recorded with the machine.
+        task: what the runs train, ``classify`` or ``detect`` (default: the preset's, else ``classify``).
     """
     if preset:
-        parts = _from_preset(get_preset(preset), budget, models, datasets, seeds, recipe, dataset_options)
+        chosen = get_preset(preset)
+        if task is not None and task != chosen.task:
+            raise AttnlabError(f"--preset {preset} trains task {chosen.task}; drop --task {task}")
+        task = chosen.task
+        parts = _from_preset(chosen, budget, models, datasets, seeds, recipe, dataset_options)
     else:
-        parts = _explicit(budget, models, datasets, seeds, recipe, dataset_options)
+        task = task or "classify"
+        parts = _explicit(budget, models, datasets, seeds, recipe, dataset_options, task)
     entries, dataset_list, seed_list, merged_recipe, dataset_recipe, options, specs = parts
     if analyses is not None:
         specs = [AnalysisSpec(name) for name in analyses]
@@ -318,10 +374,11 @@ def make_plan(
         command=command,
         machine={"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "jobs": jobs},
         date=datetime.now().astimezone().isoformat(timespec="seconds"),
+        task=task,
     )
 
 
-def _explicit(budget: str, models, datasets, seeds, recipe, dataset_options) -> tuple:
+def _explicit(budget: str, models, datasets, seeds, recipe, dataset_options, task: str) -> tuple:
     """The parts of a plan given without a preset (see `_from_preset`)."""
     if budget != "full":
         raise AttnlabError(f"--budget {budget} needs a --preset (budgets belong to presets)")
@@ -329,7 +386,7 @@ def _explicit(budget: str, models, datasets, seeds, recipe, dataset_options) -> 
         raise AttnlabError("compare needs --models (or a --preset)")
     if not datasets:
         raise AttnlabError("compare needs --dataset (or a --preset)")
-    entries = parse_entries(models if isinstance(models, str) else list(models))
+    entries = parse_entries(models if isinstance(models, str) else list(models), task)
     seed_list = parse_seeds(3 if seeds is None else seeds)
     options = {d: dict(dataset_options or {}) for d in datasets}
     return entries, list(datasets), seed_list, dict(recipe or {}), {}, options, []
@@ -358,7 +415,7 @@ def _from_preset(chosen: Preset, budget: str, models, datasets, seeds, recipe, d
         for s in chosen.analyses
     ]
     return (
-        parse_entries(list(chosen.models)),
+        parse_entries(list(chosen.models), chosen.task),
         dataset_list,
         parse_seeds(own.seeds if seeds is None else seeds),
         {**chosen.recipe, **own.recipe, **(recipe or {})},

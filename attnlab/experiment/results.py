@@ -1,5 +1,6 @@
 """The numbers of a comparison, read back from disk: one row per finished run, per-entry summaries with paired tests,
-learning curves, and analysis headlines.
+learning curves, and analysis headlines. The compared score is the plan's task's (`attnlab.experiment.tasks`): test
+accuracy for classifiers, COCO AP for detectors.
 
 A run counts as finished iff its ``summary.json`` exists (the engine writes it last, atomically), so rebuilding
 ``results.csv`` from the run folders after any kill gives each finished run exactly once and nothing else. Accuracy
@@ -20,55 +21,47 @@ from ..io import read_json
 from ..stats import describe, paired_test
 from ..train.rundir import RunDir
 from .plan import Plan, analysis_dir
+from .tasks import TASKS, Task
 
-RESULT_FIELDS = (
-    "dataset",
-    "model",
-    "arch",
-    "seed",
-    "val_acc",
-    "test_acc",
-    "test_loss",
-    "params",
-    "flops",
-    "train_img_per_s",
-    "latency_ms",
-    "wall_time_s",
-    "epochs",
-    "skipped_steps",
-    "device",
-    "run",
-)
-"""Columns of ``results.csv``: ``model`` is the entry's display name, ``arch`` the registered model it builds,
-``skipped_steps`` the optimiser steps skipped for non-finite values (``nonfinite: skip``) over the whole run."""
+COST_FIELDS = ("params", "flops", "latency_ms", "train_img_per_s", "wall_time_s")
+"""Cost columns of ``summary.csv`` (means over seeds), those a task's runs record."""
 
-SUMMARY_FIELDS = (
-    "dataset",
-    "model",
-    "baseline",
-    "n",
-    "test_acc_mean",
-    "test_acc_std",
-    "test_acc_ci_low",
-    "test_acc_ci_high",
-    "val_acc_mean",
-    "val_acc_std",
-    "test_loss_mean",
-    "delta_vs_baseline",
-    "shared_seeds",
-    "t_stat",
-    "t_p",
-    "wilcoxon_stat",
-    "wilcoxon_p",
-    "params",
-    "flops",
-    "latency_ms",
-    "train_img_per_s",
-    "wall_time_s",
-)
-"""Columns of ``summary.csv``, one row per (dataset, entry). ``delta_vs_baseline`` is the mean over the seeds both
-share of (entry − baseline) test accuracy; ``t_p`` and ``wilcoxon_p`` are two-sided paired tests over those seeds;
-cost columns are means over seeds (params and FLOPs do not vary)."""
+
+def result_fields(task: Task) -> tuple[str, ...]:
+    """Columns of ``results.csv``: ``model`` is the entry's display name, ``arch`` the registered model it builds, then
+    the task's summary columns; ``skipped_steps`` (classifiers) counts the optimiser steps skipped for non-finite
+    values (``nonfinite: skip``) over the whole run."""
+    skipped = ("skipped_steps",) if task.name == "classify" else ()
+    return ("dataset", "model", "arch", "seed", *task.columns, *skipped, "device", "run")
+
+
+def summary_fields(task: Task) -> tuple[str, ...]:
+    """Columns of ``summary.csv``, one row per (dataset, entry), for score S (acc, ap): ``test_S_*`` over seeds,
+    ``delta_vs_baseline`` the mean over the seeds both share of (entry − baseline) test score, ``t_p`` and
+    ``wilcoxon_p`` two-sided paired tests over those seeds, cost columns means over seeds."""
+    score = task.score
+    loss = ("test_loss_mean",) if "test_loss" in task.columns else ()
+    return (
+        "dataset",
+        "model",
+        "baseline",
+        "n",
+        *(f"test_{score}_{k}" for k in ("mean", "std", "ci_low", "ci_high")),
+        f"val_{score}_mean",
+        f"val_{score}_std",
+        *loss,
+        "delta_vs_baseline",
+        "shared_seeds",
+        "t_stat",
+        "t_p",
+        "wilcoxon_stat",
+        "wilcoxon_p",
+        *(c for c in COST_FIELDS if c in task.columns),
+    )
+
+
+RESULT_FIELDS = tuple(dict.fromkeys(f for task in TASKS.values() for f in result_fields(task)))
+"""Every column a ``results.csv`` may have, whatever its task (what a claim's `Metric` may name)."""
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -83,32 +76,18 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
 
 
 def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:
-    """One row per finished run, in plan order (dataset, entry, seed)."""
+    """One row per finished run, in plan order (dataset, entry, seed), with the columns of `result_fields`."""
     rows = []
     for dataset, entry, _seed, folder in plan.runs(out):
         if not RunDir(folder).finished:
             continue
         s = read_json(RunDir(folder).summary)
-        rows.append(
-            {
-                "dataset": dataset,
-                "model": entry.name,
-                "arch": s["model"],
-                "seed": s["seed"],
-                "val_acc": s["val_acc"],
-                "test_acc": s["test_acc"],
-                "test_loss": s["test_loss"],
-                "params": s["params"],
-                "flops": s["flops"],
-                "train_img_per_s": s["train_img_per_s"],
-                "latency_ms": s["latency_ms"],
-                "wall_time_s": s["wall_time_s"],
-                "epochs": s["epochs"],
-                "skipped_steps": sum(int(m.get("skipped_steps", 0)) for m in read_metrics(folder)),
-                "device": s.get("device", ""),
-                "run": folder.relative_to(out).as_posix(),
-            }
-        )
+        row = {"dataset": dataset, "model": entry.name, "arch": s["model"], "seed": s["seed"]}
+        row.update({key: s.get(key) for key in plan.kind.columns})
+        if plan.task == "classify":
+            row["skipped_steps"] = sum(int(m.get("skipped_steps", 0)) for m in read_metrics(folder))
+        row.update(device=s.get("device", ""), run=folder.relative_to(out).as_posix())
+        rows.append(row)
     return rows
 
 
@@ -127,55 +106,59 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarize(plan: Plan, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary row per (dataset, entry) with at least one finished run (see `SUMMARY_FIELDS`)."""
+    """One summary row per (dataset, entry) with at least one finished run (see `summary_fields`)."""
     table = []
+    score = plan.kind.score
     for dataset in plan.datasets:
-        base = per_seed(rows, dataset, plan.baseline, "test_acc")
+        base = per_seed(rows, dataset, plan.baseline, f"test_{score}")
         for entry in plan.entries:
             mine = [r for r in rows if r["dataset"] == dataset and r["model"] == entry.name]
-            if not mine:
-                continue
-            acc = per_seed(mine, dataset, entry.name, "test_acc")
-            val = describe([r["val_acc"] for r in mine])
-            test = describe(list(acc.values()))
-            shared = sorted(set(acc) & set(base))
-            test_vs_base = paired_test([acc[s] for s in shared], [base[s] for s in shared])
-            is_base = entry.name == plan.baseline
-            table.append(
-                {
-                    "dataset": dataset,
-                    "model": entry.name,
-                    "baseline": plan.baseline,
-                    "n": test.n,
-                    "test_acc_mean": test.mean,
-                    "test_acc_std": test.std,
-                    "test_acc_ci_low": test.ci_low,
-                    "test_acc_ci_high": test.ci_high,
-                    "val_acc_mean": val.mean,
-                    "val_acc_std": val.std,
-                    "test_loss_mean": _mean([r["test_loss"] for r in mine]),
-                    "delta_vs_baseline": 0.0 if is_base else test_vs_base.mean_diff,
-                    "shared_seeds": len(shared),
-                    "t_stat": math.nan if is_base else test_vs_base.t_stat,
-                    "t_p": math.nan if is_base else test_vs_base.t_p,
-                    "wilcoxon_stat": math.nan if is_base else test_vs_base.wilcoxon_stat,
-                    "wilcoxon_p": math.nan if is_base else test_vs_base.wilcoxon_p,
-                    "params": _mean([r["params"] for r in mine]),
-                    "flops": _mean([r["flops"] for r in mine]),
-                    "latency_ms": _mean([r["latency_ms"] for r in mine]),
-                    "train_img_per_s": _mean([r["train_img_per_s"] for r in mine]),
-                    "wall_time_s": _mean([r["wall_time_s"] for r in mine]),
-                }
-            )
+            if mine:
+                table.append(_summary_row(plan, dataset, entry.name, mine, base))
     return table
 
 
+def _summary_row(plan: Plan, dataset: str, model: str, mine: Sequence[dict[str, Any]], base: dict[int, float]) -> dict:
+    score = plan.kind.score
+    found = per_seed(mine, dataset, model, f"test_{score}")
+    val = describe([r[f"val_{score}"] for r in mine])
+    test = describe(list(found.values()))
+    shared = sorted(set(found) & set(base))
+    test_vs_base = paired_test([found[s] for s in shared], [base[s] for s in shared])
+    is_base = model == plan.baseline
+    row = {
+        "dataset": dataset,
+        "model": model,
+        "baseline": plan.baseline,
+        "n": test.n,
+        f"test_{score}_mean": test.mean,
+        f"test_{score}_std": test.std,
+        f"test_{score}_ci_low": test.ci_low,
+        f"test_{score}_ci_high": test.ci_high,
+        f"val_{score}_mean": val.mean,
+        f"val_{score}_std": val.std,
+    }
+    if "test_loss" in plan.kind.columns:
+        row["test_loss_mean"] = _mean([r["test_loss"] for r in mine])
+    row.update(
+        delta_vs_baseline=0.0 if is_base else test_vs_base.mean_diff,
+        shared_seeds=len(shared),
+        t_stat=math.nan if is_base else test_vs_base.t_stat,
+        t_p=math.nan if is_base else test_vs_base.t_p,
+        wilcoxon_stat=math.nan if is_base else test_vs_base.wilcoxon_stat,
+        wilcoxon_p=math.nan if is_base else test_vs_base.wilcoxon_p,
+    )
+    row.update({c: _mean([r[c] for r in mine]) for c in COST_FIELDS if c in plan.kind.columns})
+    return row
+
+
 def learning_curves(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, list[float]]]:
-    """``{(dataset, entry): {seed: [val_acc of epoch 1, 2, ...]}}`` from each run's ``metrics.jsonl``."""
+    """``{(dataset, entry): {seed: [validation score of epoch 1, 2, ...]}}`` from each run's ``metrics.jsonl``."""
     curves: dict[tuple[str, str], dict[int, list[float]]] = {}
+    key = f"val_{plan.kind.score}"
     for dataset, entry, seed, folder in plan.runs(out):
         if RunDir(folder).finished:
-            curves.setdefault((dataset, entry.name), {})[seed] = [float(r["val_acc"]) for r in read_metrics(folder)]
+            curves.setdefault((dataset, entry.name), {})[seed] = [float(r[key]) for r in read_metrics(folder)]
     return curves
 
 

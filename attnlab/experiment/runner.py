@@ -1,7 +1,8 @@
 """``attnlab compare``'s work: train every entry × dataset × seed, then run the plan's analyses.
 
-Runs are trained by `attnlab.train.train`, one folder each (`attnlab.experiment.plan.run_dir`). A launcher decides
-where they run: `LocalPool` trains them one after another in this process, or in ``jobs`` worker processes that
+Runs are trained by their task's trainer (`attnlab.train.train`, or `attnlab.detection.train_detector` in a
+detection comparison: `attnlab.experiment.tasks`), one folder each (`attnlab.experiment.plan.run_dir`). A launcher
+decides where they run: `LocalPool` trains them one after another in this process, or in ``jobs`` worker processes that
 split the CPU threads between them (a launcher for a cluster goes beside it: anything with the `Launcher` method).
 A run is finished iff its ``summary.json`` exists. With ``resume``, finished runs are skipped (after checking they
 were trained with the same settings) and unfinished ones continue from their last checkpoint; without it, a folder
@@ -24,9 +25,10 @@ from typing import Any, Protocol
 
 from ..errors import AttnlabError
 from ..io import read_json, read_yaml, write_json_atomic, write_text_atomic
-from ..train.config import NEUTRAL, TrainConfig, first_difference
+from ..train.config import first_difference
 from ..train.rundir import RunDir
 from .plan import FAILURE_FILE, PLAN_FILE, AnalysisSpec, Plan, analysis_dir, run_dir
+from .tasks import get_task, task_of
 
 
 @dataclass
@@ -39,8 +41,9 @@ class CompareOutcome:
     analysed: list[str] = field(default_factory=list)
 
 
-Job = tuple[str, TrainConfig]
-"""One run to train: its name (its folder relative to the comparison) and its config."""
+Job = tuple[str, Any]
+"""One run to train: its name (its folder relative to the comparison) and its config (`TrainConfig`,
+`DetectConfig`)."""
 
 
 class Launcher(Protocol):
@@ -49,15 +52,18 @@ class Launcher(Protocol):
         ...
 
 
-def train_one(cfg_values: dict[str, Any], resume: bool, progress: bool | None, prefix: str) -> dict[str, Any]:
-    """Train one run (in this process or a worker). If it fails, the error (with its traceback, unless it is a
-    one-line user-facing `AttnlabError`) is written beside it and returned: one broken run does not stop the others.
-    """
-    from ..train import train
-
-    cfg = TrainConfig.from_dict(cfg_values)
+def train_one(
+    task: str, cfg_values: dict[str, Any], resume: bool, progress: bool | None, prefix: str
+) -> dict[str, Any]:
+    """Train one run of ``task`` (in this process or a worker). If it fails, the error (with its traceback, unless it
+    is a one-line user-facing `AttnlabError`) is written beside it and returned: one broken run does not stop the
+    others."""
+    kind = get_task(task)
+    cfg = kind.make_config(cfg_values)
     try:
-        summary = train(cfg, resume=resume, progress=progress, log=lambda line: print(f"{prefix} {line}", flush=True))
+        summary = kind.train(
+            cfg, resume=resume, progress=progress, log=lambda line: print(f"{prefix} {line}", flush=True)
+        )
     except Exception as e:
         message = str(e) if isinstance(e, AttnlabError) else f"{type(e).__name__}: {e}"
         detail = "" if isinstance(e, AttnlabError) else traceback.format_exc()
@@ -86,7 +92,7 @@ class LocalPool:
         if self.jobs == 1 or len(jobs) <= 1:
             for i, (name, cfg) in enumerate(jobs, 1):
                 self.log(f"compare: [{i}/{len(jobs)}] training {name}")
-                yield name, train_one(cfg.to_dict(), resume, self.progress, f"[{name}]")
+                yield name, train_one(task_of(cfg).name, cfg.to_dict(), resume, self.progress, f"[{name}]")
             return
         workers = min(self.jobs, len(jobs))
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -96,7 +102,10 @@ class LocalPool:
             workers, mp_context=context, initializer=_init_worker, initargs=(threads, os.getpid())
         )
         with pool:
-            pending = {pool.submit(train_one, cfg.to_dict(), resume, False, f"[{name}]"): name for name, cfg in jobs}
+            pending = {
+                pool.submit(train_one, task_of(cfg).name, cfg.to_dict(), resume, False, f"[{name}]"): name
+                for name, cfg in jobs
+            }
             try:
                 for done in futures.as_completed(pending):
                     yield pending[done], done.result()
@@ -139,9 +148,9 @@ def _prepare(out: Path, resume: bool) -> None:
         raise AttnlabError(f"--out {out}: cannot create it ({e.strerror})") from None
 
 
-def check_finished(run: Path, cfg: TrainConfig) -> None:
+def check_finished(run: Path, cfg: Any) -> None:
     """Refuse to reuse a finished run trained with other settings than the plan now asks for."""
-    differs = first_difference(read_yaml(RunDir(run).config), cfg.to_dict(), NEUTRAL)
+    differs = first_difference(read_yaml(RunDir(run).config), cfg.to_dict(), task_of(cfg).neutral)
     if differs:
         key, saved, wanted = differs
         raise AttnlabError(
@@ -191,20 +200,20 @@ def run_compare(
             log(f"compare: {len(outcome.skipped)} of {total} runs already finished, skipping them")
         launcher = launcher or LocalPool(jobs, progress, log)
         for i, (name, summary) in enumerate(launcher.results(todo, resume), 1):
-            _record(outcome, name, summary, f"[{i}/{len(todo)}]", log)
+            _record(outcome, name, summary, f"[{i}/{len(todo)}]", log, plan.kind.score)
         _analyse_all(plan, out, log, outcome)
     if outcome.failed:
         log(f"compare: {len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)} (see {FAILURE_FILE} in each)")
     return outcome
 
 
-def _record(outcome: CompareOutcome, name: str, summary: dict[str, Any], counter: str, log) -> None:
+def _record(outcome: CompareOutcome, name: str, summary: dict[str, Any], counter: str, log, score: str) -> None:
     if "failed" in summary:
         outcome.failed.append(name)
         log(f"compare: {counter} {name} FAILED: {summary['failed']}")
     else:
         outcome.trained.append(name)
-        log(f"compare: {counter} {name} done: test acc {summary['test_acc']:.2%}")
+        log(f"compare: {counter} {name} done: test {score} {summary[f'test_{score}']:.2%}")
 
 
 def _analyse_all(plan: Plan, out: Path, log, outcome: CompareOutcome) -> None:

@@ -17,16 +17,16 @@ from ..experiment.claims import RULES, Evidence, decide_claims
 from ..experiment.plan import FAILURE_FILE, Plan, analysis_dir, dataset_slug
 from ..experiment.presets import PRESETS, Preset
 from ..experiment.results import (
-    RESULT_FIELDS,
-    SUMMARY_FIELDS,
     collect_results,
     learning_curves,
     load_analyses,
     missing_runs,
+    result_fields,
     summarize,
+    summary_fields,
 )
 from ..io import write_csv, write_text_atomic
-from ..train.config import NEUTRAL, TrainConfig, upgrade_settings
+from ..train.config import upgrade_settings
 from . import plots
 from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
 
@@ -74,8 +74,8 @@ def pvalue(p: float) -> str:
 
 def _recipe_text(plan: Plan) -> str:
     recipe = upgrade_settings(plan.recipe)  # a comparison begun before precision replaced amp
-    cfg = TrainConfig.from_dict(dict(recipe), source="the comparison's recipe").to_dict()
-    keys = [*RECIPE_SHOWN, *(k for k in recipe if k not in RECIPE_SHOWN)]
+    cfg = plan.kind.make_config(dict(recipe), source="the comparison's recipe").to_dict()
+    keys = [*(k for k in RECIPE_SHOWN if k in cfg), *(k for k in recipe if k not in RECIPE_SHOWN)]
     return ", ".join(f"{k} {cfg[k]}" for k in keys)
 
 
@@ -88,12 +88,12 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
         changes.append(f"seeds {budget.seeds} → {len(plan.seeds)}")
     if list(plan.datasets) != list(preset.datasets):
         changes.append(f"datasets {', '.join(preset.datasets)} → {', '.join(plan.datasets)}")
-    defaults = TrainConfig().to_dict()
+    defaults = plan.kind.config().to_dict()
     for dataset in plan.datasets:
         own = upgrade_settings({**preset.recipe, **budget.recipe, **budget.dataset_recipe.get(dataset, {})})
         used = upgrade_settings({**plan.recipe, **plan.dataset_recipe.get(dataset, {})})
         where = f" ({dataset})" if len(plan.datasets) > 1 else ""
-        for key in sorted((set(own) | set(used)) - NEUTRAL):  # where it ran, not how much it trained
+        for key in sorted((set(own) | set(used)) - plan.kind.neutral):  # where it ran, not how much it trained
             before, after = own.get(key, defaults.get(key)), used.get(key, defaults.get(key))
             if before != after:
                 shown = ["all" if key == "subset" and v is None else v for v in (before, after)]
@@ -171,24 +171,31 @@ def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
     return blocks
 
 
+COSTS = (  # summary column, header, format
+    ("params", "params", lambda v: f"{v:,.0f}"),
+    ("flops", "MFLOPs", lambda v: f"{v / 1e6:.1f}"),
+    ("latency_ms", "latency ms", lambda v: f"{v:.2f}"),
+    ("train_img_per_s", "train img/s", lambda v: f"{v:.0f}"),
+)
+
+
 def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[str, Any]], curves: dict) -> list[Block]:
     mine = [r for r in table if r["dataset"] == dataset]
     blocks: list[Block] = [Heading(2, f"Results on {dataset}")]
     if not mine:
         return [*blocks, Paragraph("No run has finished on this dataset yet.")]
+    task, score = plan.kind, plan.kind.score
+    costs = [c for c in COSTS if c[0] in task.columns]
     header = (
         "model",
         "seeds",
-        "test acc % (mean ± std)",
+        f"test {task.short} {task.unit} (mean ± std)",
         "95% CI",
-        f"Δ vs {plan.baseline} (pp)",
+        f"Δ vs {plan.baseline} ({'pp' if task.unit == '%' else task.unit})",
         "paired t p",
         "Wilcoxon p",
-        "val acc %",
-        "params",
-        "MFLOPs",
-        "latency ms",
-        "train img/s",
+        f"val {task.short} {task.unit}",
+        *(title for _, title, _ in costs),
     )
     rows = []
     for r in mine:
@@ -197,46 +204,52 @@ def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[st
             (
                 f"**{r['model']}**" if is_base else r["model"],
                 str(r["n"]),
-                f"{pct(r['test_acc_mean'])} ± {pct(r['test_acc_std'])}",
-                f"{pct(r['test_acc_ci_low'])}–{pct(r['test_acc_ci_high'])}",
+                f"{pct(r[f'test_{score}_mean'])} ± {pct(r[f'test_{score}_std'])}",
+                f"{pct(r[f'test_{score}_ci_low'])}–{pct(r[f'test_{score}_ci_high'])}",
                 "baseline" if is_base else f"{100 * r['delta_vs_baseline']:+.2f} (n={r['shared_seeds']})",
                 "–" if is_base else pvalue(r["t_p"]),
                 "–" if is_base else pvalue(r["wilcoxon_p"]),
-                f"{pct(r['val_acc_mean'])} ± {pct(r['val_acc_std'])}",
-                f"{r['params']:,.0f}",
-                f"{r['flops'] / 1e6:.1f}",
-                f"{r['latency_ms']:.2f}",
-                f"{r['train_img_per_s']:.0f}",
+                f"{pct(r[f'val_{score}_mean'])} ± {pct(r[f'val_{score}_std'])}",
+                *(shown(r[key]) for key, _, shown in costs),
             )
         )
     blocks.append(
         Paragraph(
-            "Test accuracy is each run's last-epoch test accuracy (never the best epoch); validation accuracy, on a "
-            "split carved from the training set, is shown beside it. Δ and the paired tests use the seeds both "
-            "models share; the 95% CI is Student-t over seeds."
+            f"{task.score_text} Δ and the paired tests use the seeds both models share; the 95% CI is Student-t over "
+            "seeds."
         )
     )
     blocks.append(Table(header, tuple(rows)))
     slug = dataset_slug(dataset)
     by_model = {name: runs for (d, name), runs in curves.items() if d == dataset}
+    label = f"validation {task.score_name} ({task.unit})"
     curve_png = plots.learning_curves(
         by_model,
         [e.name for e in plan.entries],
-        f"{dataset}: validation accuracy per epoch",
+        f"{dataset}: validation {task.score_name} per epoch",
         out / FIGURES / f"curves_{slug}.png",
+        ylabel=label,
     )
     blocks.append(
         Image(
             curve_png.relative_to(out).as_posix(),
-            "Validation accuracy per epoch: mean over seeds, band from the lowest to the highest seed.",
+            f"Validation {task.score_name} per epoch: mean over seeds, band from the lowest to the highest seed.",
         )
     )
     cost_png = out / FIGURES / f"cost_{slug}.png"
-    plots.accuracy_vs_cost(mine, [e.name for e in plan.entries], f"{dataset}: test accuracy against cost", cost_png)
+    plots.accuracy_vs_cost(
+        mine,
+        [e.name for e in plan.entries],
+        f"{dataset}: test {task.score_name} against cost",
+        cost_png,
+        score=score,
+        ylabel=f"test {task.score_name} ({task.unit})",
+    )
+    against = "parameters and single-image latency" if "latency_ms" in task.columns else "parameters"
     blocks.append(
         Image(
             cost_png.relative_to(out).as_posix(),
-            "Test accuracy (mean ± std over seeds) against parameters and single-image latency.",
+            f"Test {task.score_name} (mean ± std over seeds) against {against}.",
         )
     )
     return blocks
@@ -286,45 +299,39 @@ def _analysis_blocks(plan: Plan, out: Path, analyses: dict) -> list[Block]:
     return [Heading(2, "Analyses"), *blocks] if blocks else []
 
 
-def _runs_table(rows: Sequence[dict[str, Any]]) -> list[Block]:
-    header = (
-        "dataset",
-        "model",
-        "seed",
-        "val acc %",
-        "test acc %",
-        "test loss",
-        "params",
-        "MFLOPs",
-        "train img/s",
-        "latency ms",
-        "wall s",
-        "skipped steps",
-    )
-    body = tuple(
-        (
-            r["dataset"],
-            r["model"],
-            str(r["seed"]),
-            pct(r["val_acc"]),
-            pct(r["test_acc"]),
-            f"{r['test_loss']:.4f}",
-            f"{r['params']:,}",
-            f"{r['flops'] / 1e6:.1f}",
-            f"{r['train_img_per_s']:.0f}",
-            f"{r['latency_ms']:.2f}",
-            f"{r['wall_time_s']:.1f}",
-            str(r["skipped_steps"]),
-        )
-        for r in rows
+RUN_COLUMNS = (  # results column, header, format
+    ("dataset", "dataset", str),
+    ("model", "model", str),
+    ("seed", "seed", str),
+    ("val_acc", "val acc %", pct),
+    ("test_acc", "test acc %", pct),
+    ("test_loss", "test loss", lambda v: f"{v:.4f}"),
+    ("val_ap", "val AP ×100", pct),
+    ("test_ap", "test AP ×100", pct),
+    ("test_ap50", "test AP50 ×100", pct),
+    ("test_ap75", "test AP75 ×100", pct),
+    ("test_ar100", "test AR100 ×100", pct),
+    ("params", "params", lambda v: f"{v:,}"),
+    ("flops", "MFLOPs", lambda v: f"{v / 1e6:.1f}"),
+    ("train_img_per_s", "train img/s", lambda v: f"{v:.0f}"),
+    ("latency_ms", "latency ms", lambda v: f"{v:.2f}"),
+    ("wall_time_s", "wall s", lambda v: f"{v:.1f}"),
+    ("skipped_steps", "skipped steps", str),
+)
+
+
+def _runs_table(plan: Plan, rows: Sequence[dict[str, Any]]) -> list[Block]:
+    columns = [c for c in RUN_COLUMNS if c[0] in result_fields(plan.kind)]
+    body = tuple(tuple(shown(r[key]) for key, _, shown in columns) for r in rows)
+    skipped = (
+        "; skipped steps are optimiser steps dropped for non-finite loss or gradients (`--nonfinite skip`)"
+        if "skipped_steps" in result_fields(plan.kind)
+        else ""
     )
     return [
         Heading(2, "All runs"),
-        Paragraph(
-            "From each run's `summary.json` (also in `results.csv`); skipped steps are optimiser steps dropped for "
-            "non-finite loss or gradients (`--nonfinite skip`)."
-        ),
-        Table(header, body),
+        Paragraph(f"From each run's `summary.json` (also in `results.csv`){skipped}."),
+        Table(tuple(title for _, title, _ in columns), body),
     ]
 
 
@@ -334,8 +341,8 @@ def build_report(plan: Plan, out: Path) -> ReportFiles:
     rows = collect_results(plan, out)
     table = summarize(plan, rows)
     files = ReportFiles(out / "results.csv", out / "summary.csv", out / "report.md", out / "report.html")
-    write_csv(files.results, rows, RESULT_FIELDS)
-    write_csv(files.summary, table, SUMMARY_FIELDS)
+    write_csv(files.results, rows, result_fields(plan.kind))
+    write_csv(files.summary, table, summary_fields(plan.kind))
     missing = missing_runs(plan, out)
     analyses = load_analyses(plan, out)
     preset = PRESETS.get(plan.preset or "")
@@ -366,13 +373,13 @@ def build_report(plan: Plan, out: Path) -> ReportFiles:
     for dataset in plan.datasets:
         blocks += _dataset_blocks(plan, out, dataset, table, curves)
     blocks += _analysis_blocks(plan, out, analyses)
-    blocks += _runs_table(rows)
+    blocks += _runs_table(plan, rows)
     write_text_atomic(files.markdown, to_markdown(blocks))
     write_text_atomic(files.html, to_html(blocks, out, title))
     return files
 
 
 def _recipe_short(plan: Plan) -> str:
-    cfg = {**TrainConfig().to_dict(), **plan.recipe}
+    cfg = {**plan.kind.config().to_dict(), **plan.recipe}
     subset = f"{cfg['subset']} training images" if cfg.get("subset") else "the full training set"
     return f"{cfg['epochs']} epoch(s) on {subset}, {len(plan.seeds)} seed(s)"

@@ -12,14 +12,21 @@ from typing import Any
 from .. import plotting
 
 
-def learning_curves(curves: dict[str, dict[int, list[float]]], order: Sequence[str], title: str, path: Path) -> Path:
-    """Validation accuracy per epoch, one line per entry: the mean over seeds, with the min–max range as a band.
+def learning_curves(
+    curves: dict[str, dict[int, list[float]]],
+    order: Sequence[str],
+    title: str,
+    path: Path,
+    ylabel: str = "validation accuracy (%)",
+) -> Path:
+    """Validation score per epoch, one line per entry: the mean over seeds, with the min–max range as a band.
 
     Args:
-        curves: ``{entry: {seed: [val_acc per epoch]}}``.
+        curves: ``{entry: {seed: [validation score (0–1) per epoch]}}``.
         order: entries in legend order (colours follow it).
         title: the figure title.
         path: where the PNG goes.
+        ylabel: what the score is (shown ×100).
     """
     fig, ax = plotting.subplots(figsize=(6.4, 3.8))
     for i, name in enumerate(order):
@@ -37,7 +44,7 @@ def learning_curves(curves: dict[str, dict[int, list[float]]], order: Sequence[s
         if len(runs) > 1:
             ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=color, alpha=0.15)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -45,23 +52,35 @@ def learning_curves(curves: dict[str, dict[int, list[float]]], order: Sequence[s
     return plotting.save(fig, path)
 
 
-def accuracy_vs_cost(summary: Sequence[dict[str, Any]], order: Sequence[str], title: str, path: Path) -> Path:
-    """Mean test accuracy (± std over seeds) against parameters and against latency, one point per entry.
+def accuracy_vs_cost(
+    summary: Sequence[dict[str, Any]],
+    order: Sequence[str],
+    title: str,
+    path: Path,
+    score: str = "acc",
+    ylabel: str = "test accuracy (%)",
+) -> Path:
+    """Mean test score (± std over seeds) against parameters and, where runs measured it, latency; one point per
+    entry.
 
     Args:
         summary: rows of ``summary.csv`` for one dataset.
         order: every entry of the comparison, in legend order (colours follow it, as in `learning_curves`).
         title: the figure title.
         path: where the PNG goes.
+        score: the summary's score (``test_<score>_mean``).
+        ylabel: what the score is (shown ×100).
     """
-    fig, axes = plotting.subplots(1, 2, figsize=(8.0, 3.6), sharey=True)
-    panels = (("params", "parameters (thousands)", 1e-3), ("latency_ms", "latency per image (ms, batch 1)", 1.0))
+    panels = [("params", "parameters (thousands)", 1e-3), ("latency_ms", "latency per image (ms, batch 1)", 1.0)]
+    panels = [p for p in panels if all(p[0] in row for row in summary)]
+    fig, axes = plotting.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), sharey=True, squeeze=False)
+    axes = list(axes[0])
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
         for row in sorted(summary, key=lambda r: order.index(r["model"])):
-            std = row["test_acc_std"]
+            std = row[f"test_{score}_std"]
             ax.errorbar(
                 row[key] * scale,
-                100 * row["test_acc_mean"],
+                100 * row[f"test_{score}_mean"],
                 yerr=None if math.isnan(std) else 100 * std,
                 fmt="o",
                 capsize=3,
@@ -70,7 +89,7 @@ def accuracy_vs_cost(summary: Sequence[dict[str, Any]], order: Sequence[str], ti
             )
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     return plotting.save(fig, path)

@@ -29,8 +29,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LEGACY_AMP = {"off": "fp32", "auto": "auto", "bf16": "bf16", "fp16": "fp16"}
 """``amp`` (the setting ``precision`` replaced) → ``precision``: old config.yaml files and ``--amp`` still work (an old
 file's ``amp: auto`` means what it meant then: bf16 on CPU, bf16 or else fp16 on CUDA)."""
-AMP_CHOICES = tuple(LEGACY_AMP)
-"""The values of ``amp`` where a config still has it (`attnlab.detection`'s)."""
 SCHEDULES = ("cosine", "onecycle")
 NONFINITE = ("stop", "skip")
 

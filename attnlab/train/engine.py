@@ -37,7 +37,7 @@ from ..models.options import check_buildable
 from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
 from .compiling import compile_module, eager, is_compiled, run_or_fall_back
-from .config import RESUMABLE_CHANGES, TrainConfig, autocast_dtype, first_difference, upgrade_settings
+from .config import RESUMABLE_CHANGES, TrainConfig, autocast_dtype, first_difference
 from .cost import count_flops, measure_latency
 from .evaluate import Tally, check_labels, evaluate
 from .optim import make_optimizer, make_scheduler, schedule_for
@@ -46,15 +46,6 @@ from .rundir import RunDir
 
 class TrainingDiverged(AttnlabError):
     """The loss or the gradients became NaN/Inf and the run was told to stop."""
-
-
-def amp_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a config that still names its precision ``amp`` (off, auto, bf16, fp16), as
-    `attnlab.detection`'s does; None: full fp32."""
-    precision = upgrade_settings({"amp": cfg.amp, "device": str(device)})["precision"]
-    if precision == "fp16" and device.type == "cpu":
-        raise AttnlabError("--amp fp16 needs CUDA; on CPU use --amp bf16")
-    return autocast_dtype(precision)
 
 
 def resolve_device(name: str) -> torch.device:
