@@ -29,9 +29,10 @@ from attnlab.experiment import Plan, make_plan  # noqa: E402
 from attnlab.experiment.plan import analysis_dir, run_dir  # noqa: E402
 from attnlab.io import read_yaml  # noqa: E402
 from attnlab.report import build_report  # noqa: E402
-from attnlab.train.config import RESUMABLE_CHANGES, first_difference  # noqa: E402
+from attnlab.experiment.tasks import task_of  # noqa: E402
+from attnlab.train.config import first_difference  # noqa: E402
 
-ORDER = ("aw", "fmm", "consistency", "smoothness", "cram")
+ORDER = ("aw", "aw-detection", "fmm", "consistency", "smoothness", "cram")
 """Presets without analyses first: each of their finished runs is kept for good once committed."""
 KEEP = {".csv", ".md", ".json", ".jsonl", ".yaml", ".png", ".txt"}
 SKIP_PARTS = {"checkpoints"}
@@ -71,7 +72,7 @@ def export(out: Path, keep: Path) -> int:
 
 def _same_settings(run: Path, cfg) -> bool:
     saved = run / "config.yaml"
-    return saved.is_file() and first_difference(read_yaml(saved), cfg.to_dict(), RESUMABLE_CHANGES) is None
+    return saved.is_file() and first_difference(read_yaml(saved), cfg.to_dict(), task_of(cfg).neutral) is None
 
 
 def _analysed_entries(plan, dataset: str, seed: int, keep: Path) -> set[str]:
