@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from attnlab.experiment import Plan, make_plan  # noqa: E402
 from attnlab.experiment.plan import analysis_dir, run_dir  # noqa: E402
+from attnlab.experiment.tasks import task_of  # noqa: E402
 from attnlab.io import read_yaml  # noqa: E402
 from attnlab.report import build_report  # noqa: E402
-from attnlab.experiment.tasks import task_of  # noqa: E402
 from attnlab.train.config import first_difference  # noqa: E402
 
 ORDER = ("aw", "aw-detection", "fmm", "consistency", "smoothness", "cram")
