@@ -110,6 +110,24 @@ def measure_input(key: str, batch: int, prefixes: list[str], mode: str, repeats:
             }
         )
         print(f"  {prefix:14} {how:8} {1000 * seconds:8.1f} ms  ×{ratio:.3f}", flush=True)
+    for prefix in prefixes:  # a model that did not compile: its row says why, with no time
+        if (prefix, "compiled") not in fns:
+            rows.append(
+                {
+                    "prefix": prefix,
+                    "model": PREFIXES[prefix][0],
+                    "input": key,
+                    "batch": batch,
+                    "mode": f"compiled:{mode}",
+                    "target": PREFIXES[prefix][2],
+                    "met": False,
+                    "compile_s": round(compile_s[prefix], 1),
+                    "note": notes[prefix],
+                    "threads": torch.get_num_threads(),
+                    "clock": clock,
+                    "load": load,
+                }
+            )
     return rows
 
 

@@ -408,12 +408,10 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     for kind in SPATIAL_KINDS:
         layers = [layer for layer in result["layers"] if layer["kind"] == kind]
         if layers:
-            out[f"iou_map_{kind}"] = float(np.nanmean([layer["iou_map"]["mean"] for layer in layers]))
+            out[f"iou_map_{kind}"] = _nanmean([layer["iou_map"]["mean"] for layer in layers])
             if kind == "rectangle":
-                out["iou_rect"] = float(np.nanmean([layer["iou_rect"]["mean"] for layer in layers]))
-            out[f"equivariance_error_{kind}"] = float(
-                np.nanmean([layer["equivariance_error_mean"] for layer in layers])
-            )
+                out["iou_rect"] = _nanmean([layer["iou_rect"]["mean"] for layer in layers])
+            out[f"equivariance_error_{kind}"] = _nanmean([layer["equivariance_error_mean"] for layer in layers])
     # the comparison figure: the same measure for every model (thresholded-map IoU, which every spatial attention
     # has) in the layer chosen on held-out images; CRAM's exact-rectangle IoU in that layer is a CRAM-only figure
     chosen = result["layers"][result["selected_layer"]["index"]]
@@ -421,8 +419,15 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     if "iou_rect" in chosen:
         out["iou_rect_best_layer"] = chosen["iou_rect"]["mean"]
     out["cross_layer_iou"] = result["cross_layer_iou"]["mean"]
-    out["equivariance_error"] = float(np.nanmean([layer["equivariance_error_mean"] for layer in result["layers"]]))
+    out["equivariance_error"] = _nanmean([layer["equivariance_error_mean"] for layer in result["layers"]])
     return out
+
+
+def _nanmean(values) -> float:
+    """The mean of the values that are not NaN; NaN (without numpy's empty-slice warning) when none is, as when no
+    equivariance transform was asked for."""
+    kept = [float(v) for v in values if not np.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 __all__ = [
