@@ -488,3 +488,25 @@ def test_fmm_claims_keep_plain_and_gated_products_apart():
     assert "aw_cbam_resnet20" in PRESETS["aw"].models and "cbam_resnet20" in PRESETS["aw"].models
     keys = [v.claim for v in PRESETS["cram"].claims[0].rule(Evidence([], {}), [CLUTTERED])]
     assert f"the equivariance term makes cram_resnet20 more accurate on {CLUTTERED}" in keys
+
+
+def test_a_plan_names_its_task_and_builds_that_tasks_run_configs(tmp_path):
+    from attnlab.detection import DetectConfig
+    from attnlab.train import TrainConfig
+
+    classify = make_plan(models="resnet20,se_resnet20[label_smoothing=0.1]", datasets=["synthetic"], seeds=1)
+    assert "task" not in classify.to_dict()  # plans written before tasks existed read back unchanged
+    assert isinstance(classify.run_config("synthetic", classify.entries[1], 0, tmp_path), TrainConfig)
+    detect = make_plan(
+        models="resnet20,aw_resnet20[fpn_channels=32]", datasets=["detection-fashion-mnist"], seeds=1, task="detect"
+    )
+    cfg = detect.run_config("detection-fashion-mnist", detect.entries[1], 0, tmp_path)
+    assert isinstance(cfg, DetectConfig) and cfg.fpn_channels == 32  # a DetectConfig field is a recipe key
+    again = Plan.from_dict(json.loads(json.dumps(detect.to_dict())))
+    assert again.task == "detect" and again.entries == detect.entries
+    with pytest.raises(AttnlabError, match="unknown task 'segment'"):
+        Plan.from_dict({**detect.to_dict(), "task": "segment"})
+    with pytest.raises(AttnlabError, match="label_smoothing"):  # a classifier setting a detector does not have
+        make_plan(
+            models="resnet20", datasets=["detection-fashion-mnist"], recipe={"label_smoothing": 0.1}, task="detect"
+        )

@@ -30,7 +30,7 @@ class Task:
         trainer: ``module:function`` that trains one run (imported when a run starts).
         neutral: settings that say where a run executes, not what it computes.
         score: the compared number: ``summary.json``'s ``test_<score>`` (and ``val_<score>`` per epoch).
-        score_name: how text names it ("accuracy", "AP").
+        score_name: how text names it ("accuracy", "AP"); short: how a table header does ("acc", "AP").
         unit: how tables show it (×100): "%" for accuracy, "×100" for AP.
         score_text: what the reported score is, one paragraph for the report.
         columns: ``summary.json`` keys copied into ``results.csv`` (beside dataset, model, arch, seed, device, run).
@@ -42,14 +42,10 @@ class Task:
     neutral: frozenset[str]
     score: str
     score_name: str
+    short: str
     unit: str
     score_text: str
     columns: tuple[str, ...]
-
-    @property
-    def short(self) -> str:
-        """The score in a table header: "acc", "AP"."""
-        return "acc" if self.score == "acc" else self.score_name
 
     def make_config(self, values: dict[str, Any], source: str = "config") -> Any:
         return self.config.from_dict(values, source=source)
@@ -69,6 +65,7 @@ TASKS: dict[str, Task] = {
         neutral=NEUTRAL,
         score="acc",
         score_name="accuracy",
+        short="acc",
         unit="%",
         score_text="Test accuracy is each run's last-epoch test accuracy (never the best epoch); validation "
         "accuracy, on a split carved from the training set, is shown beside it.",
@@ -91,6 +88,7 @@ TASKS: dict[str, Task] = {
         neutral=DETECT_NEUTRAL,
         score="ap",
         score_name="AP",
+        short="AP",
         unit="×100",
         score_text="Test AP is each run's last-epoch COCO AP@[.5:.95] on the test split (never the best epoch), "
         "computed by torchmetrics with the pycocotools backend; validation AP, on a split carved from the training "
