@@ -87,3 +87,25 @@ def test_a_failure_of_the_model_itself_is_raised_not_hidden_by_the_fallback(capf
     with pytest.raises(AttnlabError, match="model expects 1 input channels, got 3"):
         run_or_fall_back(model, "resnet20", lambda: model(torch.zeros(2, 3, 12, 12)))  # 3 channels into a 1-channel net
     assert not is_compiled(model) and "warning" not in capfd.readouterr().err
+
+
+def test_many_differently_built_models_of_one_class_all_compile():
+    """dynamo's recompile limit counts graphs per code object over every instance of a class: past torch's default
+    of 8, a comparison's later models would silently run eagerly."""
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from attnlab.train.compiling import compile_module
+
+    class Stack(nn.Module):
+        def __init__(self, depth: int):
+            super().__init__()
+            self.layers = nn.Sequential(*[nn.Linear(4, 4) for _ in range(depth)])
+
+        def forward(self, x):
+            return torch.relu(self.layers(x))
+
+    before = counters["stats"]["unique_graphs"]
+    for depth in range(1, 12):
+        compile_module(Stack(depth), backend="eager")(torch.randn(2, 4))
+    assert counters["stats"]["unique_graphs"] - before == 11

@@ -463,7 +463,8 @@ def test_compare_detection_preset_trains_reports_and_decides_on_ap(garments, tmp
     argv += [f"--data-arg={k}={json.dumps(v)}" for k, v in TINY_DATA.items()]
     assert main([*argv, "--out", str(out)]) == 0
     capsys.readouterr()
-    config = DetectConfig.from_yaml(out / "runs" / "detection-fashion-mnist" / "aw_se_resnet20" / "seed0" / "config.yaml")
+    run = out / "runs" / "detection-fashion-mnist" / "aw_se_resnet20" / "seed0"
+    config = DetectConfig.from_yaml(run / "config.yaml")
     assert config.model == "aw_se_resnet20" and config.fpn_channels == 8 and config.out_indices == [2, 3]
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:8] == ["dataset", "model", "arch", "seed", "val_ap", "test_ap", "test_ap50", "test_ap75"]

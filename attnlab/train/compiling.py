@@ -28,9 +28,22 @@ MODE = "default"
 T = TypeVar("T")
 
 
-def compile_module(model: nn.Module, *, mode: str = MODE) -> nn.Module:
-    """Compile ``model`` in place with the inductor backend (lazily: the first call compiles); returns it."""
-    model.compile(backend="inductor", mode=mode)
+RECOMPILE_LIMIT = 64
+"""Graphs dynamo keeps per code object. It counts them across every instance of a class, so a process that compiles
+many differently built models of one class (compare over many entries, bench, analyze over several runs) would pass
+torch's default of 8 and silently run the later models eagerly."""
+
+
+def compile_module(model: nn.Module, *, mode: str = MODE, backend: str = "inductor") -> nn.Module:
+    """Compile ``model`` in place (lazily: the first call compiles; ``backend`` other than inductor is for tests);
+    returns it."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if backend == "inductor":
+        model.compile(backend=backend, mode=mode)
+    else:
+        model.compile(backend=backend)
     return model
 
 
@@ -81,4 +94,4 @@ def run_or_fall_back(model: nn.Module, what: str, fn: Callable[[], T]) -> T:
         return result
 
 
-__all__ = ["MODE", "compile_module", "eager", "is_compiled", "run_or_fall_back", "uncompile"]
+__all__ = ["MODE", "RECOMPILE_LIMIT", "compile_module", "eager", "is_compiled", "run_or_fall_back", "uncompile"]
