@@ -109,3 +109,28 @@ def test_many_differently_built_models_of_one_class_all_compile():
     for depth in range(1, 12):
         compile_module(Stack(depth), backend="eager")(torch.randn(2, 4))
     assert counters["stats"]["unique_graphs"] - before == 11
+
+
+def test_a_compiled_call_that_fails_mid_epoch_falls_back_and_the_run_finishes(tmp_path, monkeypatch, capfd):
+    """The probe before epoch 1 compiles a full batch; a training split smaller than one batch makes dynamo recompile
+    for its size, and that may fail (an op inductor refuses with symbolic sizes): the step reruns eagerly and the run
+    goes on. (A larger split drops its ragged last batch, so training sees one shape.)"""
+    import attnlab.train.engine as engine
+
+    def compiled_but_failing_on_other_batches(model, **_):
+        compile_module(model, backend="eager")
+        graph = model._compiled_call_impl
+
+        def call(x, *args, **kwargs):
+            if len(x) != 4096:
+                raise RuntimeError("inductor refused the recompiled graph")
+            return graph(x, *args, **kwargs)
+
+        model._compiled_call_impl = call
+        return model
+
+    monkeypatch.setattr(engine, "compile_module", compiled_but_failing_on_other_batches)
+    got = train(tiny(tmp_path / "run", epochs=1, batch_size=4096, compile=True), log=_quiet)  # one short batch
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "resnet20 could not be compiled (RuntimeError: inductor refused" in warnings[0]
+    assert got["compile"] is False and got["epochs"] == 1

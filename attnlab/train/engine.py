@@ -353,7 +353,8 @@ def _step(run: Run, x, y, generator, progress: float, epoch: int):
         with contextlib.ExitStack() as watching:
             for hook in run.hooks:
                 watching.enter_context(hook.watch())
-            logits = run.net(x)
+            # a compiled graph may meet a new shape mid-run (the last, partial batch) and fail to recompile
+            logits = run_or_fall_back(model, cfg.model, lambda: run.net(x))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         total = loss
         for hook in run.hooks:
