@@ -115,7 +115,8 @@ def measure(settings: dict[str, Any], seeds: list[int], precisions: list[str], o
         runs += mine
         means.append(mean_row(mine))
         print(means[-1], flush=True)
-    print(f"wrote {write_csv(out / 'train_speed.csv', runs + means)}")
+    rows = runs + means  # a mean row has columns a run row lacks (test_acc_std, target)
+    print(f"wrote {write_csv(out / 'train_speed.csv', rows, list(dict.fromkeys(k for r in rows for k in r)))}")
     print(f"wrote {write_csv(out / 'train_speed_epochs.csv', epochs)}")
 
 
