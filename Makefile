@@ -28,7 +28,7 @@ test: data
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q
 
 claims: data  # every claim preset at its cpu budget, resumable; small files kept under results/claims/
-	$(PY) scripts/claims.py --budget cpu
+	$(PY) scripts/claims.py --budget cpu --compile
 
 bench: data
 	$(PY) benchmarks/train_speed.py
