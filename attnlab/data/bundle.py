@@ -4,7 +4,7 @@ A `Split` is a whole split as tensors (uint8 images N×C×H×W, int64 labels, op
 tensor indexing, not a Python loop over samples (the airbench design). A `DataBundle` is what `load_dataset` returns:
 train/val/test splits plus what the training engine needs to know about them (classes, normalisation statistics,
 augmentation that suits the data). A `Source` is what one dataset family's loader returns: the official train and test
-splits before validation carving.
+splits before validation carving; a `DetectionSource` is its detection counterpart.
 """
 
 from __future__ import annotations
@@ -82,6 +82,20 @@ class Source:
     classes: list[str]
     crop_padding: int
     hflip: bool
+    default_val: int | float = 0.1
+    origin: str = ""
+
+
+@dataclass
+class DetectionSource:
+    """What a detection dataset's loader found (`attnlab.data.detection`, `attnlab.data.coco`): train pool, test split
+    (and val if the data has its own), as datasets of (image, target) pairs."""
+
+    train: object
+    test: object
+    classes: list[str]
+    in_chans: int
+    val: object | None = None
     default_val: int | float = 0.1
     origin: str = ""
 

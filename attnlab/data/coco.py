@@ -27,8 +27,7 @@ from torchvision.datasets import CocoDetection
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import AttnlabError
-from .bundle import carve
-from .detection import DetectionSource
+from .bundle import DetectionSource, carve
 
 
 class CocoSplit:

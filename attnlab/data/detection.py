@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import AttnlabError, unknown_name
 from ..io import atomic_path
-from .bundle import Split, carve, channel_stats, loader_kwargs, seeded_generator, take_subset
+from .bundle import DetectionSource, Split, carve, channel_stats, loader_kwargs, seeded_generator, take_subset
 from .cluttered import check_options, paste_clutter, place, tight_boxes
 from .idx import load_fashion_mnist
 
@@ -66,19 +66,6 @@ class CanvasSplit:
         present = self.labels[i] >= 0
         labels = self.labels[i][present]
         return self.images[i], {"boxes": self.boxes[i][present], "labels": labels, "iscrowd": torch.zeros_like(labels)}
-
-
-@dataclass
-class DetectionSource:
-    """What a detection dataset's loader found: train pool, test split (and val if the data has its own)."""
-
-    train: object
-    test: object
-    classes: list[str]
-    in_chans: int
-    val: object | None = None
-    default_val: int | float = 0.1
-    origin: str = ""
 
 
 @dataclass
