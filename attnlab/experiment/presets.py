@@ -135,10 +135,11 @@ CPU = Budget(
 )
 """The ``cpu`` budget of every claim preset (``--budget cpu``): what converges on the project's 2-core machine."""
 
+DETECTION = "detection-fashion-mnist"
 DETECTION_CPU = Budget(
     seeds=3,
     recipe={"epochs": 3, "precision": "bf16"},
-    dataset_options={"detection-fashion-mnist": {"canvas": 64, "size": 4000, "test_size": 1000}},
+    dataset_options={DETECTION: {"canvas": 64, "size": 4000, "test_size": 1000}},
     note=(
         "fits the 2-core CPU: 64×64 canvases, a pool of 4,000 (3,600 train / 400 validation) and 1,000 test canvases, "
         "3 epochs of batch 16 in bf16, two runs at a time of one thread each; sized from benchmarks/detection_cost.py "
@@ -227,7 +228,6 @@ LIGHT_HEADS = {
 }
 """Faster R-CNN proposal and RoI-sample counts for canvases with at most five objects (torchvision's defaults,
 2000/1000 proposals and 512 RoIs per image, are sized for COCO's crowded photographs)."""
-DETECTION = "detection-fashion-mnist"
 DETECTION_RECIPE: dict[str, Any] = {
     "epochs": 12,
     "out_indices": [2, 3],
