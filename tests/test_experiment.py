@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,8 @@ from attnlab.experiment import run_compare as run_runs
 from attnlab.experiment.claims import Evidence
 from attnlab.experiment.plan import parse_seeds
 from attnlab.experiment.presets import CLUTTERED, FMM_GATED, FMM_PLAIN, check_analyses
-from attnlab.experiment.results import RESULT_FIELDS
+from attnlab.experiment.results import RESULT_FIELDS, collect_results
+from attnlab.experiment.tasks import task_of
 from attnlab.report import build_report
 from attnlab.stats import describe, paired_test
 
@@ -236,6 +238,17 @@ def test_resume_skips_finished_runs_and_refuses_without_it(compared):
         run_compare(tiny_plan(), compared, log=quiet)
     with pytest.raises(AttnlabError, match="finished with epochs=1 but this comparison asks for 2"):
         run_compare(tiny_plan(recipe={**RECIPE, "epochs": 2}), compared, resume=True, log=quiet)
+
+
+def test_a_summary_without_its_score_is_refused_in_one_line(compared, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(compared, copy)
+    summary = copy / "runs/synthetic/resnet20/seed0/summary.json"
+    summary.write_text(json.dumps({k: v for k, v in json.loads(summary.read_text()).items() if k != "test_acc"}))
+    with pytest.raises(
+        AttnlabError, match=r"seed0/summary.json: not a finished classify run's summary \(no test_acc\)"
+    ):
+        collect_results(tiny_plan(), copy)
 
 
 def test_resume_adds_seeds_and_trains_only_the_new_runs(compared, tmp_path):
@@ -510,3 +523,5 @@ def test_a_plan_names_its_task_and_builds_that_tasks_run_configs(tmp_path):
         make_plan(
             models="resnet20", datasets=["detection-fashion-mnist"], recipe={"label_smoothing": 0.1}, task="detect"
         )
+    with pytest.raises(TypeError, match="no task trains a dict"):
+        task_of({"model": "resnet20"})

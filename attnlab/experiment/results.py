@@ -81,7 +81,7 @@ def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:
     for dataset, entry, _seed, folder in plan.runs(out):
         if not RunDir(folder).finished:
             continue
-        s = read_json(RunDir(folder).summary)
+        s = _read_summary(RunDir(folder).summary, plan.kind)
         row = {"dataset": dataset, "model": entry.name, "arch": s["model"], "seed": s["seed"]}
         row.update({key: s.get(key) for key in plan.kind.columns})
         if plan.task == "classify":
@@ -89,6 +89,16 @@ def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:
         row.update(device=s.get("device", ""), run=folder.relative_to(out).as_posix())
         rows.append(row)
     return rows
+
+
+def _read_summary(path: Path, task: Task) -> dict[str, Any]:
+    """A run's ``summary.json``, refused in one line when it lacks what every row needs."""
+    s = read_json(path)
+    needed = ("model", "seed", f"test_{task.score}")
+    absent = [key for key in needed if not isinstance(s, dict) or key not in s]
+    if absent:
+        raise AttnlabError(f"{path}: not a finished {task.name} run's summary (no {', '.join(absent)})")
+    return s
 
 
 def missing_runs(plan: Plan, out: Path) -> list[str]:

@@ -114,4 +114,8 @@ def get_task(name: str) -> Task:
 
 def task_of(cfg: Any) -> Task:
     """The task whose configuration ``cfg`` is."""
-    return next(t for t in TASKS.values() if isinstance(cfg, t.config))
+    for task in TASKS.values():
+        if isinstance(cfg, task.config):
+            return task
+    configs = ", ".join(t.config.__name__ for t in TASKS.values())
+    raise TypeError(f"no task trains a {type(cfg).__name__} (expected one of: {configs})")
