@@ -58,8 +58,13 @@ RULES = (
     f"at least {MIN_SEEDS} shared seeds; it **does not hold** when the effect is significant in the opposite "
     f"direction; otherwise it is **inconclusive at this budget** (too few seeds, p ≥ {ALPHA}, or missing results). "
     "Families of comparisons are Holm–Bonferroni adjusted. The Wilcoxon signed-rank p is shown beside the t-test "
-    "(it cannot go below 0.05 with fewer than 6 seeds). Accuracy is the last-epoch test accuracy of each run."
+    "(it cannot go below 0.05 with fewer than 6 seeds)."
 )
+
+
+def rules(score_name: str = "accuracy") -> str:
+    """`RULES` as a report states them, naming the compared score (``"accuracy"``, ``"AP"``)."""
+    return f"{RULES} {score_name[0].upper()}{score_name[1:]} is the last-epoch test {score_name} of each run."
 
 
 @dataclass(frozen=True)

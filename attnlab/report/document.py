@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..experiment.claims import RULES, Evidence, decide_claims
+from ..experiment.claims import Evidence, decide_claims, rules
 from ..experiment.plan import FAILURE_FILE, Plan, analysis_dir, dataset_slug
 from ..experiment.presets import PRESETS, Preset
 from ..experiment.results import (
@@ -163,7 +163,7 @@ def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
     preset = PRESETS.get(plan.preset or "")
     if preset is None or not preset.claims:
         return []
-    blocks: list[Block] = [Heading(2, "Verdicts"), Paragraph(RULES)]
+    blocks: list[Block] = [Heading(2, "Verdicts"), Paragraph(rules(plan.kind.score_name))]
     for claim, found in decide_claims(preset.claims, evidence, plan.datasets):
         blocks.append(Heading(3, claim.statement))
         rows = tuple((v.claim, f"**{v.verdict}**", v.numbers, v.reason) for v in found)
