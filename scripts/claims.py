@@ -1,6 +1,7 @@
 """Run every claim preset at one budget, resumably, and keep what backs the README under ``results/claims/``.
 
     python scripts/claims.py [--budget cpu] [--presets aw,fmm,...] [--jobs 2] [--compile]    (``make claims``)
+    python scripts/claims.py --status       what is finished, half-trained and left, per preset (runs nothing)
 
 Each preset runs as ``attnlab compare --preset P --budget B --out runs/claims/P --resume``. Around it:
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from attnlab.experiment import Plan, make_plan  # noqa: E402
 from attnlab.experiment.plan import analysis_dir, run_dir  # noqa: E402
+from attnlab.experiment.results import read_metrics  # noqa: E402
 from attnlab.experiment.tasks import task_of  # noqa: E402
 from attnlab.io import read_yaml  # noqa: E402
 from attnlab.report import build_report  # noqa: E402
@@ -72,7 +74,9 @@ def export(out: Path, keep: Path) -> int:
 
 def _same_settings(run: Path, cfg) -> bool:
     saved = run / "config.yaml"
-    return saved.is_file() and first_difference(read_yaml(saved), cfg.to_dict(), task_of(cfg).neutral) is None
+    return (
+        saved.is_file() and first_difference(read_yaml(saved), cfg.to_dict(), task_of(cfg).reuse_despite(run)) is None
+    )
 
 
 def _analysed_entries(plan, dataset: str, seed: int, keep: Path) -> set[str]:
@@ -111,6 +115,37 @@ def prepare(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]
     print(f"claims: {preset}: {restored} run(s) restored from {keep}, {shared} shared from other presets", flush=True)
 
 
+def status(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]) -> str:
+    """One line per preset: runs finished (here, committed, or in another preset with the same settings), epochs
+    left of the half-trained and untouched runs, analyses committed: what the campaign still costs."""
+    plan = make_plan(preset=preset, budget=budget)
+    out = runs / preset
+    finished = started = epochs_left = 0
+    for dataset, entry, seed, folder in plan.runs(out):
+        cfg = plan.run_config(dataset, entry, seed, out)
+        elsewhere = [run_dir(keep, dataset, entry, seed)] + [run_dir(o, dataset, entry, seed) for o in others]
+        if (folder / "summary.json").is_file() or any(
+            (f / "summary.json").is_file() and _same_settings(f, cfg) for f in elsewhere
+        ):
+            finished += 1
+            continue
+        epochs = cfg.epochs
+        done = len(read_metrics(folder)) if (folder / "metrics.jsonl").is_file() else 0
+        started += done > 0
+        epochs_left += epochs - done
+    wanted = [
+        analysis_dir(keep, d, s) / f"{spec.name}.json"
+        for spec in plan.analyses
+        for d in plan.analysis_datasets(spec)
+        for s in plan.analysis_seeds(spec)
+    ]
+    total = len(plan.runs(out))
+    analysed = f", analyses {sum(p.is_file() for p in wanted)}/{len(wanted)} committed" if wanted else ""
+    return (
+        f"{preset}: runs {finished}/{total} finished, {started} half-trained, {epochs_left} run-epochs left{analysed}"
+    )
+
+
 def run(preset: str, budget: str, runs: Path, results: Path, jobs: int, every: float, compiled: bool = False) -> int:
     keep = results / preset
     prepare(preset, budget, runs, keep, [runs / p for p in ORDER if p != preset])
@@ -143,11 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         help="train compiled: a neutral setting (same numbers within float tolerance, finished runs still count); "
         "results/prefix_cost.csv has AW's 1x28x28 step at 0.60x its eager time, cbam's at 0.56x",
     )
+    p.add_argument("--status", action="store_true", help="say what is finished and left per preset; train nothing")
     args = p.parse_args(argv)
+    names = [name.strip() for name in args.presets.split(",") if name.strip()]
+    if args.status:
+        for name in names:
+            others = [args.runs / p for p in ORDER if p != name]
+            print(status(name, args.budget, args.runs, args.results / name, others))
+        return 0
     codes = [
-        run(name.strip(), args.budget, args.runs, args.results, args.jobs, args.export_every, args.compile)
-        for name in args.presets.split(",")
-        if name.strip()
+        run(name, args.budget, args.runs, args.results, args.jobs, args.export_every, args.compile) for name in names
     ]
     return max(codes, default=0)
 

@@ -240,6 +240,20 @@ def test_resume_skips_finished_runs_and_refuses_without_it(compared):
         run_compare(tiny_plan(recipe={**RECIPE, "epochs": 2}), compared, resume=True, log=quiet)
 
 
+def test_a_finished_run_that_skipped_no_step_serves_either_nonfinite_setting(compared, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(compared, copy)
+    skipping = tiny_plan(recipe={**RECIPE, "nonfinite": "skip"})  # the runs were trained with nonfinite: stop
+    outcome = run_compare(skipping, copy, resume=True, log=quiet)
+    assert outcome.trained == [] and len(outcome.skipped) == 4
+    metrics = copy / "runs/synthetic/resnet20/seed1/metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1]["skipped_steps"] = 2  # as if two steps had been undone: not the run a "stop" config computes
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(AttnlabError, match="seed1: finished with nonfinite='stop' but this comparison asks for 'skip'"):
+        run_compare(skipping, copy, resume=True, log=quiet)
+
+
 def test_a_summary_without_its_score_is_refused_in_one_line(compared, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(compared, copy)

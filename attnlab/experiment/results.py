@@ -10,7 +10,6 @@ nothing is ever selected on the test set.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -66,13 +65,7 @@ RESULT_FIELDS = tuple(dict.fromkeys(f for task in TASKS.values() for f in result
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
     """The per-epoch records of a run's ``metrics.jsonl`` (none if the file is missing)."""
-    path = RunDir(folder).metrics
-    if not path.is_file():
-        return []
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
-        raise AttnlabError(f"{path}: unreadable ({e})") from None
+    return RunDir(folder).history()
 
 
 def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..detection.config import NEUTRAL as DETECT_NEUTRAL
 from ..detection.config import DetectConfig
 from ..errors import lookup
-from ..train.config import NEUTRAL, TrainConfig
+from ..train.config import NEUTRAL, NEUTRAL_WITHOUT_SKIPS, TrainConfig
+from ..train.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Task:
         unit: how tables show it (×100): "%" for accuracy, "×100" for AP.
         score_text: what the reported score is, one paragraph for the report.
         columns: ``summary.json`` keys copied into ``results.csv`` (beside dataset, model, arch, seed, device, run).
+        neutral_without_skips: settings that are neutral too for a finished run that skipped no step.
     """
 
     name: str
@@ -46,6 +49,14 @@ class Task:
     unit: str
     score_text: str
     columns: tuple[str, ...]
+    neutral_without_skips: frozenset[str] = frozenset()
+
+    def reuse_despite(self, run: Path) -> frozenset[str]:
+        """The settings in which the finished run in folder ``run`` may differ from the wanted ones and still be
+        reused: `neutral`, and `neutral_without_skips` when its history records no skipped step."""
+        if self.neutral_without_skips and not any(r.get("skipped_steps") for r in RunDir(run).history()):
+            return self.neutral | self.neutral_without_skips
+        return self.neutral
 
     def make_config(self, values: dict[str, Any], source: str = "config") -> Any:
         return self.config.from_dict(values, source=source)
@@ -63,6 +74,7 @@ TASKS: dict[str, Task] = {
         config=TrainConfig,
         trainer="attnlab.train:train",
         neutral=NEUTRAL,
+        neutral_without_skips=NEUTRAL_WITHOUT_SKIPS,
         score="acc",
         score_name="accuracy",
         short="acc",

@@ -203,6 +203,11 @@ one only here. ``compile`` is one of them, as ``device`` is: the compiled graph 
 kernels, so its numbers agree with eager ones within float tolerance (tested), not bit for bit; a run may be resumed
 with or without it (bit-identical resume holds when the setting is kept, as with a device)."""
 
+NEUTRAL_WITHOUT_SKIPS = frozenset({"nonfinite"})
+"""Settings that change nothing in a run none of whose steps was non-finite: ``stop`` raises and ``skip`` undoes only
+such a step, so a finished run that skipped no step computed exactly what the other choice would have; it is reused
+under either (e.g. by a preset that trains every entry with ``nonfinite: skip``)."""
+
 RESUMABLE_CHANGES = NEUTRAL | {"epochs"}
 """What may change when a run is resumed: the neutral settings, and the length (more epochs stretch the schedule)."""
 

@@ -32,6 +32,15 @@ class RunDir:
         """A run is finished iff its ``summary.json`` exists (the engine writes it last, atomically)."""
         return self.summary.is_file()
 
+    def history(self) -> list[dict]:
+        """The per-epoch records of ``metrics.jsonl`` (none if the file is missing)."""
+        if not self.metrics.is_file():
+            return []
+        try:
+            return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            raise AttnlabError(f"{self.metrics}: unreadable ({e})") from None
+
     def has_run(self) -> bool:
         return any((self.root / name).exists() for name in RUN_FILES)
 
