@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import yaml
 
-from attnlab.experiment.results import read_metrics
 from attnlab.io import write_csv
 from attnlab.train import TrainConfig, train
+from attnlab.train.rundir import RunDir
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_ACC, TARGET_WALL_S, TARGET_SEEDS = 0.94, 360.0, 3
@@ -49,7 +49,7 @@ def one_run(settings: dict[str, Any], seed: int) -> tuple[dict[str, Any], list[d
         wall, cpu = time.perf_counter(), time.process_time()
         summary = train(cfg, progress=False, log=lambda line: print(f"  seed {seed}: {line}", flush=True))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        history = read_metrics(Path(tmp))
+        history = RunDir(tmp).history()
     run = {
         "model": cfg.model,
         "precision": cfg.precision,

@@ -273,7 +273,7 @@ def _train(cfg, dist, device, run: RunDir, resume: bool, progress, log) -> dict[
             log(f"resuming {run.root} after epoch {start_epoch}")
     if dist.is_main:
         write_text_atomic(run.config, cfg.to_yaml())
-        write_text_atomic(run.metrics, "".join(json.dumps(h) + "\n" for h in state.history))
+        run.write_history(state.history)
     show_bar = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -286,7 +286,7 @@ def _train(cfg, dist, device, run: RunDir, resume: bool, progress, log) -> dict[
         state.history.append(record)
         if dist.is_main:
             save_checkpoint(run.checkpoints, epoch + 1, state.states(), {"history": state.history})
-            write_text_atomic(run.metrics, "".join(json.dumps(h) + "\n" for h in state.history))
+            run.write_history(state.history)
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}  train loss {record['train_loss']:.4f}  val AP {_pct(val['ap'])} "
                 f"AP50 {_pct(val['ap50'])}  lr {record['lr']:.4f}  {record['img_per_s']:.1f} img/s  {seconds:.1f}s"

@@ -63,11 +63,6 @@ RESULT_FIELDS = tuple(dict.fromkeys(f for task in TASKS.values() for f in result
 """Every column a ``results.csv`` may have, whatever its task (what a claim's `Metric` may name)."""
 
 
-def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run's ``metrics.jsonl`` (none if the file is missing)."""
-    return RunDir(folder).history()
-
-
 def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:
     """One row per finished run, in plan order (dataset, entry, seed), with the columns of `result_fields`."""
     rows = []
@@ -78,7 +73,7 @@ def collect_results(plan: Plan, out: Path) -> list[dict[str, Any]]:
         row = {"dataset": dataset, "model": entry.name, "arch": s["model"], "seed": s["seed"]}
         row.update({key: s.get(key) for key in plan.kind.columns})
         if plan.task == "classify":
-            row["skipped_steps"] = sum(int(m.get("skipped_steps", 0)) for m in read_metrics(folder))
+            row["skipped_steps"] = sum(int(m.get("skipped_steps", 0)) for m in RunDir(folder).history())
         row.update(device=s.get("device", ""), run=folder.relative_to(out).as_posix())
         rows.append(row)
     return rows
@@ -161,7 +156,7 @@ def learning_curves(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, li
     key = f"val_{plan.kind.score}"
     for dataset, entry, seed, folder in plan.runs(out):
         if RunDir(folder).finished:
-            curves.setdefault((dataset, entry.name), {})[seed] = [float(r[key]) for r in read_metrics(folder)]
+            curves.setdefault((dataset, entry.name), {})[seed] = [float(r[key]) for r in RunDir(folder).history()]
     return curves
 
 

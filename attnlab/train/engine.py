@@ -251,7 +251,7 @@ def setup(cfg: TrainConfig, dist, device: torch.device, folder: RunDir, resume: 
         _compile(run)
     if dist.is_main:
         write_text_atomic(folder.config, cfg.to_yaml())
-        write_text_atomic(folder.metrics, "".join(json.dumps(h) + "\n" for h in run.history))
+        folder.write_history(run.history)
     return run
 
 
@@ -421,7 +421,7 @@ def end_epoch(run: Run, epoch: int, tally: Tally, skipped: int, seconds: float) 
             "rng": rng,
         }
         save_checkpoint(run.folder.checkpoints, epoch + 1, states, {"history": run.history})
-        write_text_atomic(run.folder.metrics, "".join(json.dumps(h) + "\n" for h in run.history))
+        run.folder.write_history(run.history)
         run.log(
             f"epoch {epoch + 1}/{run.cfg.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}  "
             f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}  lr {record['lr']:.4f}  "

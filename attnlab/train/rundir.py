@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import AttnlabError
-from ..io import check_writable, make_dir
+from ..io import check_writable, make_dir, write_text_atomic
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoints")
 
@@ -40,6 +40,10 @@ class RunDir:
             return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as e:
             raise AttnlabError(f"{self.metrics}: unreadable ({e})") from None
+
+    def write_history(self, records: list[dict]) -> None:
+        """Replace ``metrics.jsonl`` atomically with ``records``, one JSON object per line (see `history`)."""
+        write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
 
     def has_run(self) -> bool:
         return any((self.root / name).exists() for name in RUN_FILES)
