@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from attnlab.experiment import Plan, make_plan  # noqa: E402
 from attnlab.experiment.plan import analysis_dir, run_dir  # noqa: E402
-from attnlab.experiment.results import read_metrics  # noqa: E402
 from attnlab.experiment.tasks import task_of  # noqa: E402
 from attnlab.io import read_yaml  # noqa: E402
 from attnlab.report import build_report  # noqa: E402
 from attnlab.train.config import first_difference  # noqa: E402
+from attnlab.train.rundir import RunDir  # noqa: E402
 
 ORDER = ("aw", "aw-detection", "fmm", "consistency", "smoothness", "cram")
 """Presets without analyses first: each of their finished runs is kept for good once committed."""
@@ -89,60 +89,67 @@ def _analysed_entries(plan, dataset: str, seed: int, keep: Path) -> set[str]:
     return needed
 
 
+def _finished_copy(plan, dataset: str, entry, seed: int, cfg, keep: Path, others: list[Path]) -> tuple | None:
+    """A finished run this preset may take instead of training one: ``("restored", its committed files)`` when no
+    analysis of this preset still needs its weights, else ``("shared", another preset's run with weights)``."""
+    committed = run_dir(keep, dataset, entry, seed)
+    if (committed / "summary.json").is_file() and entry.name not in _analysed_entries(plan, dataset, seed, keep):
+        if _same_settings(committed, cfg):
+            return "restored", committed
+    for other in others:
+        candidate = run_dir(other, dataset, entry, seed)
+        weights = (candidate / "summary.json").is_file() and (candidate / "model.safetensors").is_file()
+        if weights and _same_settings(candidate, cfg):
+            return "shared", candidate
+    return None
+
+
 def prepare(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]) -> None:
     """Restore committed runs and copy identical finished runs of other presets into ``runs/claims/<preset>``."""
     out = runs / preset
     plan = make_plan(preset=preset, budget=budget)
-    restored = shared = 0
+    taken = {"restored": 0, "shared": 0}
     for dataset, entry, seed, folder in plan.runs(out):
         if (folder / "summary.json").is_file():
             continue
-        cfg = plan.run_config(dataset, entry, seed, out)
-        committed = run_dir(keep, dataset, entry, seed)
-        if (committed / "summary.json").is_file() and entry.name not in _analysed_entries(plan, dataset, seed, keep):
-            if _same_settings(committed, cfg):
-                shutil.rmtree(folder, ignore_errors=True)
-                shutil.copytree(committed, folder)
-                restored += 1
-                continue
-        for other in others:
-            candidate = run_dir(other, dataset, entry, seed)
-            if (candidate / "model.safetensors").is_file() and _same_settings(candidate, cfg):
-                shutil.rmtree(folder, ignore_errors=True)
-                shutil.copytree(candidate, folder, ignore=shutil.ignore_patterns("checkpoints"))
-                shared += 1
-                break
-    print(f"claims: {preset}: {restored} run(s) restored from {keep}, {shared} shared from other presets", flush=True)
+        found = _finished_copy(plan, dataset, entry, seed, plan.run_config(dataset, entry, seed, out), keep, others)
+        if found is not None:
+            how, source = found
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(source, folder, ignore=shutil.ignore_patterns("checkpoints"))
+            taken[how] += 1
+    print(
+        f"claims: {preset}: {taken['restored']} run(s) restored from {keep}, {taken['shared']} shared from other "
+        "presets",
+        flush=True,
+    )
 
 
 def status(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]) -> str:
-    """One line per preset: runs finished (here, committed, or in another preset with the same settings), epochs
-    left of the half-trained and untouched runs, analyses committed: what the campaign still costs."""
+    """One line per preset: runs finished (here, or ready to be taken as `prepare` would), epochs left of the
+    half-trained and untouched runs, analyses committed: what the campaign still costs."""
     plan = make_plan(preset=preset, budget=budget)
     out = runs / preset
+    planned = plan.runs(out)
     finished = started = epochs_left = 0
-    for dataset, entry, seed, folder in plan.runs(out):
+    for dataset, entry, seed, folder in planned:
         cfg = plan.run_config(dataset, entry, seed, out)
-        elsewhere = [run_dir(keep, dataset, entry, seed)] + [run_dir(o, dataset, entry, seed) for o in others]
-        if (folder / "summary.json").is_file() or any(
-            (f / "summary.json").is_file() and _same_settings(f, cfg) for f in elsewhere
-        ):
+        if (folder / "summary.json").is_file() or _finished_copy(plan, dataset, entry, seed, cfg, keep, others):
             finished += 1
             continue
-        epochs = cfg.epochs
-        done = len(read_metrics(folder)) if (folder / "metrics.jsonl").is_file() else 0
+        done = len(RunDir(folder).history())
         started += done > 0
-        epochs_left += epochs - done
+        epochs_left += cfg.epochs - done
     wanted = [
         analysis_dir(keep, d, s) / f"{spec.name}.json"
         for spec in plan.analyses
         for d in plan.analysis_datasets(spec)
         for s in plan.analysis_seeds(spec)
     ]
-    total = len(plan.runs(out))
     analysed = f", analyses {sum(p.is_file() for p in wanted)}/{len(wanted)} committed" if wanted else ""
     return (
-        f"{preset}: runs {finished}/{total} finished, {started} half-trained, {epochs_left} run-epochs left{analysed}"
+        f"{preset}: runs {finished}/{len(planned)} finished, {started} half-trained, {epochs_left} run-epochs left"
+        + analysed
     )
 
 
