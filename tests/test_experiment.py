@@ -266,8 +266,6 @@ def test_a_summary_without_its_score_is_refused_in_one_line(compared, tmp_path):
 
 
 def test_resume_adds_seeds_and_trains_only_the_new_runs(compared, tmp_path):
-    import shutil
-
     out = tmp_path / "more"
     shutil.copytree(compared, out)
     outcome = run_compare(tiny_plan(seeds=3), out, resume=True, log=quiet)
@@ -400,8 +398,6 @@ def test_small_preset_says_so_first_and_gives_verdicts(tmp_path):
 
 
 def test_an_analysis_goes_on_without_a_failed_run(compared, tmp_path):
-    import shutil
-
     from attnlab.experiment.runner import CompareOutcome, _analyse_all
 
     out = tmp_path / "partial"
@@ -420,8 +416,6 @@ def test_an_analysis_goes_on_without_a_failed_run(compared, tmp_path):
 
 
 def test_analyses_run_once_per_seed_and_reach_the_report(compared, tmp_path):
-    import shutil
-
     out = tmp_path / "analysed"
     shutil.copytree(compared, out)
     plan = tiny_plan()
