@@ -37,7 +37,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .train.config import NONFINITE, SCHEDULES
 
     g = p.add_argument_group("run")
-    g.add_argument("--model", help="model name (see `attnlab models`); default resnet20")
+    g.add_argument(
+        "--model",
+        help="model name (see `attnlab models`) or an entry as compare writes it, NAME[key=value,...]; "
+        "default resnet20",
+    )
     g.add_argument(
         "--dataset",
         help="fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, "
@@ -128,9 +132,11 @@ def _add_speed_flags(g) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """`TrainConfig` from defaults ← --config file (or, with --resume, the run's own) ← flags on the command line."""
+    from .experiment.plan import unfold_model_entry
     from .train.config import TrainConfig
     from .train.rundir import RunDir
 
+    unfold_model_entry(args, "classify", "model_arg")
     return TrainConfig.from_flags(args, saved=RunDir(args.out or TrainConfig.out).config if args.resume else None)
 
 

@@ -120,6 +120,30 @@ def test_bad_entries_are_one_line_errors(text, message):
         parse_entries(text)
 
 
+def test_train_and_detect_take_an_entry_as_their_model(tmp_path, capsys):
+    """A report names a run by its entry; `attnlab train --model ENTRY` (and `detect train`) trains that entry's
+    network and recipe, the flags given beside it winning."""
+    from attnlab.cli import build_parser, config_from_args
+    from attnlab.detection.cli import config_from_args as detect_config_from_args
+
+    parse = build_parser().parse_args
+    entry = "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,equivariance=0.1]"
+    cfg = config_from_args(parse(["train", "--model", entry, "--model-arg", "post_act=false"]))
+    assert cfg.model == "fmm_resnet20" and cfg.equivariance == 0.1
+    assert cfg.model_kwargs == {
+        "merge": "mul_bn",
+        "merge_args": {"residual_bias": 1, "shortcut_bias": 1},
+        "post_act": False,
+    }
+    cfg = config_from_args(parse(["train", "--model", entry, "--equivariance", "0", "--model-arg", "merge=gate"]))
+    assert cfg.equivariance == 0 and cfg.model_kwargs["merge"] == "gate"  # what the command line says wins
+    cfg = detect_config_from_args(parse(["detect", "train", "--model", "se_resnet20[attn_where=last,epochs=2]"]))
+    assert (cfg.model, cfg.model_kwargs, cfg.epochs) == ("se_resnet20", {"attn_where": "last"}, 2)
+    assert main(["train", "--model", "resnet20[merge", "--out", str(tmp_path / "run")]) != 0
+    assert not (tmp_path / "run").exists()
+    assert "expected NAME or NAME[key=value" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_bad_plans_are_refused():
     with pytest.raises(AttnlabError, match="unknown baseline entry 'vgg'"):
         tiny_plan(baseline="vgg")

@@ -31,7 +31,11 @@ def add_parser(
     actions = detect.add_subparsers(dest="action", required=True, parser_class=type(detect))
     p = actions.add_parser("train", help="train a detector; writes config, metrics, checkpoints, weights, summary")
     g = p.add_argument_group("run")
-    g.add_argument("--model", help="backbone: any attnlab model name (see `attnlab models`); default resnet20")
+    g.add_argument(
+        "--model",
+        help="backbone: any attnlab model name (see `attnlab models`) or an entry NAME[key=value,...]; "
+        "default resnet20",
+    )
     g.add_argument("--detector", choices=DETECTORS, help="default fasterrcnn")
     g.add_argument("--dataset", help=DATASETS_HELP)
     g.add_argument("--data-dir", help="folder holding the Fashion-MNIST files (else $ATTNLAB_DATA, system paths)")
@@ -90,10 +94,12 @@ def _int_list(text: str) -> list[int]:
 
 def config_from_args(args: argparse.Namespace):
     """`DetectConfig` from defaults ← --config file (or, resuming, the run's own) ← flags given here."""
+    from ..experiment.plan import unfold_model_entry
     from ..io import read_yaml
     from ..train.rundir import RunDir
     from .config import DetectConfig
 
+    unfold_model_entry(args, "detect", "model_kwargs")
     values: dict[str, Any] = {}
     run = RunDir(args.out or DetectConfig.out)
     if args.config:

@@ -106,6 +106,21 @@ def parse_entry(text: str, task: str = "classify") -> Entry:
     return Entry(name=text, model=model, model_kwargs=model_kwargs, train=train)
 
 
+def unfold_model_entry(args: Any, task: str, model_kwargs_dest: str) -> None:
+    """Let a command line's ``--model`` be an entry as `compare` and its reports write it (``attnlab train --model
+    'fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1]'``): ``args.model`` becomes the model, the entry's model
+    options go before the ``--model-arg`` pairs in ``args.<model_kwargs_dest>`` (so those win), and its training
+    settings fill the flags not given."""
+    if not args.model or "[" not in args.model:
+        return
+    entry = parse_entry(args.model, task)
+    args.model = entry.model
+    setattr(args, model_kwargs_dest, [*entry.model_kwargs.items(), *(getattr(args, model_kwargs_dest) or [])])
+    for key, value in entry.train.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
 def check_buildable(entries: list[Entry]) -> None:
     """Build each entry's model once, so a bad option fails now, in one line, not hours later when its run starts."""
     from ..models.options import check_buildable as check_model
