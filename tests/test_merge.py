@@ -76,15 +76,47 @@ def test_options_change_the_formula_as_documented():
 
 
 @pytest.mark.parametrize("name", MERGES)
-def test_zero_init_flag_matches_what_a_zeroed_residual_gives(name):
-    """Zeroing F's last BN is right exactly when F = 0 turns the merge into the identity; otherwise it kills S."""
+def test_identity_flag_matches_what_a_zeroed_residual_gives(name):
+    """``identity_at_zero`` says whether F = 0 turns the merge into the identity; otherwise F = 0 kills S. Without
+    options, zeroing F's last BN is right exactly then."""
     merge = create_merge(name, 6).train()
     _, s = pair(4, 6, 5, 3)
     out = merge(torch.zeros_like(s), s)
-    if merge.zero_init_residual:
+    if merge.identity_at_zero:
         torch.testing.assert_close(out, s)
     else:
         assert out.abs().max() == 0
+    assert merge.zero_init_residual == merge.identity_at_zero
+
+
+def test_mul_bn_with_a_fixed_residual_bias_starts_as_a_normalised_identity():
+    """F's BN bias fixed at 1: its weight is zeroed (F ≡ 1), so each block starts as ReLU(BN(S) + 1) and the untrained
+    net is finite in eval mode too (with weight 1 the products overflow to NaN there); ``zero_init_last=False`` keeps
+    weight 1, and a second BN on F (which would renormalise F ≡ 1 to 0) keeps it too."""
+    biased = {"merge": "mul_bn", "merge_args": {"residual_bias": 1, "shortcut_bias": 1}}
+    torch.manual_seed(0)
+    model = create_model("fmm_resnet20", in_chans=1, **biased)
+    block = model.layer2[1]
+    assert block.bn2.weight.abs().max() == 0
+    x = torch.randn(8, 1, 28, 28)
+    s = torch.relu(torch.randn(8, 32, 14, 14))
+    torch.testing.assert_close(block.train()(s), torch.relu(block.merge.bn_shortcut(s)))  # F ≡ 1
+    assert model.eval()(x).isfinite().all()
+    untouched = create_model("fmm_resnet20", in_chans=1, zero_init_last=False, **biased)
+    assert (untouched.layer2[1].bn2.weight == 1).all()
+    second_bn = {"merge": "mul_bn", "merge_args": {"residual_bias": 1, "bn_residual": True}}
+    assert (create_model("fmm_resnet20", in_chans=1, **second_bn).layer2[1].bn2.weight == 1).all()
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_stochastic_depth_only_where_a_dropped_residual_leaves_the_identity(name):
+    merge_args = {"residual_bias": 1} if name == "mul_bn" else {}  # zeroed at init, yet F = 0 still kills the block
+    if create_merge(name, 1).identity_at_zero:
+        model = create_model("resnet20", merge=name, merge_args=merge_args, drop_path_rate=0.1)
+        assert model.layer3[-1].drop_path is not None
+    else:
+        with pytest.raises(AttnlabError, match=f"drop_path_rate > 0 does not suit merge '{name}'"):
+            create_model("resnet20", merge=name, merge_args=merge_args, drop_path_rate=0.1)
 
 
 @pytest.mark.parametrize("name", MERGES)

@@ -112,7 +112,7 @@ FMM_PLAIN = (
     "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,post_act=false]",
 )
 """The paper's literal products, with the two fixes the author's later Caltech log found decisive (BN biases fixed at
-1; no activation after the merge)."""
+1, which also zeroes F's BN weight at init, see `MulBNMerge`; no activation after the merge)."""
 FMM_GATED = (
     "fmm_resnet20[merge=gate]",
     "fmm_resnet20[merge=gate_shortcut]",

@@ -59,7 +59,7 @@ class _MergeAwMixin:
             bn = getattr(self, self.last_bn)
             setattr(self, self.last_bn, FixedBiasBatchNorm2d.from_bn(bn, self.merge.residual_bias))
         self.post_act = post_act
-        if self.drop_path is not None and not self.merge.zero_init_residual:
+        if self.drop_path is not None and not self.merge.identity_at_zero:
             # stochastic depth zeroes F; for this merge that zeroes the whole block instead of skipping it
             raise AttnlabError(f"drop_path_rate > 0 does not suit merge '{merge}' (F = 0 is not the identity)")
 
