@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_data import make_garments
 from tiny_runs import cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
+from attnlab.data import batches, load_dataset
 from attnlab.errors import AttnlabError
 from attnlab.models import create_model
 from attnlab.train import train
@@ -134,3 +136,22 @@ def test_a_compiled_call_that_fails_mid_epoch_falls_back_and_the_run_finishes(tm
     warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line.lower()]
     assert len(warnings) == 1 and "resnet20 could not be compiled (RuntimeError: inductor refused" in warnings[0]
     assert got["compile"] is False and got["epochs"] == 1
+
+
+def test_compiled_spatial_attention_keeps_bf16_gradients_finite(tmp_path):
+    """Regression: with the channel max of `channel_pool` taken in bf16, the backward of a compiled spatial_resnet20
+    under bf16 autocast went non-finite at the second step on cluttered canvases (eager stayed finite), which failed
+    every spatial run of the ``cram`` preset in its first epoch."""
+    make_garments(tmp_path, n_train=200, n_test=20)
+    bundle = load_dataset("cluttered-fashion-mnist", tmp_path, canvas=64, val_size=10)
+    torch.manual_seed(0)
+    model = create_model("spatial_resnet20", in_chans=1, num_classes=10).train()
+    compiled = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for step, (x, y) in zip(range(3), batches(bundle.train, bundle, 32, train=True), strict=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(compiled(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None), f"step {step}"
+        optimizer.step()

@@ -308,6 +308,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert not (out / "summary.json").exists()
 
 
+def test_nan_loss_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, monkeypatch):
+    _poison(monkeypatch, at_step=2)
+    with pytest.raises(TrainingDiverged, match="epoch 1; no epoch finished, so there is no checkpoint to continue"):
+        train(tiny(tmp_path / "run"), log=lambda _: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_nan_loss_can_be_skipped_by_option(tmp_path, monkeypatch):
     _poison(monkeypatch, at_step=8)
     out = tmp_path / "run"

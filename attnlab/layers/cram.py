@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..errors import AttnlabError, unknown_name
 from .hooks import StepHook, register_training_hook
 from .probe import AttentionProbe
+from .spatial import channel_pool
 
 PREDICTORS = ("moments", "regress")
 APPLY_MODES = ("mul", "residual")
@@ -246,7 +247,7 @@ class CRAM(nn.Module):
         """center B×2, size B×2, angle B of the rectangle predicted for x (normalised units, see module doc)."""
         if hasattr(self, "score"):  # the "moments" predictor (hasattr: TorchScript compiles only this branch)
             if self.score_kind == "pool":
-                scores = self.score(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1))
+                scores = self.score(channel_pool(x))
             else:  # the 1×1 conv as a batched matmul: same result, ~4× faster on CPU than a conv with one output
                 weight = self.score.weight.view(1, 1, -1).expand(x.shape[0], 1, -1)
                 scores = torch.bmm(weight, x.flatten(2)).view_as(x[:, :1])

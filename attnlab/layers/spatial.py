@@ -13,6 +13,21 @@ from torch import nn
 from .probe import AttentionProbe
 
 
+def channel_pool(x: torch.Tensor) -> torch.Tensor:
+    """[mean_c x; max_c x]: the two maps CBAM's spatial branch convolves, B×2×H×W.
+
+    A half-precision max is taken in fp32 and cast back, which gives the same value. Under bf16 autocast,
+    torch.compile (inductor, torch 2.14.1, CPU) made the backward of a whole compiled ``spatial_resnet20`` non-finite
+    from the second step when the max was taken in bf16, on cluttered-fashion-mnist canvases; eager, and the attention
+    compiled alone, stayed finite (tests/test_compile_training.py reproduces it).
+    """
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        peak = x.float().amax(dim=1, keepdim=True).to(x.dtype)
+    else:
+        peak = x.amax(dim=1, keepdim=True)
+    return torch.cat([x.mean(dim=1, keepdim=True), peak], dim=1)
+
+
 class SpatialAttention(nn.Module):
     """x ↦ x ⊙ σ(BN(conv([mean_c x, max_c x]))), one gate per position shared by all channels.
 
@@ -30,8 +45,7 @@ class SpatialAttention(nn.Module):
         self.probe = AttentionProbe("spatial")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        gate = torch.sigmoid(self.bn(self.conv(pooled)))
+        gate = torch.sigmoid(self.bn(self.conv(channel_pool(x))))
         if not torch.jit.is_scripting():  # the probe's value is untyped in TorchScript (probe.py)
             gate = self.probe(gate)
         return x * gate

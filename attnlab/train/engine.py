@@ -378,7 +378,7 @@ def _skip_step(run: Run, saved_buffers, what: str, epoch: int) -> None:
     """A step with a non-finite loss or gradients: stop the run, or (``nonfinite: skip``) undo it and go on."""
     if run.cfg.nonfinite == "stop":
         raise TrainingDiverged(
-            f"non-finite {what} at epoch {epoch + 1}; the last good checkpoint is in {run.folder.checkpoints} "
+            f"non-finite {what} at epoch {epoch + 1}; {run.folder.last_good_state()} "
             "(try a lower --lr, --grad-clip, or --nonfinite skip)"
         )
     run.optimizer.zero_grad(set_to_none=True)
