@@ -155,3 +155,16 @@ def test_compiled_spatial_attention_keeps_bf16_gradients_finite(tmp_path):
         loss.backward()
         assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None), f"step {step}"
         optimizer.step()
+
+
+def test_a_run_whose_training_hook_reads_the_forward_trains_eagerly_and_says_so(tmp_path, capsys):
+    """CRAM's equivariance term reads the training forward's rectangles through module hooks, which a compiled graph
+    does not call ("no CRAM rectangles for x" failed every such run of the ``cram`` preset): --compile trains it
+    eagerly, with one warning line, and the summary records that it was not compiled."""
+    summary = train(tiny(tmp_path / "run", model="cram_resnet20", equivariance=0.1, compile=True), log=_quiet)
+    assert summary["compile"] is False
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == [
+        "attnlab: warning: --compile: cram_resnet20 trains eagerly: CramTraining reads the training forward through "
+        "module hooks, which a compiled graph does not call"
+    ]

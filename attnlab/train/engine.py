@@ -260,6 +260,15 @@ def _compile(run: Run) -> None:
     zeros, so that a model that cannot compile falls back to eager (one warning) before training starts. The probe's
     forward and backward leave no trace: the model's state (BN statistics), its gradients and the RNG are restored."""
     model, bundle = run.model, run.bundle
+    watchers = [type(h).__name__ for h in run.hooks if h.observes_forward]
+    if watchers:  # a compiled graph does not call the module hooks these read: train eagerly, and say so
+        print(
+            f"attnlab: warning: --compile: {run.cfg.model} trains eagerly: {', '.join(watchers)} reads the training "
+            "forward through module hooks, which a compiled graph does not call",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     compile_module(model)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
