@@ -238,7 +238,7 @@ class _Run:
             loss = sum(value.float() for value in losses.values())
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"non-finite loss at epoch {epoch + 1}; {self.run.last_good_state()} "
+                    f"non-finite loss at epoch {epoch + 1}; {self.run.last_good_state(len(self.history))} "
                     "(try a lower --lr or --grad-clip)"
                 )
             self.optimizer.zero_grad(set_to_none=True)

@@ -474,7 +474,7 @@ class CramTraining(StepHook):
     DDP each rank makes its own)."""
 
     def __init__(self, model: nn.Module, weight: float, transforms: Sequence[str] = DEFAULT_EQUIVARIANCE_TRANSFORMS):
-        super().__init__(observes_forward=bool(weight))  # the penalty reads the forward's rectangles through hooks
+        super().__init__()
         self.model, self.weight, self.transforms = model, weight, tuple(transforms)
         self.rectangles: list[dict[str, Tensor]] | None = None
 

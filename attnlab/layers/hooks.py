@@ -6,8 +6,6 @@ or None when the mechanism is not in the model. A factory may also refuse settin
 ``equivariance`` on a model without CRAM). The engine then asks each hook, in registration order:
 
 - ``channels_last``: whether the mechanism is fast in channels-last memory layout (AW-convolution is not);
-- ``observes_forward``: whether ``watch`` reads the forward through module hooks, which a graph compiled by
-  torch.compile does not call (CRAM's rectangles for its equivariance term): such a run trains eagerly;
 - ``before_step(progress)``: a schedule over the run (CRAM anneals its mask's sharpness), progress in [0, 1);
 - ``watch()``: a context around the training forward only (CRAM records its rectangles there);
 - ``extra_loss(x, generator)``: a term added to the loss (CRAM's weighted equivariance penalty), or None.
@@ -26,9 +24,8 @@ from torch import nn
 class StepHook:
     """One mechanism's part in a training run; every method defaults to doing nothing."""
 
-    def __init__(self, channels_last: bool = True, observes_forward: bool = False):
+    def __init__(self, channels_last: bool = True):
         self.channels_last = channels_last
-        self.observes_forward = observes_forward
 
     def before_step(self, progress: float) -> None:
         """Called before every optimiser step with the fraction of the run done."""

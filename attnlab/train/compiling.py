@@ -40,6 +40,9 @@ def compile_module(model: nn.Module, *, mode: str = MODE, backend: str = "induct
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # by default dynamo does not guard on module hooks: a hook added after the first compiled call (capture_attention,
+    # CRAM's rectangles for its equivariance term) is then never called; guarding recompiles once instead
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if backend == "inductor":
         model.compile(backend=backend, mode=mode)
     else:

@@ -260,15 +260,6 @@ def _compile(run: Run) -> None:
     zeros, so that a model that cannot compile falls back to eager (one warning) before training starts. The probe's
     forward and backward leave no trace: the model's state (BN statistics), its gradients and the RNG are restored."""
     model, bundle = run.model, run.bundle
-    watchers = [type(h).__name__ for h in run.hooks if h.observes_forward]
-    if watchers:  # a compiled graph does not call the module hooks these read: train eagerly, and say so
-        print(
-            f"attnlab: warning: --compile: {run.cfg.model} trains eagerly: {', '.join(watchers)} reads the training "
-            "forward through module hooks, which a compiled graph does not call",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
     compile_module(model)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
@@ -387,7 +378,7 @@ def _skip_step(run: Run, saved_buffers, what: str, epoch: int) -> None:
     """A step with a non-finite loss or gradients: stop the run, or (``nonfinite: skip``) undo it and go on."""
     if run.cfg.nonfinite == "stop":
         raise TrainingDiverged(
-            f"non-finite {what} at epoch {epoch + 1}; {run.folder.last_good_state()} "
+            f"non-finite {what} at epoch {epoch + 1}; {run.folder.last_good_state(len(run.history))} "
             "(try a lower --lr, --grad-clip, or --nonfinite skip)"
         )
     run.optimizer.zero_grad(set_to_none=True)

@@ -45,10 +45,11 @@ class RunDir:
         """Replace ``metrics.jsonl`` atomically with ``records``, one JSON object per line (see `history`)."""
         write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in records))
 
-    def last_good_state(self) -> str:
-        """Where a diverged run can be continued from, for its error message: the checkpoints, or that it has none."""
-        if any(self.checkpoints.glob("epoch-*.json")):
-            return f"the last good checkpoint is in {self.checkpoints}"
+    def last_good_state(self, epochs_done: int) -> str:
+        """Where a run that diverged after ``epochs_done`` epochs (each ends in a checkpoint) can be continued from,
+        for its error message."""
+        if epochs_done:
+            return f"the last good checkpoint (epoch {epochs_done}) is in {self.checkpoints}"
         return "no epoch finished, so there is no checkpoint to continue from"
 
     def has_run(self) -> bool:
