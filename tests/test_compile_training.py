@@ -63,17 +63,20 @@ def test_killed_compiled_run_resumes_to_bit_identical_weights(tmp_path):
     assert [m["val_loss"] for m in metrics(out)] == [m["val_loss"] for m in metrics(reference)]
 
 
-def _no_cxx_compiler(monkeypatch) -> None:
-    """inductor's CPU backend with a C++ compiler that does not exist, and no cached kernels to hide it."""
+@pytest.fixture
+def no_cxx_compiler():
+    """inductor's CPU backend with a C++ compiler that does not exist, and no cached kernels to hide it. Patched with
+    inductor's own ``config.patch``: pytest's monkeypatch undoes a config attribute by deleting it, which leaves
+    inductor unusable for every later test of the process."""
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/attnlab-test-c++",))
-    monkeypatch.setattr(inductor, "force_disable_caches", True)
+    torch._dynamo.reset()
+    with inductor.patch({"cpp.cxx": ("/nonexistent/attnlab-test-c++",), "force_disable_caches": True}):
+        yield
     torch._dynamo.reset()
 
 
-def test_a_model_that_cannot_compile_trains_eagerly_after_one_warning(tmp_path, monkeypatch, capfd):
-    _no_cxx_compiler(monkeypatch)
+def test_a_model_that_cannot_compile_trains_eagerly_after_one_warning(tmp_path, no_cxx_compiler, capfd):
     want = train(tiny(tmp_path / "eager", epochs=1), log=_quiet)
     got = train(tiny(tmp_path / "fallback", epochs=1, compile=True), log=_quiet)
     err = capfd.readouterr().err

@@ -8,11 +8,13 @@ This is the "position-wise" attention that CRAM is compared against: a free per-
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_function
 from torch import nn
 
 from .probe import AttentionProbe
 
 
+@register_notrace_function  # its dtype test is not symbolically traceable: FX keeps it as one call
 def channel_pool(x: torch.Tensor) -> torch.Tensor:
     """[mean_c x; max_c x]: the two maps CBAM's spatial branch convolves, B×2×H×W.
 
