@@ -7,8 +7,9 @@ Each preset runs as ``attnlab compare --preset P --budget B --out runs/claims/P 
 
 - before: runs another preset already finished with the very same settings (same dataset, entry, seed and every
   setting but the output folder) are copied in, so a run shared by presets trains once; and runs committed under
-  ``results/claims/P`` are restored, so a new machine continues where the last one stopped. A committed run has no
-  weights, so it is restored only where no analysis of this preset still needs its weights.
+  ``results/claims/`` (this preset's, or another's with the very same settings) are restored, so a new machine
+  continues where the last one stopped. A committed run has no weights, so it is restored only where no analysis of
+  this preset still needs its weights.
 - during and after: the small files (the plan, results and summary CSVs, report.md, each run's config.yaml,
   metrics.jsonl and summary.json, the analyses' JSON, every PNG) are copied to ``results/claims/P`` every few minutes
   and at the end; weights, checkpoints and the self-contained HTML (which embeds the PNGs again) stay under runs/.
@@ -89,14 +90,24 @@ def _analysed_entries(plan, dataset: str, seed: int, keep: Path) -> set[str]:
     return needed
 
 
-def _finished_copy(plan, dataset: str, entry, seed: int, cfg, keep: Path, others: list[Path]) -> tuple | None:
-    """A finished run this preset may take instead of training one: ``("restored", its committed files)`` when no
-    analysis of this preset still needs its weights, else ``("shared", another preset's run with weights)``."""
-    committed = run_dir(keep, dataset, entry, seed)
-    if (committed / "summary.json").is_file() and entry.name not in _analysed_entries(plan, dataset, seed, keep):
-        if _same_settings(committed, cfg):
-            return "restored", committed
-    for other in others:
+Others = list[tuple[Path, Path]]
+"""Every other preset's (runs folder, committed folder)."""
+
+
+def _others(preset: str, runs: Path, results: Path) -> Others:
+    return [(runs / other, results / other) for other in ORDER if other != preset]
+
+
+def _finished_copy(plan, dataset: str, entry, seed: int, cfg, keep: Path, others: Others) -> tuple | None:
+    """A finished run this preset may take instead of training one: ``("restored", committed files)`` of this
+    preset's or another's when no analysis of this preset still needs its weights, else ``("shared", another preset's
+    run with weights)``."""
+    if entry.name not in _analysed_entries(plan, dataset, seed, keep):
+        for committed_root in (keep, *(committed for _, committed in others)):
+            committed = run_dir(committed_root, dataset, entry, seed)
+            if (committed / "summary.json").is_file() and _same_settings(committed, cfg):
+                return "restored", committed
+    for other, _ in others:
         candidate = run_dir(other, dataset, entry, seed)
         weights = (candidate / "summary.json").is_file() and (candidate / "model.safetensors").is_file()
         if weights and _same_settings(candidate, cfg):
@@ -104,7 +115,7 @@ def _finished_copy(plan, dataset: str, entry, seed: int, cfg, keep: Path, others
     return None
 
 
-def prepare(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]) -> None:
+def prepare(preset: str, budget: str, runs: Path, keep: Path, others: Others) -> None:
     """Restore committed runs and copy identical finished runs of other presets into ``runs/claims/<preset>``."""
     out = runs / preset
     plan = make_plan(preset=preset, budget=budget)
@@ -119,13 +130,13 @@ def prepare(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]
             shutil.copytree(source, folder, ignore=shutil.ignore_patterns("checkpoints"))
             taken[how] += 1
     print(
-        f"claims: {preset}: {taken['restored']} run(s) restored from {keep}, {taken['shared']} shared from other "
-        "presets",
+        f"claims: {preset}: {taken['restored']} run(s) restored from committed results, {taken['shared']} shared from "
+        "other presets",
         flush=True,
     )
 
 
-def status(preset: str, budget: str, runs: Path, keep: Path, others: list[Path]) -> str:
+def status(preset: str, budget: str, runs: Path, keep: Path, others: Others) -> str:
     """One line per preset: runs finished (here, or ready to be taken as `prepare` would), epochs left of the
     half-trained and untouched runs, analyses committed: what the campaign still costs."""
     plan = make_plan(preset=preset, budget=budget)
@@ -155,7 +166,7 @@ def status(preset: str, budget: str, runs: Path, keep: Path, others: list[Path])
 
 def run(preset: str, budget: str, runs: Path, results: Path, jobs: int, every: float, compiled: bool = False) -> int:
     keep = results / preset
-    prepare(preset, budget, runs, keep, [runs / p for p in ORDER if p != preset])
+    prepare(preset, budget, runs, keep, _others(preset, runs, results))
     command = [sys.executable, "-m", "attnlab", "compare", "--preset", preset, "--budget", budget]
     command += ["--out", str(runs / preset), "--resume", "--jobs", str(jobs)] + (["--compile"] if compiled else [])
     print("claims: " + " ".join(command[1:]), flush=True)
@@ -190,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
     if args.status:
         for name in names:
-            others = [args.runs / p for p in ORDER if p != name]
-            print(status(name, args.budget, args.runs, args.results / name, others))
+            print(status(name, args.budget, args.runs, args.results / name, _others(name, args.runs, args.results)))
         return 0
     codes = [
         run(name, args.budget, args.runs, args.results, args.jobs, args.export_every, args.compile) for name in names

@@ -1,6 +1,7 @@
 """``scripts/claims.py`` takes finished runs instead of training them only where that is honest, and ``--status``
-counts exactly those: a committed run (no weights) only when no analysis of the preset still needs its weights, another
-preset's run only with its weights and the very same settings. Run folders are made by hand; nothing trains."""
+counts exactly those: a committed run (no weights; of this preset or, with the very same settings, of another) only when
+no analysis of the preset still needs its weights, another preset's run only with its weights and the very same
+settings. Run folders are made by hand; nothing trains."""
 
 from __future__ import annotations
 
@@ -42,22 +43,26 @@ def fake_run(root: Path, model: str, seed: int, weights: bool, **changes) -> Pat
 
 
 def test_status_and_prepare_take_the_same_finished_runs(claims, tmp_path):
-    runs, keep = tmp_path / "runs", tmp_path / "results" / "consistency"
-    other = runs / "aw"
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    keep, other, other_kept = results / "consistency", runs / "aw", results / "aw"
     fake_run(other, "resnet20", 0, weights=True)  # shared: same settings, weights
     fake_run(other, "resnet20", 1, weights=False)  # no weights: not shared
     fake_run(other, "resnet20", 2, weights=True, lr=0.05)  # other settings: not shared
     fake_run(other, "se_resnet20", 0, weights=True, compile=True)  # differs only in a neutral setting: shared
     fake_run(keep, "cbam_resnet20", 0, weights=False)  # committed, but the consistency analysis needs its weights
     fake_run(keep, "resnet20", 1, weights=False)  # committed and not analysed: restored
+    fake_run(other_kept, "resnet20", 2, weights=False)  # committed by another preset, not analysed here: restored
+    fake_run(other_kept, "se_resnet20", 1, weights=False)  # committed by another preset, but analysed here
+    fake_run(other_kept, "cbam_resnet20", 1, weights=False, lr=0.05)  # other settings: not restored
+    others = [(runs / name, results / name) for name in ("aw", "fmm")]
 
-    line = claims.status("consistency", "cpu", runs, keep, [other])
-    assert line.startswith("consistency: runs 3/12 finished, 0 half-trained, 135 run-epochs left")
+    line = claims.status("consistency", "cpu", runs, keep, others)
+    assert line.startswith("consistency: runs 4/12 finished, 0 half-trained, 120 run-epochs left")
     assert line.endswith("analyses 0/3 committed")
 
-    claims.prepare("consistency", "cpu", runs, keep, [other])
+    claims.prepare("consistency", "cpu", runs, keep, others)
     out = runs / "consistency" / "runs" / "fashion-mnist"
     taken = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/seed*/summary.json"))
-    assert taken == ["resnet20/seed0", "resnet20/seed1", "se_resnet20/seed0"]
+    assert taken == ["resnet20/seed0", "resnet20/seed1", "resnet20/seed2", "se_resnet20/seed0"]
     assert not (out / "resnet20/seed0/checkpoints").exists()  # weights travel, checkpoints stay with their run
-    assert claims.status("consistency", "cpu", runs, keep, [other]) == line
+    assert claims.status("consistency", "cpu", runs, keep, others) == line
