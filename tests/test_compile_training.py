@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_data import make_garments
 from tiny_runs import cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
+from attnlab.analysis import run_analysis
 from attnlab.data import batches, load_dataset
 from attnlab.errors import AttnlabError
 from attnlab.layers.cram import CRAM, capture_rectangles
@@ -86,6 +87,14 @@ def test_a_model_that_cannot_compile_trains_eagerly_after_one_warning(tmp_path, 
     assert got["compile"] is False  # what actually ran
     assert (got["test_loss"], got["val_acc"]) == (want["test_loss"], want["val_acc"])  # eager: bit-identical
     assert same_weights(tmp_path / "eager" / "model.safetensors", tmp_path / "fallback" / "model.safetensors")
+
+
+def test_an_analysis_that_cannot_compile_runs_eagerly_and_says_so(tmp_path, no_cxx_compiler, capfd):
+    train(tiny(tmp_path / "run", epochs=1), log=_quiet)
+    report = run_analysis("smoothness", [tmp_path / "run"], tmp_path / "out", images=8, compile=True)
+    assert report["compile"] == {"run": False}  # what actually ran, not what was asked
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "smoothness of run could not be compiled" in warnings[0]
 
 
 def test_a_failure_of_the_model_itself_is_raised_not_hidden_by_the_fallback(capfd):

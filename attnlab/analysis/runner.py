@@ -25,7 +25,7 @@ from ..errors import AttnlabError
 from ..io import check_writable, jsonable, make_dir, write_json_atomic
 from ..schema import check_call, check_keys
 from ..stats import mean_ci
-from ..train.compiling import compile_module, run_or_fall_back
+from ..train.compiling import compile_module, is_compiled, run_or_fall_back
 from ..train.config import SAME_RECIPE
 from .registry import Analysis, analysis_options, get_analysis
 
@@ -140,7 +140,8 @@ def run_analysis(
         device: where the models run.
         labels: names of the checkpoints in tables and plots (default: the run folder names).
         compile: torch.compile each model in place (`attnlab.train.compiling`); an analysis that cannot run compiled
-            (a double backward, an op inductor refuses) runs again eagerly, with one warning line.
+            (a double backward, an op inductor refuses) runs again eagerly, with one warning line. The JSON's
+            ``compile`` says per label what actually ran.
         **options: options of the analysis (`analysis_options(name)` lists them with their defaults).
 
     Returns:
@@ -157,7 +158,7 @@ def run_analysis(
         raise AttnlabError(f"analyze {name}: give at least one --checkpoint")
     names = _labels(paths, labels)
     cache: dict[str, DataBundle] = {}
-    results, configs, seconds, extras, n_images = {}, {}, {}, {}, {}
+    results, configs, seconds, extras, n_images, compiled = {}, {}, {}, {}, {}, {}
     for label, path in zip(names, paths):
         model, configs[label], bundle = _load(path, device, cache)
         if compile:
@@ -165,6 +166,7 @@ def run_analysis(
         cfg = configs[label]
         one = functools.partial(_analyse_one, analysis, path, model, cfg, bundle, images, seed, device, options)
         found = run_or_fall_back(model, f"{name} of {label}", one)
+        compiled[label] = is_compiled(model)  # False where the compiled call failed and it ran eagerly
         results[label], extra, n_images[label], seconds[label] = found
         if extra is not None:
             extras[label] = extra
@@ -181,7 +183,7 @@ def run_analysis(
         "images": n_images,
         "seed": seed,
         "device": device,
-        "compile": compile,
+        "compile": compiled,
         "options": options,
         "seconds": seconds,
         "headline": headlines,
