@@ -9,6 +9,7 @@ splits before validation carving; a `DetectionSource` is its detection counterpa
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable
@@ -134,6 +135,17 @@ class DataBundle:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.train.images.shape[2:])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the three splits' tensors."""
+        tensors = [t for s in (self.train, self.val, self.test) for t in (s.images, s.labels, s.boxes) if t is not None]
+        return sum(t.nbytes for t in tensors)
+
+    def to(self, device: torch.device | str) -> DataBundle:
+        """The same bundle with its three splits on ``device``."""
+        splits = {name: getattr(self, name).to(device) for name in ("train", "val", "test")}
+        return dataclasses.replace(self, **splits)
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
