@@ -1,7 +1,9 @@
 """Run every claim preset at one budget, resumably, and keep what backs the README under ``results/claims/``.
 
-    python scripts/claims.py [--budget cpu] [--presets aw,fmm,...] [--jobs 2] [--compile]    (``make claims``)
+    python scripts/claims.py [--budget cpu] [--presets aw,fmm,...] [--jobs 2] [--compile] [--device cuda]
+                             [-- more compare flags]                                        (``make claims``)
     python scripts/claims.py --status       what is finished, half-trained and left, per preset (runs nothing)
+    python scripts/claims.py --export       copy what finished to --results now (runs nothing)
 
 Each preset runs as ``attnlab compare --preset P --budget B --out runs/claims/P --resume``. Around it:
 
@@ -10,6 +12,8 @@ Each preset runs as ``attnlab compare --preset P --budget B --out runs/claims/P 
   ``results/claims/`` (this preset's, or another's with the very same settings) are restored, so a new machine
   continues where the last one stopped. A committed run has no weights, so it is restored only where no analysis of
   this preset still needs its weights.
+  Flags after ``--`` go to every ``attnlab compare`` (a tiny trial of the whole campaign: ``-- --epochs 1 --subset
+  64``); their runs are then not the preset's, so nothing is restored or shared.
 - during and after: the small files (the plan, results and summary CSVs, report.md, each run's config.yaml,
   metrics.jsonl and summary.json, the analyses' JSON, every PNG) are copied to ``results/claims/P`` every few minutes
   and at the end; weights, checkpoints and the self-contained HTML (which embeds the PNGs again) stay under runs/.
@@ -164,11 +168,14 @@ def status(preset: str, budget: str, runs: Path, keep: Path, others: Others) -> 
     )
 
 
-def run(preset: str, budget: str, runs: Path, results: Path, jobs: int, every: float, compiled: bool = False) -> int:
+def run(preset: str, budget: str, runs: Path, results: Path, jobs: int, every: float, flags: list, own: bool) -> int:
+    """Train and analyse one preset with ``attnlab compare ... --resume`` plus ``flags``, exporting as it goes;
+    ``own``: the flags leave the preset's settings alone, so finished runs are restored and shared first."""
     keep = results / preset
-    prepare(preset, budget, runs, keep, _others(preset, runs, results))
+    if own:
+        prepare(preset, budget, runs, keep, _others(preset, runs, results))
     command = [sys.executable, "-m", "attnlab", "compare", "--preset", preset, "--budget", budget]
-    command += ["--out", str(runs / preset), "--resume", "--jobs", str(jobs)] + (["--compile"] if compiled else [])
+    command += ["--out", str(runs / preset), "--resume", "--jobs", str(jobs), *flags]
     print("claims: " + " ".join(command[1:]), flush=True)
     process = subprocess.Popen(command, cwd=ROOT)
     last = time.monotonic()
@@ -196,16 +203,30 @@ def main(argv: list[str] | None = None) -> int:
         help="train compiled: a neutral setting (same numbers within float tolerance, finished runs still count); "
         "results/prefix_cost.csv has AW's 1x28x28 step at 0.60x its eager time, cbam's at 0.56x",
     )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every run trains (neutral)")
     p.add_argument("--status", action="store_true", help="say what is finished and left per preset; train nothing")
+    p.add_argument("--export", action="store_true", help="copy what finished to --results now; train nothing")
+    p.add_argument("compare_flags", nargs="*", help="after --: more flags for every `attnlab compare`")
     args = p.parse_args(argv)
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
     if args.status:
         for name in names:
             print(status(name, args.budget, args.runs, args.results / name, _others(name, args.runs, args.results)))
         return 0
-    codes = [
-        run(name, args.budget, args.runs, args.results, args.jobs, args.export_every, args.compile) for name in names
-    ]
+    if args.export:
+        for name in names:
+            if (args.runs / name).is_dir():
+                print(f"claims: {name}: {export(args.runs / name, args.results / name)} file(s) updated")
+        return 0
+    flags = ["--device", args.device] + (["--compile"] if args.compile else []) + args.compare_flags
+    own = not args.compare_flags
+    try:
+        codes = [
+            run(name, args.budget, args.runs, args.results, args.jobs, args.export_every, flags, own) for name in names
+        ]
+    except KeyboardInterrupt:  # compare, in the same process group, stops too; its finished runs are kept
+        print("claims: interrupted; run the same command again to resume, --export to copy what finished", flush=True)
+        return 130
     return max(codes, default=0)
 
 

@@ -8,9 +8,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+from test_data import make_garments
 
 from attnlab.experiment import make_plan
 from attnlab.experiment.plan import run_dir
@@ -66,3 +71,32 @@ def test_status_and_prepare_take_the_same_finished_runs(claims, tmp_path):
     assert taken == ["resnet20/seed0", "resnet20/seed1", "resnet20/seed2", "se_resnet20/seed0"]
     assert not (out / "resnet20/seed0/checkpoints").exists()  # weights travel, checkpoints stay with their run
     assert claims.status("consistency", "cpu", runs, keep, others) == line
+
+
+def test_the_gpu_campaign_script_runs_a_tiny_trial_on_the_cpu(tmp_path):
+    """`scripts/claims_gpu.sh` end to end at a tiny budget: trains, analyses, exports and archives the small files."""
+    data = tmp_path / "data"
+    make_garments(data, n_train=200, n_test=40)
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "JOBS": "2",
+        "PRESETS": "cram",
+        "PYTHON": sys.executable,
+        "ATTNLAB_DATA": str(data),
+        "OUT": str(tmp_path / "out"),
+        "RUNS": str(tmp_path / "runs"),
+        "RESULTS": str(tmp_path / "kept" / "claims-full"),
+        "OMP_NUM_THREADS": "1",
+    }
+    tiny = ["--epochs", "1", "--subset", "64", "--val-size", "32", "--seeds", "1", "--batch-size", "32"]
+    tiny += ["--analysis-images", "8", "--data-arg", "canvas=48"]
+    done = subprocess.run(["bash", str(SCRIPT.with_name("claims_gpu.sh")), *tiny], env=env, capture_output=True)
+    assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
+    with tarfile.open(tmp_path / "out" / "claims-full.tar.gz") as archive:
+        names = set(archive.getnames())
+    kept = "claims-full/cram/runs/cluttered-fashion-mnist"
+    assert {f"{kept}/{model}/seed0/summary.json" for model in ("spatial_resnet20", "cram_resnet20")} <= names
+    assert "claims-full/cram/analyses/cluttered-fashion-mnist/seed0/localization.json" in names
+    assert {"claims-full/cram/report.md", "claims-full/status.txt"} <= names
+    assert not any(name.endswith((".safetensors", "report.html")) for name in names)  # small files only

@@ -335,6 +335,33 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_ends_a_comparison_and_its_workers_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while two workers train and a third run waits: the comparison exits with
+    one line, and no worker goes on to train the queued run (which its pool had already handed to a worker)."""
+    out = tmp_path / "interrupted"
+    args = [sys.executable, "-m", "attnlab", "compare", "--models", MODELS, "--seeds", "2", "--dataset", "synthetic"]
+    args += [f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()]
+    args += ["--jobs", "2", "--epochs", "100000", "--batch-size", "64", "--val-size", "64", "--out", str(out)]
+    proc = subprocess.Popen(
+        args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while len(list(out.glob("runs/*/*/*/metrics.jsonl"))) < 2:  # both workers past their first epoch
+        assert proc.poll() is None and time.time() < deadline, "the comparison ended before its interruption"
+        time.sleep(0.05)
+    holders = lock_holders(out)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.decode().strip().endswith("attnlab: interrupted"), err.decode()
+    assert "Traceback" not in err.decode()
+    deadline = time.time() + 30
+    while any(map(pid_alive, holders)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(pid_alive, holders)), "a worker outlived the interrupted comparison"
+    assert len(list(out.glob("runs/*/*/*"))) == 2, "a queued run started after the interruption"
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_killed_compare_resumes_without_duplicates_or_gaps(tmp_path, jobs):
     """SIGKILL the comparison right after its first finished run; with workers, they die with it (no orphan keeps a

@@ -110,14 +110,28 @@ class LocalPool:
                 for done in futures.as_completed(pending):
                     yield pending[done], done.result()
             except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
+                _stop_workers(pool)
                 raise
 
 
+def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:
+    """End a pool at once (Ctrl-C, an error): cancelling its futures is not enough, since a worker takes the next
+    queued run as soon as its current one stops, and the pool's exit then waits for that whole training."""
+    for process in list((pool._processes or {}).values()):  # no public handle before Python 3.14's terminate_workers
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)  # returns at once: the pool sees its workers gone
+
+
 def _init_worker(threads: int, parent: int) -> None:
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore, which a worker ended by `_stop_workers` would leave behind
+    # (a warning at exit); a worker draws no bars to share a lock with anyway
+    tqdm.set_lock(threading.RLock())
     _die_with(parent)
 
 
