@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The claim presets' own `full` budgets on one lent GPU (the device tool's H200), inside one call of at most 10 minutes.
 #
-# Many runs at once on the one GPU: `scripts/claims.py --jobs $JOBS` keeps that many `attnlab compare` workers busy,
-# each a process of its own with its dataset held on the GPU (the engine does so for any dataset that fits a quarter of
-# the free memory). Resumable: a second call on a still-warm machine continues where the first stopped. What finished
-# comes back as one archive of small files (the device tool returns at most 8 files from $OUT).
+# First the GPU tests (tests/test_cuda_paths.py, skipped where there is no GPU), then many runs at once on the GPU:
+# `scripts/claims.py --jobs $JOBS` keeps that many `attnlab compare` workers busy, each a process of its own with its
+# dataset held on the GPU (the engine does so for any dataset that fits a quarter of the free memory). Resumable: a
+# second call on a still-warm machine continues where the first stopped. What finished comes back as one archive of
+# small files (the device tool returns at most 8 files from $OUT).
 #
 #   here, once:  mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/ && echo /.data/ >> .git/info/exclude
 #   device:      run(command="bash scripts/claims_gpu.sh", carry=[".data"], timeout_s=600)
@@ -33,6 +34,9 @@ if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 fi
 "$PY" -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__)" || exit 1
+if [ "$DEVICE" = cuda ]; then  # the CUDA-only code paths first (about a minute): a broken one would waste the lease
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py || exit 1
+fi
 
 started=$(date +%s)
 timeout --signal=INT --kill-after=20 "$SECONDS_LEFT" \
