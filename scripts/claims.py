@@ -12,11 +12,13 @@ Each preset runs as ``attnlab compare --preset P --budget B --out runs/claims/P 
   ``results/claims/`` (this preset's, or another's with the very same settings) are restored, so a new machine
   continues where the last one stopped. A committed run has no weights, so it is restored only where no analysis of
   this preset still needs its weights.
-  Flags after ``--`` go to every ``attnlab compare`` (a tiny trial of the whole campaign: ``-- --epochs 1 --subset
-  64``); their runs are then not the preset's, so nothing is restored or shared.
 - during and after: the small files (the plan, results and summary CSVs, report.md, each run's config.yaml,
   metrics.jsonl and summary.json, the analyses' JSON, every PNG) are copied to ``results/claims/P`` every few minutes
   and at the end; weights, checkpoints and the self-contained HTML (which embeds the PNGs again) stay under runs/.
+
+Flags after ``--`` go to every ``attnlab compare`` (a tiny trial of the whole campaign: ``-- --epochs 1 --subset 64``);
+their runs are then not the preset's, so nothing is restored or shared. ``scripts/claims_gpu.sh`` drives this script
+on a lent GPU.
 """
 
 from __future__ import annotations
