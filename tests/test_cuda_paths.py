@@ -24,7 +24,7 @@ def test_device_name_of_a_gpu_is_torchs_name_for_it(monkeypatch):
 def test_a_small_dataset_moves_to_the_device_and_a_large_one_stays_in_host_memory():
     bundle = load_dataset("synthetic", None, val_size=32, **SYNTH)
     size = bundle.nbytes
-    assert size == sum(s.images.nbytes + s.labels.nbytes for s in (bundle.train, bundle.val, bundle.test))
+    assert size == (SYNTH["size"] + SYNTH["test_size"]) * (12 * 12 + 8)  # uint8 1×12×12 image and int64 label each
     moved = data_on_gpu(bundle, torch.device("meta"), free_bytes=4 * size)  # "meta": a device that is not the CPU
     assert {s.images.device.type for s in (moved.train, moved.val, moved.test)} == {"meta"}
     assert (moved.num_classes, moved.mean, moved.crop_padding) == (bundle.num_classes, bundle.mean, bundle.crop_padding)
@@ -51,8 +51,9 @@ def test_batches_from_a_dataset_kept_on_the_gpu_equal_those_copied_over_per_batc
 
 
 @gpu
-def test_a_gpu_run_learns_what_the_cpu_run_learns_and_names_its_device(tmp_path):
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def test_a_gpu_run_learns_what_the_cpu_run_learns_and_names_its_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 on both sides
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cpu = train(tiny(tmp_path / "cpu", precision="fp32"), log=_quiet)
     gpu_run = train(tiny(tmp_path / "gpu", precision="fp32", device="cuda"), log=_quiet)
     assert gpu_run["device"] == torch.cuda.get_device_name()
