@@ -51,11 +51,15 @@ def test_batches_from_a_dataset_kept_on_the_gpu_equal_those_copied_over_per_batc
 
 
 @gpu
-def test_a_gpu_run_learns_what_the_cpu_run_learns_and_names_its_device(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 on both sides
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_a_gpu_run_learns_what_the_cpu_run_learns_and_names_its_device(tmp_path):
     cpu = train(tiny(tmp_path / "cpu", precision="fp32"), log=_quiet)
-    gpu_run = train(tiny(tmp_path / "gpu", precision="fp32", device="cuda"), log=_quiet)
+    with torch.backends.cudnn.flags(allow_tf32=False):  # fp32 means fp32 on both sides (TF32 off, restored after)
+        tf32_matmul = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            gpu_run = train(tiny(tmp_path / "gpu", precision="fp32", device="cuda"), log=_quiet)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
     assert gpu_run["device"] == torch.cuda.get_device_name()
     assert gpu_run["val_loss"] == pytest.approx(cpu["val_loss"], rel=1e-3)
 
