@@ -548,6 +548,13 @@ def test_every_claim_preset_has_a_cpu_budget_with_the_converged_settings():
             assert cpu.dataset_recipe[CLUTTERED]["epochs"] >= 10, name
 
 
+def test_a_budget_note_speaks_only_of_the_datasets_a_comparison_trains_on():
+    cpu = PRESETS["cram"].budget("cpu")
+    assert "55,000" not in cpu.note_for([CLUTTERED]) and "64×64" in cpu.note_for([CLUTTERED])
+    both = cpu.note_for(["fashion-mnist", CLUTTERED])
+    assert both.startswith(cpu.note) and both.index("55,000") < both.index("64×64")
+
+
 def test_fmm_claims_keep_plain_and_gated_products_apart():
     preset = PRESETS["fmm"]
     assert [c.key for c in preset.claims] == ["fmm-plain", "fmm-gated"]

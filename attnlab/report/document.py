@@ -111,7 +111,9 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
 
 def _budget_note(plan: Plan) -> str:
     preset = PRESETS.get(plan.preset or "")
-    return preset.budget(plan.budget).note if preset is not None and plan.budget in preset.budgets else ""
+    if preset is None or plan.budget not in preset.budgets:
+        return ""
+    return preset.budget(plan.budget).note_for(plan.datasets)
 
 
 def _failure(out: Path, run: str) -> str | None:
