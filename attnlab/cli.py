@@ -405,9 +405,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.digest:
         if args.readme:
             check_writable(args.readme, "--readme", folder=False)
-        section = digest(Path(args.digest))
+        shown_as = Path(args.digest).as_posix()
+        section = digest(Path(args.digest), shown_as)
         if args.readme:
-            write_into_readme(Path(args.readme), section)
+            write_into_readme(Path(args.readme), section, shown_as)
             print(f"report: the claim section of {args.readme} rebuilt from {args.digest}")
         else:
             print(section, end="")

@@ -9,6 +9,8 @@
 #
 #   here, once:  mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/ && echo /.data/ >> .git/info/exclude
 #   device:      run(command="bash scripts/claims_gpu.sh", carry=[".data"], timeout_s=600)
+#   back here:   tar -xzf <files_at>/claims-full.tar.gz -C results/ && attnlab report --digest results/claims-full \
+#                --readme README.md   (then commit results/claims-full and README.md)
 #   on a CPU, a tiny trial of the whole path (tests/test_claims_script.py runs one):
 #                DEVICE=cpu JOBS=2 SECONDS_LEFT=300 bash scripts/claims_gpu.sh --epochs 1 --subset 64 ...
 #

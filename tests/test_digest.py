@@ -1,7 +1,8 @@
 """The README's claim section: rebuilt from committed comparison folders by the presets' own rules, digit for digit.
 
 `test_committed_reports_rebuild_byte_for_byte` and `test_readme_claims_match_the_committed_files` check the real
-``results/claims/`` of this repository; the others check the digest itself on comparison folders written here.
+``results/claims/`` of this repository (and ``results/claims-full/``, the full budgets, once a GPU has run them); the
+others check the digest itself on comparison folders written here.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from attnlab.errors import AttnlabError
 from attnlab.experiment import HOLDS, make_plan
 from attnlab.experiment.plan import run_dir
 from attnlab.report import build_report
-from attnlab.report.digest import BEGIN, END, digest, readme_section, write_into_readme
+from attnlab.report.digest import END, begin_marker, digest, readme_section, write_into_readme
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "results" / "claims"
+COMMITTED = ("results/claims", "results/claims-full")  # the CPU budgets; the full ones on a GPU
 REBUILT = ("results.csv", "summary.csv", "report.md")
 
 
@@ -66,20 +67,27 @@ def test_digest_decides_the_claims_from_the_files(tmp_path):
 
 def test_readme_markers_are_written_and_read_back(tmp_path, capsys):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{BEGIN}\nold\n{END}\n\nrest\n")
-    write_into_readme(readme, "new section\n")
-    assert readme_section(readme) == "new section\n"
+    nothing = (tmp_path / "nothing").as_posix()
+    readme.write_text(f"# title\n\n{begin_marker('a')}\nold a\n{END}\n\n{begin_marker(nothing)}\nold\n{END}\n\nrest\n")
+    write_into_readme(readme, "new section\n", nothing)
+    assert readme_section(readme, nothing) == "new section\n"
+    assert readme_section(readme, "a") == "old a\n"  # each folder has its own pair of markers
     assert readme.read_text().endswith(f"{END}\n\nrest\n")
-    assert main(["report", "--digest", str(tmp_path / "nothing"), "--readme", str(readme)]) == 0
-    assert "No claim experiment has been committed" in readme_section(readme)
-    readme.write_text("no markers\n")
-    with pytest.raises(AttnlabError, match="no claim markers"):
-        write_into_readme(readme, "x")
-    assert main(["report", "--digest", str(tmp_path / "nothing"), "--readme", str(readme)]) == 2
-    assert readme.read_text() == "no markers\n"
+    assert main(["report", "--digest", nothing, "--readme", str(readme)]) == 0
+    assert "No claim experiment has been committed" in readme_section(readme, nothing)
+    assert readme_section(readme, "a") == "old a\n"
+    readme.write_text(f"{begin_marker('a')}\nno end marker\n")
+    with pytest.raises(AttnlabError, match="no claim markers for a"):
+        write_into_readme(readme, "x", "a")
+    assert main(["report", "--digest", nothing, "--readme", str(readme)]) == 2
+    assert readme.read_text() == f"{begin_marker('a')}\nno end marker\n"
 
 
-@pytest.mark.parametrize("folder", sorted(p.parent for p in COMMITTED.glob("*/compare.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "folder",
+    sorted(p.parent for root in COMMITTED for p in (ROOT / root).glob("*/compare.json")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_committed_reports_rebuild_byte_for_byte(folder, tmp_path):
     copy = tmp_path / folder.name
     shutil.copytree(folder, copy)
@@ -90,7 +98,8 @@ def test_committed_reports_rebuild_byte_for_byte(folder, tmp_path):
         assert (copy / name).read_bytes() == (folder / name).read_bytes(), name
 
 
-def test_readme_claims_match_the_committed_files():
-    assert readme_section(ROOT / "README.md") == digest(COMMITTED, shown_as="results/claims"), (
-        "README's claim section is out of date: attnlab report --digest results/claims --readme README.md"
+@pytest.mark.parametrize("shown_as", COMMITTED)
+def test_readme_claims_match_the_committed_files(shown_as):
+    assert readme_section(ROOT / "README.md", shown_as) == digest(ROOT / shown_as, shown_as=shown_as), (
+        f"README's claim section is out of date: attnlab report --digest {shown_as} --readme README.md"
     )
