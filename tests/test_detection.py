@@ -25,6 +25,7 @@ from attnlab.detection import DetectConfig, backbone, create_detector, train_det
 from attnlab.errors import AttnlabError
 from attnlab.models import VARIANTS
 from attnlab.train.checkpoint import save_tensors_atomic
+from attnlab.train.cost import count_flops
 
 IDX_STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 CIFAR_AND_IMAGENET = [f"{v}_{arch}" if v else arch for arch in ("resnet20", "resnet18") for v in VARIANTS]
@@ -389,6 +390,10 @@ def test_detect_train_eval_and_exact_resume(garments, tmp_path, monkeypatch, cap
     assert [r["epoch"] for r in records] == [1, 2] and summary["epochs"] == 2
     assert {"val_ap", "val_ap50", "val_ap75", "val_ar100", "train_loss_objectness"} <= set(records[-1])
     assert all(0 <= summary[f"test_{k}"] <= 1 for k in ("ap", "ap50", "ap75", "ar100"))
+    cfg = tiny_detect(garments, whole)  # backbone + FPN FLOPs at the canvas (32×32: the transform keeps it)
+    detector = engine_module.build_detector(cfg, engine_module.load_data(cfg))
+    assert summary["backbone_flops"] == count_flops(detector.backbone, 1, (32, 32), torch.device("cpu")) > 0
+    assert summary["latency_ms"] > 0
     capsys.readouterr()
     assert main(["detect", "eval", "--checkpoint", str(whole), "--batch-size", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -468,12 +473,13 @@ def test_compare_detection_preset_trains_reports_and_decides_on_ap(garments, tmp
     assert config.model == "aw_se_resnet20" and config.fpn_channels == 8 and config.out_indices == [2, 3]
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:8] == ["dataset", "model", "arch", "seed", "val_ap", "test_ap", "test_ap50", "test_ap75"]
-    assert "test_acc" not in header and "flops" not in header
+    assert "test_acc" not in header and "flops" not in header and {"backbone_flops", "latency_ms"} <= set(header)
     summary = (out / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("dataset,model,baseline,n,test_ap_mean,test_ap_std") and len(summary) == 5
     report = (out / "report.md").read_text()
     assert "adds detection AP as a backbone, also on top of activation attention (se_resnet20)" in report
     assert "aw_se_resnet20 beats se_resnet20 on detection-fashion-mnist" in report and "test AP ×100" in report
+    assert "| backbone MFLOPs | latency ms |" in report  # runs committed before these were recorded leave them out
     assert (out / "figures" / "curves_detection-fashion-mnist.png").is_file()
 
     assert main([*argv, "--out", str(out), "--resume"]) == 0  # every run finished with the same settings

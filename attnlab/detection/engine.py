@@ -31,6 +31,7 @@ from ..io import remove_stale_temporaries, write_text_atomic
 from ..train import distributed
 from ..train.checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
 from ..train.config import autocast_dtype
+from ..train.cost import count_flops, measure_latency
 from ..train.engine import TrainingDiverged, device_name, opened_run, versions
 from ..train.optim import make_optimizer, make_scheduler, schedule_for
 from ..train.rundir import RunDir
@@ -307,6 +308,23 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def detector_costs(model: nn.Module, data: DetectionData, device: torch.device) -> dict[str, float]:
+    """What a detector costs per image of ``data``'s size (its ``min_size`` square where sizes vary), eval mode:
+    ``backbone_flops``, the forward FLOPs of backbone + FPN at the size the detector's transform resizes to (where
+    attention mechanisms differ; the heads' share depends on how many proposals survive, so it is left out), and
+    ``latency_ms``, the median time of the whole detector on one blank image."""
+    size = data.image_size or (model.transform.min_size[-1],) * 2
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        batch, _ = model.transform([torch.zeros(data.in_chans, *size, device=device)])
+    model.train(was_training)
+    return {
+        "backbone_flops": count_flops(model.backbone, data.in_chans, tuple(batch.tensors.shape[-2:]), device),
+        "latency_ms": measure_latency(model, data.in_chans, size, device, repeats=10),
+    }
+
+
 def _finish(state: _Run, run: RunDir, test: dict[str, float | None], started: float) -> dict[str, Any]:
     """Write the final weights (with what `detect eval` needs to rebuild the detector) and the summary."""
     cfg, data = state.cfg, state.data
@@ -324,6 +342,7 @@ def _finish(state: _Run, run: RunDir, test: dict[str, float | None], started: fl
         **{f"test_{k}": v for k, v in test.items()},
         "params": sum(p.numel() for p in state.model.parameters()),
         "trainable_params": sum(p.numel() for p in state.model.parameters() if p.requires_grad),
+        **detector_costs(state.model, data, state.device),
         "train_images": len(data.train),
         "train_img_per_s": sum(h["img_per_s"] * h["epoch_time"] for h in state.history) / seconds,
         "train_time_s": seconds,

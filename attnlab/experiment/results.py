@@ -22,8 +22,8 @@ from ..train.rundir import RunDir
 from .plan import Plan, analysis_dir
 from .tasks import TASKS, Task
 
-COST_FIELDS = ("params", "flops", "latency_ms", "train_img_per_s", "wall_time_s")
-"""Cost columns of ``summary.csv`` (means over seeds), those a task's runs record."""
+COST_FIELDS = ("params", "flops", "backbone_flops", "latency_ms", "train_img_per_s", "wall_time_s")
+"""Cost columns of ``summary.csv`` (means over the seeds that recorded them), those a task's runs record."""
 
 
 def result_fields(task: Task) -> tuple[str, ...]:
@@ -146,7 +146,8 @@ def _summary_row(plan: Plan, dataset: str, model: str, mine: Sequence[dict[str, 
         wilcoxon_stat=math.nan if is_base else test_vs_base.wilcoxon_stat,
         wilcoxon_p=math.nan if is_base else test_vs_base.wilcoxon_p,
     )
-    row.update({c: _mean([r[c] for r in mine]) for c in COST_FIELDS if c in plan.kind.columns})
+    costs = [c for c in COST_FIELDS if c in plan.kind.columns]  # runs from before a cost was recorded lack it
+    row.update({c: _mean([r[c] for r in mine if r[c] is not None]) for c in costs})
     return row
 
 

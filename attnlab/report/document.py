@@ -8,7 +8,7 @@ retraining, and the report is deterministic: the only date in it is the one stor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,16 @@ def num(x: float, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{x:.{digits}g}"
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def measured(fmt: Callable[[float], str]) -> Callable[[float | None], str]:
+    """``fmt`` for a cost that runs from before it was recorded lack (None, or NaN as a mean over no run): n/a. A
+    column that no row has a number for is left out of its table."""
+    return lambda x: "n/a" if _missing(x) else fmt(x)
 
 
 def pvalue(p: float) -> str:
@@ -175,8 +185,9 @@ def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
 
 COSTS = (  # summary column, header, format
     ("params", "params", lambda v: f"{v:,.0f}"),
-    ("flops", "MFLOPs", lambda v: f"{v / 1e6:.1f}"),
-    ("latency_ms", "latency ms", lambda v: f"{v:.2f}"),
+    ("flops", "MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
+    ("backbone_flops", "backbone MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
+    ("latency_ms", "latency ms", measured(lambda v: f"{v:.2f}")),
     ("train_img_per_s", "train img/s", lambda v: f"{v:.0f}"),
 )
 
@@ -187,7 +198,7 @@ def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[st
     if not mine:
         return [*blocks, Paragraph("No run has finished on this dataset yet.")]
     task, score = plan.kind, plan.kind.score
-    costs = [c for c in COSTS if c[0] in task.columns]
+    costs = [c for c in COSTS if c[0] in task.columns and not all(_missing(r[c[0]]) for r in mine)]
     header = (
         "model",
         "seeds",
@@ -247,7 +258,7 @@ def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[st
         score=score,
         ylabel=f"test {task.score_name} ({task.unit})",
     )
-    against = "parameters and single-image latency" if "latency_ms" in task.columns else "parameters"
+    against = "parameters and single-image latency" if "latency_ms" in plots.measured_costs(mine) else "parameters"
     blocks.append(
         Image(
             cost_png.relative_to(out).as_posix(),
@@ -314,16 +325,18 @@ RUN_COLUMNS = (  # results column, header, format
     ("test_ap75", "test AP75 ×100", pct),
     ("test_ar100", "test AR100 ×100", pct),
     ("params", "params", lambda v: f"{v:,}"),
-    ("flops", "MFLOPs", lambda v: f"{v / 1e6:.1f}"),
+    ("flops", "MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
+    ("backbone_flops", "backbone MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
     ("train_img_per_s", "train img/s", lambda v: f"{v:.0f}"),
-    ("latency_ms", "latency ms", lambda v: f"{v:.2f}"),
+    ("latency_ms", "latency ms", measured(lambda v: f"{v:.2f}")),
     ("wall_time_s", "wall s", lambda v: f"{v:.1f}"),
     ("skipped_steps", "skipped steps", str),
 )
 
 
 def _runs_table(plan: Plan, rows: Sequence[dict[str, Any]]) -> list[Block]:
-    columns = [c for c in RUN_COLUMNS if c[0] in result_fields(plan.kind)]
+    fields = result_fields(plan.kind)
+    columns = [c for c in RUN_COLUMNS if c[0] in fields and not all(_missing(r[c[0]]) for r in rows)]
     body = tuple(tuple(shown(r[key]) for key, _, shown in columns) for r in rows)
     skipped = (
         "; skipped steps are optimiser steps dropped for non-finite loss or gradients (`--nonfinite skip`)"

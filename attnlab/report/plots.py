@@ -52,6 +52,14 @@ def learning_curves(
     return plotting.save(fig, path)
 
 
+COST_PANELS = (("params", "parameters (thousands)", 1e-3), ("latency_ms", "latency per image (ms, batch 1)", 1.0))
+
+
+def measured_costs(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """The cost panels of `accuracy_vs_cost` that every row of ``summary`` has a number for."""
+    return [key for key, *_ in COST_PANELS if all(math.isfinite(row.get(key, math.nan)) for row in summary)]
+
+
 def accuracy_vs_cost(
     summary: Sequence[dict[str, Any]],
     order: Sequence[str],
@@ -71,8 +79,7 @@ def accuracy_vs_cost(
         score: the summary's score (``test_<score>_mean``).
         ylabel: what the score is (shown ×100).
     """
-    panels = [("params", "parameters (thousands)", 1e-3), ("latency_ms", "latency per image (ms, batch 1)", 1.0)]
-    panels = [p for p in panels if all(p[0] in row for row in summary)]
+    panels = [p for p in COST_PANELS if p[0] in measured_costs(summary)]
     fig, axes = plotting.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), sharey=True, squeeze=False)
     axes = list(axes[0])
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
