@@ -62,17 +62,15 @@ def pct(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}"
 
 
-def num(x: float, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}g}"
-
-
 def _missing(x: Any) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def measured(fmt: Callable[[float], str]) -> Callable[[float | None], str]:
+def num(x: float, digits: int = 4) -> str:
+    return "n/a" if _missing(x) else f"{x:.{digits}g}"
+
+
+def _measured(fmt: Callable[[float], str]) -> Callable[[float | None], str]:
     """``fmt`` for a cost that runs from before it was recorded lack (None, or NaN as a mean over no run): n/a. A
     column that no row has a number for is left out of its table."""
     return lambda x: "n/a" if _missing(x) else fmt(x)
@@ -185,9 +183,9 @@ def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
 
 COSTS = (  # summary column, header, format
     ("params", "params", lambda v: f"{v:,.0f}"),
-    ("flops", "MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
-    ("backbone_flops", "backbone MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
-    ("latency_ms", "latency ms", measured(lambda v: f"{v:.2f}")),
+    ("flops", "MFLOPs", _measured(lambda v: f"{v / 1e6:.1f}")),
+    ("backbone_flops", "backbone MFLOPs", _measured(lambda v: f"{v / 1e6:.1f}")),
+    ("latency_ms", "latency ms", _measured(lambda v: f"{v:.2f}")),
     ("train_img_per_s", "train img/s", lambda v: f"{v:.0f}"),
 )
 
@@ -325,10 +323,10 @@ RUN_COLUMNS = (  # results column, header, format
     ("test_ap75", "test AP75 ×100", pct),
     ("test_ar100", "test AR100 ×100", pct),
     ("params", "params", lambda v: f"{v:,}"),
-    ("flops", "MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
-    ("backbone_flops", "backbone MFLOPs", measured(lambda v: f"{v / 1e6:.1f}")),
+    ("flops", "MFLOPs", _measured(lambda v: f"{v / 1e6:.1f}")),
+    ("backbone_flops", "backbone MFLOPs", _measured(lambda v: f"{v / 1e6:.1f}")),
     ("train_img_per_s", "train img/s", lambda v: f"{v:.0f}"),
-    ("latency_ms", "latency ms", measured(lambda v: f"{v:.2f}")),
+    ("latency_ms", "latency ms", _measured(lambda v: f"{v:.2f}")),
     ("wall_time_s", "wall s", lambda v: f"{v:.1f}"),
     ("skipped_steps", "skipped steps", str),
 )
