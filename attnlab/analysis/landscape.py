@@ -113,12 +113,19 @@ def perturbed_weights(model: nn.Module) -> Iterator[Callable[..., None]]:
                 p.copy_(saved[name])
 
 
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output for a loss in at least float32: autocast's half-precision logits are upcast, a float64
+    model keeps its precision (the exactness tests compare Hessian-vector products in float64)."""
+    out = model(x)
+    return out if out.dtype == torch.float64 else out.float()
+
+
 @torch.inference_mode()
 def evaluate_loss(model: nn.Module, batches: Batches, loss_fn: LossFn = F.cross_entropy) -> tuple[float, float]:
     """Mean loss and accuracy over ``batches`` (each batch weighted by its size)."""
     total, correct, count = 0.0, 0.0, 0
     for x, y in batches:
-        logits = model(x).float()
+        logits = _logits(model, x)
         total += float(loss_fn(logits, y)) * len(y)
         correct += float((logits.argmax(1) == y).sum())
         count += len(y)
@@ -177,7 +184,7 @@ def _gradient(model, batches, params, loss_fn, create_graph: bool) -> list[torch
     count = sum(len(y) for _, y in batches)
     grads = None
     for x, y in batches:
-        loss = loss_fn(model(x).float(), y) * (len(y) / count)
+        loss = loss_fn(_logits(model, x), y) * (len(y) / count)
         g = torch.autograd.grad(loss, params, create_graph=create_graph)
         grads = list(g) if grads is None else [a + b for a, b in zip(grads, g)]
     return grads
@@ -218,7 +225,7 @@ class HessianVectorProduct:
         count = sum(len(y) for _, y in self.batches)
         out = [torch.zeros_like(p) for p in self.params]
         for x, y in self.batches:
-            loss = self.loss_fn(self.model(x).float(), y) * (len(y) / count)
+            loss = self.loss_fn(_logits(self.model, x), y) * (len(y) / count)
             grads = torch.autograd.grad(loss, self.params, create_graph=True)
             dot = sum((g * vi).sum() for g, vi in zip(grads, v))
             for acc, h in zip(out, torch.autograd.grad(dot, self.params)):
