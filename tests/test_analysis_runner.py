@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attnlab.analysis import ANALYSES, analysis_options, run_analysis
+from attnlab.analysis.runner import _groups
 from attnlab.cli import main
 from attnlab.data import Source, Split, register_dataset
 from attnlab.train import TrainConfig, train
@@ -53,6 +54,16 @@ def runs(tmp_path_factory):
 
 def _run(argv: list[str]) -> int:
     return main(["analyze", *argv])
+
+
+def test_seeds_trained_under_stop_and_skip_are_one_recipe_and_another_lr_is_not():
+    configs = {
+        "stop": TrainConfig(model="se_resnet20", seed=0),
+        "skip": TrainConfig(model="se_resnet20", seed=1, nonfinite="skip", compile=True),
+        "lr": TrainConfig(model="se_resnet20", seed=2, lr=0.05),
+    }
+    (group,) = _groups(configs, {label: {"x": float(i)} for i, label in enumerate(configs)}).values()
+    assert group["members"] == ["stop", "skip"] and group["headline"]["x"]["mean"] == 0.5
 
 
 def test_consistency_writes_json_plots_and_seed_groups(runs, tmp_path, capsys):

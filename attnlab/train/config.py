@@ -211,8 +211,10 @@ under either (e.g. by a preset that trains every entry with ``nonfinite: skip``)
 RESUMABLE_CHANGES = NEUTRAL | {"epochs"}
 """What may change when a run is resumed: the neutral settings, and the length (more epochs stretch the schedule)."""
 
-SAME_RECIPE = NEUTRAL | {"epochs", "seed"}
-"""Runs whose configs differ only in these are one recipe trained with several seeds (analyses group them)."""
+SAME_RECIPE = NEUTRAL | NEUTRAL_WITHOUT_SKIPS | {"epochs", "seed"}
+"""Runs whose configs differ only in these are one recipe trained with several seeds (analyses group them); the
+non-finite policy too, since a finished run under ``stop`` met no non-finite step: what a ``skip`` run's seeds differ
+in is their luck, as with any seed."""
 
 ENTRY_SETTINGS = ("model_kwargs", "dataset_options")
 """Settings given as KEY=VALUE options (``--model-arg``, ``--data-arg``), not as flags of their own."""
