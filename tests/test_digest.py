@@ -53,6 +53,7 @@ def test_digest_decides_the_claims_from_the_files(tmp_path):
     base = [0.90, 0.91, 0.92]
     accuracies = {e.name: base for e in make_plan(preset="aw").entries}
     accuracies["aw_resnet20"] = [a + 0.01 + 0.001 * i for i, a in enumerate(base)]  # beats resnet20 on every seed
+    accuracies["se_resnet20"] = [0.93] * 3  # every seed alike: no spread, which is not a missing one
     _fake_comparison(tmp_path / "aw", accuracies)
     text = digest(tmp_path)
     assert "`aw` — budget `cpu`" in text and "runs finished: 18 of 18 (3 seeds)" in text
@@ -61,6 +62,7 @@ def test_digest_decides_the_claims_from_the_files(tmp_path):
     assert f"**{HOLDS}**" in line
     assert "| fashion-mnist | aw_resnet20 | 92.10 ± 1.10 | 3 |" in text
     assert "| fashion-mnist | resnet20 | 91.00 ± 1.00 | 3 |" in text
+    assert "| fashion-mnist | se_resnet20 | 93.00 ± 0.00 | 3 |" in text
     shutil.rmtree(run_dir(tmp_path / "aw", "fashion-mnist", make_plan(preset="aw").entries[1], 2))
     assert "runs finished: 17 of 18" in digest(tmp_path)  # an unfinished run is left out and counted
 

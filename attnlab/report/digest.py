@@ -9,6 +9,7 @@ for the presets' full budgets on a GPU), and the tests check the README still ma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def _score_rows(plan: Plan, rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, 
     table = []
     score = plan.kind.score
     for r in summarize(plan, rows):
-        mean, std = float(r[f"test_{score}_mean"]), float(r[f"test_{score}_std"] or "nan")
+        std = r[f"test_{score}_std"]  # None or "" for a single seed; 0.0 is a spread like any other
+        mean, std = float(r[f"test_{score}_mean"]), math.nan if std in (None, "") else float(std)
         table.append((r["dataset"], r["model"], f"{pct(mean)} ± {pct(std)}", str(r["n"])))
     return tuple(table)
 
