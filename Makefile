@@ -23,9 +23,9 @@ data: setup
 demo: data
 	$(PY) -m attnlab compare --preset quick --out runs/demo --resume --jobs 2
 
-test: data
+test: data  # the 20 slowest tests are listed at the end: the suite should stay under ~10 min on 2 cores
 	$(PY) -m ruff check attnlab tests benchmarks
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -q
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -q --durations=20
 
 claims: data  # every claim preset at its cpu budget, resumable; small files kept under results/claims/
 	$(PY) scripts/claims.py --budget cpu --compile
