@@ -313,13 +313,14 @@ def _resume(run: Run) -> None:
         run.log(f"resuming {run.folder.root} after epoch {run.start_epoch}")
 
 
-def train_epoch(run: Run, epoch: int) -> tuple[Tally, int, float]:
-    """One pass over the training split; returns the tally of the steps taken, the steps skipped and the seconds."""
+def train_epoch(run: Run, epoch: int) -> tuple[Tally, int, int, float]:
+    """One pass over the training split; returns the tally of the steps taken, the steps skipped, the images seen (by
+    every step, skipped or not: the work done) and the seconds."""
     cfg = run.cfg
     run.net.train()
     t0 = time.perf_counter()
     generator = _epoch_generator(cfg.seed, epoch, salt=2)
-    tally, skipped = Tally(run.device), 0
+    tally, skipped, seen = Tally(run.device), 0, 0
     stream = batches(
         run.bundle.train,
         run.bundle,
@@ -343,6 +344,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[Tally, int, float]:
     for step, (x, y) in enumerate(bar):
         progress = (epoch * run.steps_per_epoch + step) / (cfg.epochs * run.steps_per_epoch)
         loss, logits = _step(run, x, y, generator, progress, epoch)
+        seen += len(y)
         if loss is None:
             skipped += 1
             continue
@@ -352,7 +354,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[Tally, int, float]:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    return tally, skipped, time.perf_counter() - t0
+    return tally, skipped, seen, time.perf_counter() - t0
 
 
 def _step(run: Run, x, y, generator, progress: float, epoch: int):
@@ -403,11 +405,12 @@ def _skip_step(run: Run, saved_buffers, what: str, epoch: int) -> None:
         run.scheduler.step()
 
 
-def end_epoch(run: Run, epoch: int, tally: Tally, skipped: int, seconds: float) -> None:
+def end_epoch(run: Run, epoch: int, tally: Tally, skipped: int, seen: int, seconds: float) -> None:
     """Validate, record the epoch in the history, write a checkpoint and the metrics, log one line."""
     dist = run.dist
     loss_sum, correct, count = tally.total(dist)  # count: images of the steps not skipped
-    run.train_images += count
+    skipped, seen = dist.all_sum(torch.tensor([skipped, seen], device=run.device)).tolist()
+    run.train_images += seen  # throughput counts the skipped steps' work too
     run.train_seconds += seconds
     val = run.evaluate(run.bundle.val)
     record = {
@@ -418,8 +421,8 @@ def end_epoch(run: Run, epoch: int, tally: Tally, skipped: int, seconds: float) 
         "val_acc": val["acc"],
         "lr": run.scheduler.get_last_lr()[0],
         "epoch_time": seconds,
-        "img_per_s": count / seconds,
-        "skipped_steps": int(dist.all_sum(torch.tensor([skipped], device=run.device)).item()),
+        "img_per_s": seen / seconds,
+        "skipped_steps": int(skipped),
     }
     run.history.append(record)
     if dist.is_main:
