@@ -67,6 +67,15 @@ def test_digest_decides_the_claims_from_the_files(tmp_path):
     assert "runs finished: 17 of 18" in digest(tmp_path)  # an unfinished run is left out and counted
 
 
+def test_digest_does_not_depend_on_the_last_invocation(tmp_path):
+    """A folder's runs span sessions started with different --jobs; resuming with another one only rewrites the plan's
+    machine record, which must not change the README (it did once, and CI went red on a resume)."""
+    _fake_comparison(tmp_path / "aw", {e.name: [0.90, 0.91, 0.92] for e in make_plan(preset="aw").entries})
+    before = digest(tmp_path)
+    make_plan(preset="aw", budget="cpu", jobs=2, command="attnlab compare --preset aw --jobs 2").save(tmp_path / "aw")
+    assert digest(tmp_path) == before
+
+
 def test_readme_markers_are_written_and_read_back(tmp_path, capsys):
     readme = tmp_path / "README.md"
     nothing = (tmp_path / "nothing").as_posix()

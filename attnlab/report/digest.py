@@ -68,8 +68,8 @@ def preset_blocks(out: Path, shown_as: str) -> list[Block]:
             (
                 f"runs finished: {total - len(missing)} of {total} ({len(plan.seeds)} seeds); "
                 f"training wall time {_hours(rows)} in all",
-                f"machine: {', '.join(devices)}; {plan.machine.get('cpus', '?')} CPU(s), "
-                f"{plan.machine.get('jobs', '?')} run(s) at a time",
+                # not the last invocation's --jobs: runs of one folder span sessions run with different ones
+                f"machine: {', '.join(devices)}; {plan.machine.get('cpus', '?')} CPU(s)",
                 f"files: `{shown_as}/` (report.md has every number)",
             )
         ),
