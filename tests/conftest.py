@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from tiny_runs import cli_train, subprocess_env
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -14,3 +18,12 @@ settings.register_profile(
     "attnlab", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.load_profile("attnlab")
+
+
+@pytest.fixture(scope="session")
+def cli_reference(tmp_path_factory) -> Path:
+    """`cli_train` (4 epochs) run once to the end, uninterrupted: what every kill-and-resume test must reproduce bit for
+    bit. Read it, never write into it."""
+    out = tmp_path_factory.mktemp("cli-reference") / "run"
+    subprocess.run(cli_train(out), check=True, env=subprocess_env(), capture_output=True)
+    return out

@@ -84,10 +84,7 @@ def test_eval_command_reproduces_the_summary(tmp_path, capsys):
     )
 
 
-def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
-    reference = tmp_path / "reference"
-    subprocess.run(cli_train(reference), check=True, env=subprocess_env(), capture_output=True)
-
+def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cli_reference):
     out = tmp_path / "killed"
     kill_when(cli_train(out), out / "checkpoints" / "epoch-0002.json")
     assert not (out / "summary.json").exists()
@@ -100,8 +97,8 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     resumed = cli_resume(out)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    assert same_weights(reference / "model.safetensors", out / "model.safetensors")
-    assert numbers(reference) == numbers(out)
+    assert same_weights(cli_reference / "model.safetensors", out / "model.safetensors")
+    assert numbers(cli_reference) == numbers(out)
 
 
 def test_resume_without_checkpoint_starts_from_scratch(tmp_path):

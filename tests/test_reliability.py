@@ -36,7 +36,7 @@ cli_train = functools.partial(tiny_runs.cli_train, epochs=5)
 
 
 def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(tmp_path):
-    reference = tmp_path / "reference"
+    reference = tmp_path / "reference"  # 5 epochs, unlike `cli_reference`: more moments to kill in
     subprocess.run(cli_train(reference), check=True, env=subprocess_env(), capture_output=True)
     out = tmp_path / "victim"
     rng = random.Random(1234)
@@ -79,10 +79,8 @@ KILL_DURING_SAVE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("dies_on_save", [1, 3])
-def test_kill_while_a_checkpoint_is_written_then_resume(tmp_path, dies_on_save):
-    reference = tmp_path / "reference"
-    subprocess.run(cli_train(reference, epochs=4), check=True, env=subprocess_env(), capture_output=True)
-    out = tmp_path / "victim"
+def test_kill_while_a_checkpoint_is_written_then_resume(tmp_path, dies_on_save, cli_reference):
+    out = tmp_path / "victim"  # 4 epochs, as `cli_reference`
     died = subprocess.run(
         [sys.executable, "-c", KILL_DURING_SAVE, str(dies_on_save), *cli_train(out, epochs=4)[3:]],
         env=subprocess_env(),
@@ -93,7 +91,7 @@ def test_kill_while_a_checkpoint_is_written_then_resume(tmp_path, dies_on_save):
     names = sorted(p.name for p in (out / "checkpoints").glob("epoch-*.json"))
     assert names == [f"epoch-{e:04d}.json" for e in range(max(1, dies_on_save - 2), dies_on_save)]
     subprocess.run(cli_train(out, epochs=4) + ["--resume"], check=True, env=subprocess_env(), capture_output=True)
-    assert same_weights(reference / "model.safetensors", out / "model.safetensors")
+    assert same_weights(cli_reference / "model.safetensors", out / "model.safetensors")
     assert not list(out.rglob("*.tmp"))
 
 
