@@ -26,6 +26,14 @@ def test_describe_matches_scipy():
     assert (d.ci_low, d.ci_high) == (pytest.approx(low, abs=1e-14), pytest.approx(high, abs=1e-14))
 
 
+def test_describe_clips_the_interval_to_the_range_the_values_can_take():
+    unstable = [0.4426, 0.9458, 0.6504]  # fmm post_act=false over 3 seeds: the t-interval reaches past 100%
+    free, bounded = describe(unstable), describe(unstable, within=(0.0, 1.0))
+    assert free.ci_high > 1.0 and bounded.ci_high == 1.0
+    assert (bounded.mean, bounded.std, bounded.ci_low) == (free.mean, free.std, free.ci_low)
+    assert describe(A, within=(0.0, 1.0)) == describe(A)  # an interval inside the range is left alone
+
+
 def test_describe_degenerate_samples():
     assert describe([]).n == 0 and math.isnan(describe([]).mean)
     one = describe([0.7])

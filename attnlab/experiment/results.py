@@ -119,8 +119,8 @@ def summarize(plan: Plan, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]
 def _summary_row(plan: Plan, dataset: str, model: str, mine: Sequence[dict[str, Any]], base: dict[int, float]) -> dict:
     score = plan.kind.score
     found = per_seed(mine, dataset, model, f"test_{score}")
-    val = describe([r[f"val_{score}"] for r in mine])
-    test = describe(list(found.values()))
+    val = describe([r[f"val_{score}"] for r in mine], within=plan.kind.score_range)
+    test = describe(list(found.values()), within=plan.kind.score_range)
     shared = sorted(set(found) & set(base))
     test_vs_base = paired_test([found[s] for s in shared], [base[s] for s in shared])
     is_base = model == plan.baseline

@@ -37,6 +37,7 @@ class Task:
         score_text: what the reported score is, one paragraph for the report.
         columns: ``summary.json`` keys copied into ``results.csv`` (beside dataset, model, arch, seed, device, run).
         neutral_without_skips: settings that are neutral too for a finished run that skipped no step.
+        score_range: the values the score can take (accuracy and AP are fractions); its intervals are clipped to it.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Task:
     score_text: str
     columns: tuple[str, ...]
     neutral_without_skips: frozenset[str] = frozenset()
+    score_range: tuple[float, float] = (0.0, 1.0)
 
     def reuse_despite(self, run: Path) -> frozenset[str]:
         """The settings in which the finished run in folder ``run`` may differ from the wanted ones and still be
