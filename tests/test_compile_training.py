@@ -32,9 +32,8 @@ def _quiet(_line: str) -> None:
 def test_compiled_training_matches_eager_keeps_the_keys_and_resumes_bit_identically_after_a_kill(tmp_path):
     """One compiled reference run serves both checks (each compile of a ResNet costs tens of seconds here): against
     eager training within float tolerance, and against a compiled run killed after epoch 1 and resumed, bit for bit."""
-    reference, eager = tmp_path / "reference", tmp_path / "eager"
-    compiled = [*cli_train(reference, epochs=3), "--compile", "--precision", "fp32"]
-    subprocess.run(compiled, check=True, env=subprocess_env(), capture_output=True)
+    reference, eager, compiled = tmp_path / "reference", tmp_path / "eager", ["--compile", "--precision", "fp32"]
+    subprocess.run([*cli_train(reference, epochs=3), *compiled], check=True, env=subprocess_env(), capture_output=True)
     want = train(tiny(eager, epochs=3, precision="fp32"), log=_quiet)
     got = json.loads((reference / "summary.json").read_text())
     for a, b in zip(metrics(eager), metrics(reference), strict=True):
@@ -51,11 +50,7 @@ def test_compiled_training_matches_eager_keeps_the_keys_and_resumes_bit_identica
     assert yaml.safe_load((reference / "config.yaml").read_text())["compile"] is True
 
     out = tmp_path / "killed"
-    kill_when(
-        [*cli_train(out, epochs=3), "--compile", "--precision", "fp32"],
-        out / "checkpoints" / "epoch-0001.json",
-        timeout=900,
-    )
+    kill_when([*cli_train(out, epochs=3), *compiled], out / "checkpoints" / "epoch-0001.json", timeout=900)
     assert not (out / "summary.json").exists()
     resumed = cli_resume(out)
     assert resumed.returncode == 0, resumed.stderr
