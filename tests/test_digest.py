@@ -114,3 +114,20 @@ def test_readme_claims_match_the_committed_files(shown_as):
     assert readme_section(ROOT / "README.md", shown_as) == digest(ROOT / shown_as, shown_as=shown_as), (
         f"README's claim section is out of date: attnlab report --digest {shown_as} --readme README.md"
     )
+
+
+def test_reports_take_analysis_headlines_from_the_saved_results_not_the_saved_headlines(tmp_path):
+    """A mended headline reaches analyses saved before it: the committed smoothness analyses once quoted, as the "top
+    Hessian eigenvalue", the eigenvalue of largest magnitude (−369 on one cram_resnet20 seed)."""
+    from attnlab.experiment import Plan
+
+    committed = ROOT / "results" / "claims" / "smoothness"
+    copy = tmp_path / "smoothness"
+    shutil.copytree(committed, copy)
+    for path in copy.glob("analyses/*/seed*/*.json"):
+        saved = json.loads(path.read_text())
+        if "headline" in saved:
+            saved["headline"] = {label: {"hessian_top_eig": -1.0} for label in saved["headline"]}
+            path.write_text(json.dumps(saved))
+    build_report(Plan.load(copy), copy)
+    assert (copy / "report.md").read_bytes() == (committed / "report.md").read_bytes()

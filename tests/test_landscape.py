@@ -3,6 +3,8 @@ and weights that come back bit-identical."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,13 @@ from attnlab.analysis import (
     loss_surface_1d,
     loss_surface_2d,
 )
-from attnlab.analysis.landscape import HessianVectorProduct, evaluate_loss, perturbed_weights, select_parameters
+from attnlab.analysis.landscape import (
+    HessianVectorProduct,
+    evaluate_loss,
+    headline,
+    perturbed_weights,
+    select_parameters,
+)
 
 
 def _small_model() -> nn.Module:
@@ -68,6 +76,44 @@ def test_top_eigenvalue_matches_the_exact_hessian_whole_and_per_block():
         model, F.cross_entropy, batches, params_filter="4.*", iters=300, generator=torch.Generator().manual_seed(0)
     )
     assert got["eigenvalue"] == pytest.approx(_top(_exact_hessian(model, x, y, block)), rel=1e-4)
+
+
+def test_the_top_eigenvalue_is_the_largest_even_where_a_negative_one_is_larger_in_magnitude():
+    """At a saddle whose negative curvature is the strongest, plain power iteration returns that negative eigenvalue;
+    the sharpness is the largest one, which the shifted iteration finds. Reference: a linear model under a loss with
+    curvature +1 along one output and −3 along the other has the eigenvalues m and −3m for each eigenvalue m of
+    E[zzᵀ], z = (x, 1)."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 2), torch.randn(30, 4)
+    y = torch.zeros(30, dtype=torch.long)
+
+    def saddle(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return (0.5 * out[:, 0] ** 2 - 1.5 * out[:, 1] ** 2).mean()
+
+    z = torch.cat([x, torch.ones(30, 1)], dim=1).double()
+    m = torch.linalg.eigvalsh(z.T @ z / len(z)).max().item()
+    batches = [(x[:11], y[:11]), (x[11:], y[11:])]
+    kw = dict(iters=200, generator=torch.Generator().manual_seed(0))
+    largest = hessian_top_eigenvalue(model, saddle, batches, **kw)
+    assert largest["eigenvalue"] == pytest.approx(m, rel=1e-4)
+    assert largest["dominant"] == pytest.approx(-3 * m, rel=1e-4) and largest["iters"] == 400
+    magnitude = hessian_top_eigenvalue(model, saddle, batches, which="magnitude", **kw)
+    assert magnitude["eigenvalue"] == magnitude["dominant"] == pytest.approx(-3 * m, rel=1e-4)
+    assert magnitude["iters"] == 200
+    with pytest.raises(AttnlabError, match="unknown top eigenvalue 'smallest'"):
+        hessian_top_eigenvalue(model, saddle, batches, which="smallest")
+
+
+def test_the_headline_does_not_pass_off_a_dominant_negative_eigenvalue_as_the_largest():
+    """Results saved before estimates had a ``dominant`` hold the eigenvalue of largest magnitude: a positive one is
+    the largest, a negative one says nothing about it."""
+    saved = {"sharpness_1d": 0.1, "loss": 0.2, "hessian_trace": None, "hessian_blocks": {}}
+    assert headline({**saved, "hessian_top": {"eigenvalue": 97.2}})["hessian_top_eig"] == 97.2
+    assert math.isnan(headline({**saved, "hessian_top": {"eigenvalue": -368.7}})["hessian_top_eig"])
+    new = {"eigenvalue": 12.5, "dominant": -368.7}
+    blocks = {"head": {"eigenvalue": -1.0, "params": 3}}
+    got = headline({**saved, "hessian_top": new, "hessian_blocks": blocks})
+    assert got["hessian_top_eig"] == 12.5 and math.isnan(got["hessian_top_eig_head"])
 
 
 def test_hutchinson_trace_is_the_mean_of_exact_quadratic_forms():

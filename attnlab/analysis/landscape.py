@@ -9,7 +9,9 @@ The loss is evaluated at w + α·d (+ β·e) with BatchNorm on its running stati
 back from a saved copy afterwards, so they end bit-identical.
 
 Curvature comes from Hessian-vector products of the mean loss over the given batches, exact by double backward (as
-PyHessian). The top eigenvalue (largest in magnitude) is found by power iteration, the trace by Hutchinson's estimator
+PyHessian). Power iteration finds the eigenvalue of largest *magnitude*; where that one is negative (a trained network
+need not sit at a minimum: on one seed of the smoothness preset it was −369 for cram_resnet20), a second iteration on
+H − λI finds the largest eigenvalue, the sharpness the literature means. The trace comes from Hutchinson's estimator
 E[vᵀHv] with Rademacher v; either can be restricted to a block of the parameters by a filter. AW-convolutions switch
 to their twice-differentiable forms for it (`attnlab.layers.awconv.twice_differentiable`); a model that still cannot be
 differentiated twice is an error, not a silent approximation:
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +41,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamsFilter = str | Sequence[str] | Callable[[str, nn.Parameter], bool] | None
 NORMS = ("filter", "layer")
 FD_RELATIVE_STEP = 1e-3
+WHICH_EIGENVALUE = ("largest", "magnitude")
 
 
 def select_parameters(model: nn.Module, params_filter: ParamsFilter = None) -> list[tuple[str, nn.Parameter]]:
@@ -270,6 +274,19 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
 
 
+def _power_iteration(hvp: HessianVectorProduct, v: list[torch.Tensor], iters: int, shift: float) -> list[float]:
+    """Rayleigh quotients vᵀHv of ``iters`` steps of power iteration on H − shift·I from the unit vector ``v``."""
+    history = []
+    for _ in range(iters):  # each step is one batched Hessian-vector product
+        hv = [h - shift * vi for h, vi in zip(hvp(v), v)] if shift else hvp(v)
+        history.append(float(_dot(v, hv)) + shift)
+        norm = torch.sqrt(_dot(hv, hv))
+        if norm == 0:
+            break
+        v = [h / norm.to(h.dtype) for h in hv]
+    return history
+
+
 def hessian_top_eigenvalue(
     model: nn.Module,
     loss_fn: LossFn,
@@ -279,30 +296,36 @@ def hessian_top_eigenvalue(
     iters: int = 20,
     generator: torch.Generator | None = None,
     hvp: str = "auto",
+    which: str = "largest",
 ) -> dict[str, Any]:
-    """The Hessian eigenvalue of largest magnitude by ``iters`` steps of power iteration.
+    """The top Hessian eigenvalue by ``iters`` steps of power iteration (twice as many where it must shift).
 
     Args:
         hvp: how Hessian-vector products are computed (`HessianVectorProduct`).
+        which: ``"largest"`` (the algebraically largest eigenvalue, the sharpness) or ``"magnitude"`` (the eigenvalue
+            of largest magnitude, what plain power iteration and PyHessian report; negative at a saddle).
 
     Returns:
-        ``{"eigenvalue", "history" (Rayleigh quotient per step), "iters", "params" (count), "hvp" (method)}``.
+        ``{"eigenvalue", "dominant" (the eigenvalue of largest magnitude), "history" (Rayleigh quotient per step, of
+        the shifted iteration too where there was one), "iters", "params" (count), "hvp" (method)}``.
     """
+    if which not in WHICH_EIGENVALUE:
+        raise unknown_name("top eigenvalue", which, WHICH_EIGENVALUE)
     params = [p for _, p in select_parameters(model, params_filter)]
     hvp = HessianVectorProduct(model, batches, params, loss_fn, hvp)
-    v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype) for p in params]
-    norm = torch.sqrt(_dot(v, v))
-    v = [vi / norm.to(vi.dtype) for vi in v]
-    history = []
-    for _ in range(iters):  # power iteration: each step is one batched Hessian-vector product
-        hv = hvp(v)
-        history.append(float(_dot(v, hv)))
-        norm = torch.sqrt(_dot(hv, hv))
-        if norm == 0:
-            break
-        v = [h / norm.to(h.dtype) for h in hv]
+
+    def start() -> list[torch.Tensor]:
+        v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype) for p in params]
+        norm = torch.sqrt(_dot(v, v))
+        return [vi / norm.to(vi.dtype) for vi in v]
+
+    history = _power_iteration(hvp, start(), iters, shift=0.0)
+    dominant = history[-1]
+    if which == "largest" and dominant < 0:  # H − λ_dominant·I is positive semidefinite: its top is λ_max − λ_dominant
+        history += _power_iteration(hvp, start(), iters, shift=dominant)
     return {
         "eigenvalue": history[-1],
+        "dominant": dominant,
         "history": history,
         "iters": len(history),
         "params": sum(p.numel() for p in params),
@@ -354,16 +377,18 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, n: int, batch_size: int
     return list(zip(images[:n].split(batch_size), labels[:n].split(batch_size)))
 
 
-def _hessian_estimates(model, batches, iters: int, trace_samples: int, per_block: bool, generator, hvp: str):
+def _hessian_estimates(model, batches, iters: int, trace_samples: int, per_block: bool, generator, hvp: str, which):
     """(top eigenvalue, Hutchinson trace or None, {block: top eigenvalue}) of the loss Hessian on ``batches``."""
     kw = dict(generator=generator, hvp=hvp)
     with _eval_mode(model):
-        top = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=iters, **kw)
+        top = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=iters, which=which, **kw)
         trace = None
         if trace_samples > 0:
             trace = hessian_trace(model, F.cross_entropy, batches, samples=trace_samples, **kw)
         blocks = {
-            name: hessian_top_eigenvalue(model, F.cross_entropy, batches, params_filter=pattern, iters=iters, **kw)
+            name: hessian_top_eigenvalue(
+                model, F.cross_entropy, batches, params_filter=pattern, iters=iters, which=which, **kw
+            )
             for name, pattern in (_stage_filters(model).items() if per_block else ())
         }
     return top, trace, blocks
@@ -380,6 +405,7 @@ def landscape(
     surface_images: int = 256,
     hessian_images: int | None = None,
     hessian_iters: int = 20,
+    eigenvalue: str = "largest",
     trace_samples: int = 10,
     per_block: bool = False,
     sharpness_step: float = 0.5,
@@ -396,7 +422,8 @@ def landscape(
         points: α values of the 1-D surface, evenly spaced in [−span, span] (over all images).
         grid: α and β values per side of the 2-D surface (on the first ``surface_images`` images).
         hessian_images: images of the Hessian estimates (all by default).
-        hessian_iters: power-iteration steps; trace_samples: Hutchinson probes (0 skips the trace).
+        hessian_iters: power-iteration steps; eigenvalue: which one is the top (``which`` of `hessian_top_eigenvalue`);
+            trace_samples: Hutchinson probes (0 skips the trace).
         per_block: also the top eigenvalue of each block's Hessian (stem, each stage, head).
         sharpness_step: the loss rise sharpness_1d is the mean of L(w ± step·d) − L(w) along the 1-D direction.
         ignore_bn_bias, norm: see `filter_normalized_direction`.
@@ -415,7 +442,7 @@ def landscape(
     two = loss_surface_2d(model, _batches(images, labels, n_surface, batch_size), (d2, d3), steps, steps)
     hessian_batches = _batches(images, labels, n_hessian, batch_size)
     top, trace, blocks = _hessian_estimates(
-        model, hessian_batches, hessian_iters, trace_samples, per_block, generator, hvp
+        model, hessian_batches, hessian_iters, trace_samples, per_block, generator, hvp, eigenvalue
     )
     return {
         "images": len(images),
@@ -425,7 +452,10 @@ def landscape(
         "loss": rise["loss"][0],
         "hessian_top": top,
         "hessian_trace": trace,
-        "hessian_blocks": {name: {"eigenvalue": r["eigenvalue"], "params": r["params"]} for name, r in blocks.items()},
+        "hessian_blocks": {
+            name: {"eigenvalue": r["eigenvalue"], "dominant": r["dominant"], "params": r["params"]}
+            for name, r in blocks.items()
+        },
         "settings": {
             "points": points,
             "span": span,
@@ -433,6 +463,7 @@ def landscape(
             "surface_images": n_surface,
             "hessian_images": n_hessian,
             "hessian_iters": hessian_iters,
+            "eigenvalue": eigenvalue,
             "trace_samples": trace_samples,
             "sharpness_step": sharpness_step,
             "ignore_bn_bias": ignore_bn_bias,
@@ -450,17 +481,25 @@ LOSS = "loss"
 METRICS = (HESSIAN_TOP_EIG, SHARPNESS_1D, LOSS)
 
 
+def _largest(estimate: dict[str, Any]) -> float:
+    """The largest eigenvalue of an estimate; NaN for one saved before estimates had a ``dominant`` (they held the
+    eigenvalue of largest magnitude, which says nothing about the largest where it is negative)."""
+    if "dominant" in estimate or estimate["eigenvalue"] >= 0:
+        return estimate["eigenvalue"]
+    return math.nan
+
+
 def headline(result: dict[str, Any]) -> dict[str, float]:
     """The few numbers a report quotes from a `landscape` result."""
     out = {
-        "hessian_top_eig": result["hessian_top"]["eigenvalue"],
+        "hessian_top_eig": _largest(result["hessian_top"]),
         "sharpness_1d": result["sharpness_1d"],
         "loss": result["loss"],
     }
     if result["hessian_trace"] is not None:
         out["hessian_trace"] = result["hessian_trace"]["trace"]
     for name, block in result["hessian_blocks"].items():
-        out[f"hessian_top_eig_{name}"] = block["eigenvalue"]
+        out[f"hessian_top_eig_{name}"] = _largest(block)
     return out
 
 

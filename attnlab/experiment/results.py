@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..analysis.registry import get_analysis
 from ..errors import AttnlabError
 from ..io import read_json
 from ..stats import describe, paired_test
@@ -162,14 +163,20 @@ def learning_curves(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, li
 
 
 def load_analyses(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
-    """``{(dataset, analysis): {seed: the analysis's JSON}}`` for every analysis of the plan that has finished."""
+    """``{(dataset, analysis): {seed: the analysis's JSON}}`` for every analysis of the plan that has finished.
+
+    The headline numbers are derived again from the saved results by today's code, not read from the file, so that
+    a mended headline (a measure that meant something else) reaches the reports of analyses saved before it."""
     found: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for spec in plan.analyses:
+        headline = get_analysis(spec.name).headline
         for dataset in plan.analysis_datasets(spec):
             for seed in plan.analysis_seeds(spec):
                 path = analysis_dir(out, dataset, seed) / f"{spec.name}.json"
                 if path.is_file():
-                    found.setdefault((dataset, spec.name), {})[seed] = read_json(path)
+                    saved = read_json(path)
+                    saved["headline"] = {label: headline(result) for label, result in saved["results"].items()}
+                    found.setdefault((dataset, spec.name), {})[seed] = saved
     return found
 
 

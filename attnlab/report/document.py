@@ -267,7 +267,8 @@ def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[st
 
 
 def _headline_cell(by_seed: dict[int, dict[str, Any]], label: str, metric: str) -> str:
-    """Mean of one headline metric over the seeds that have it, with half its range across seeds."""
+    """Mean of one headline metric over the seeds that have it, with half its range across seeds (and how many seeds
+    those were, where some seed lacks it)."""
     values = [
         float(result["headline"][label][metric])
         for result in by_seed.values()
@@ -277,7 +278,8 @@ def _headline_cell(by_seed: dict[int, dict[str, Any]], label: str, metric: str) 
     if not values:
         return "n/a"
     spread = f" (±{num((max(values) - min(values)) / 2, 2)})" if len(values) > 1 else ""
-    return num(sum(values) / len(values)) + spread
+    fewer = f", {len(values)} of {len(by_seed)} seeds" if len(values) < len(by_seed) else ""
+    return num(sum(values) / len(values)) + spread + fewer
 
 
 def _analysis_blocks(plan: Plan, out: Path, analyses: dict) -> list[Block]:
