@@ -309,8 +309,17 @@ def _resume(run: Run) -> None:
     if "cuda" in states["rng"] and run.device.type == "cuda":
         torch.cuda.set_rng_state(states["rng"]["cuda"], run.device)
     run.history = info["history"][: run.start_epoch]
+    run.started -= _wall_time(run.history)
     if run.dist.is_main:
         run.log(f"resuming {run.folder.root} after epoch {run.start_epoch}")
+
+
+def _wall_time(history: list[dict[str, Any]]) -> float:
+    """Seconds the processes before a resume spent on the run; for checkpoints that predate ``wall_time`` records,
+    their training seconds (which leave out validation and start-up: a lower bound)."""
+    if not history:
+        return 0.0
+    return history[-1].get("wall_time", sum(h["epoch_time"] for h in history))
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[Tally, int, int, float]:
@@ -423,6 +432,7 @@ def end_epoch(run: Run, epoch: int, tally: Tally, skipped: int, seen: int, secon
         "epoch_time": seconds,
         "img_per_s": seen / seconds,
         "skipped_steps": int(skipped),
+        "wall_time": time.time() - run.started,  # since the run began, every process that trained it together
     }
     run.history.append(record)
     if dist.is_main:
