@@ -30,10 +30,21 @@ def _quiet(_line: str) -> None:
 
 
 def test_compiled_training_matches_eager_keeps_the_keys_and_resumes_bit_identically_after_a_kill(tmp_path):
-    """One compiled reference run serves both checks (each compile of a ResNet costs tens of seconds here): against
-    eager training within float tolerance, and against a compiled run killed after epoch 1 and resumed, bit for bit."""
+    """One compiled reference run serves both checks (each compile of a ResNet costs tens of seconds here): against a
+    compiled run killed after epoch 1 and resumed, bit for bit, and against eager training within float tolerance.
+    The exact check comes first, so that a tolerance failure cannot hide it."""
     reference, eager, compiled = tmp_path / "reference", tmp_path / "eager", ["--compile", "--precision", "fp32"]
     subprocess.run([*cli_train(reference, epochs=3), *compiled], check=True, env=subprocess_env(), capture_output=True)
+    out = tmp_path / "killed"
+    kill_when([*cli_train(out, epochs=3), *compiled], out / "checkpoints" / "epoch-0001.json", timeout=900)
+    assert not (out / "summary.json").exists()
+    resumed = cli_resume(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "warning" not in resumed.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["compile"] is True  # --resume keeps the saved setting
+    assert same_weights(reference / "model.safetensors", out / "model.safetensors")
+    assert [m["val_loss"] for m in metrics(out)] == [m["val_loss"] for m in metrics(reference)]
+
     want = train(tiny(eager, epochs=3, precision="fp32"), log=_quiet)
     got = json.loads((reference / "summary.json").read_text())
     for a, b in zip(metrics(eager), metrics(reference), strict=True):
@@ -48,16 +59,6 @@ def test_compiled_training_matches_eager_keeps_the_keys_and_resumes_bit_identica
         torch.testing.assert_close(w_compiled[key], w_eager[key], rtol=1e-3, atol=1e-4, msg=key)
     assert (got["compile"], want["compile"], got["precision"]) == (True, False, "fp32")
     assert yaml.safe_load((reference / "config.yaml").read_text())["compile"] is True
-
-    out = tmp_path / "killed"
-    kill_when([*cli_train(out, epochs=3), *compiled], out / "checkpoints" / "epoch-0001.json", timeout=900)
-    assert not (out / "summary.json").exists()
-    resumed = cli_resume(out)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout and "warning" not in resumed.stderr
-    assert yaml.safe_load((out / "config.yaml").read_text())["compile"] is True  # --resume keeps the saved setting
-    assert same_weights(reference / "model.safetensors", out / "model.safetensors")
-    assert [m["val_loss"] for m in metrics(out)] == [m["val_loss"] for m in metrics(reference)]
 
 
 @pytest.fixture
