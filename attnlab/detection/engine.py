@@ -34,7 +34,7 @@ from ..train.config import autocast_dtype
 from ..train.cost import count_flops, measure_latency
 from ..train.engine import TrainingDiverged, device_name, opened_run, versions
 from ..train.optim import make_optimizer, make_scheduler, schedule_for
-from ..train.rundir import RunDir
+from ..train.rundir import RunDir, wall_time_before
 from .config import RESUMABLE_CHANGES, DetectConfig
 from .detector import create_detector
 
@@ -270,6 +270,7 @@ def _train(cfg, dist, device, run: RunDir, resume: bool, progress, log) -> dict[
     if resume and (found := latest_checkpoint(run.checkpoints)) is not None:
         start_epoch, states, info = found
         state.restore(states, info["history"][:start_epoch])
+        started -= wall_time_before(state.history)
         if dist.is_main:
             log(f"resuming {run.root} after epoch {start_epoch}")
     if dist.is_main:
@@ -284,6 +285,7 @@ def _train(cfg, dist, device, run: RunDir, resume: bool, progress, log) -> dict[
         record = {"epoch": epoch + 1, **{k: v for k, v in train.items() if k != "images"}}
         record.update({f"val_{k}": v for k, v in val.items()})
         record.update(lr=state.scheduler.get_last_lr()[0], epoch_time=seconds, img_per_s=train["images"] / seconds)
+        record["wall_time"] = time.time() - started  # since the run began, every process that trained it together
         state.history.append(record)
         if dist.is_main:
             save_checkpoint(run.checkpoints, epoch + 1, state.states(), {"history": state.history})

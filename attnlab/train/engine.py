@@ -41,7 +41,7 @@ from .config import RESUMABLE_CHANGES, TrainConfig, autocast_dtype, first_differ
 from .cost import count_flops, measure_latency
 from .evaluate import Tally, check_labels, evaluate
 from .optim import make_optimizer, make_scheduler, schedule_for
-from .rundir import RunDir
+from .rundir import RunDir, wall_time_before
 
 
 class TrainingDiverged(AttnlabError):
@@ -309,17 +309,9 @@ def _resume(run: Run) -> None:
     if "cuda" in states["rng"] and run.device.type == "cuda":
         torch.cuda.set_rng_state(states["rng"]["cuda"], run.device)
     run.history = info["history"][: run.start_epoch]
-    run.started -= _wall_time(run.history)
+    run.started -= wall_time_before(run.history)
     if run.dist.is_main:
         run.log(f"resuming {run.folder.root} after epoch {run.start_epoch}")
-
-
-def _wall_time(history: list[dict[str, Any]]) -> float:
-    """Seconds the processes before a resume spent on the run; for checkpoints that predate ``wall_time`` records,
-    their training seconds (which leave out validation and start-up: a lower bound)."""
-    if not history:
-        return 0.0
-    return history[-1].get("wall_time", sum(h["epoch_time"] for h in history))
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[Tally, int, int, float]:

@@ -15,6 +15,14 @@ from ..io import check_writable, make_dir, write_text_atomic
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoints")
 
 
+def wall_time_before(history: list[dict]) -> float:
+    """Seconds the processes before a resume spent on a run, from its per-epoch records (``wall_time``, since the run
+    began); for checkpoints that predate those, their training seconds (no validation or start-up: a lower bound)."""
+    if not history:
+        return 0.0
+    return history[-1].get("wall_time", sum(h["epoch_time"] for h in history))
+
+
 class RunDir:
     """Paths of a run's files under ``root``."""
 
