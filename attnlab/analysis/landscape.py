@@ -377,7 +377,9 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, n: int, batch_size: int
     return list(zip(images[:n].split(batch_size), labels[:n].split(batch_size)))
 
 
-def _hessian_estimates(model, batches, iters: int, trace_samples: int, per_block: bool, generator, hvp: str, which):
+def _hessian_estimates(
+    model, batches, iters: int, trace_samples: int, per_block: bool, generator, hvp: str, which: str
+):
     """(top eigenvalue, Hutchinson trace or None, {block: top eigenvalue}) of the loss Hessian on ``batches``."""
     kw = dict(generator=generator, hvp=hvp)
     with _eval_mode(model):
