@@ -270,8 +270,13 @@ def cmd_data(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------------------- analyze
 
 
+def _shown(numbers: dict[str, Any]) -> str:
+    """``metric value, ...`` of a headline."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items())
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import run_analysis
+    from .analysis import group_means, headlines, run_analysis
 
     report = run_analysis(
         args.name,
@@ -284,9 +289,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         compile=bool(args.compile),
         **dict(args.option),
     )
-    for label, numbers in report["headline"].items():
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items())
-        print(f"{label}: {shown}")
+    for label, numbers in headlines(report).items():
+        print(f"{label}: {_shown(numbers)}")
+    for group, means in group_means(report).items():
+        seeds = ", ".join(map(str, report["groups"][group]["seeds"]))
+        print(f"{group}, mean over seeds {seeds}: {_shown({k: v['mean'] for k, v in means.items()})}")
     print(f"wrote {args.out}/{args.name}.json and {len(report['plots'])} plot(s)")
     return 0
 

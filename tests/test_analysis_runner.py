@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnlab.analysis import ANALYSES, analysis_options, run_analysis
-from attnlab.analysis.runner import _groups
+from attnlab.analysis.runner import _groups, group_means, headlines
 from attnlab.cli import main
 from attnlab.data import Source, Split, register_dataset
 from attnlab.train import TrainConfig, train
@@ -62,8 +62,8 @@ def test_seeds_trained_under_stop_and_skip_are_one_recipe_and_another_lr_is_not(
         "skip": TrainConfig(model="se_resnet20", seed=1, nonfinite="skip", compile=True),
         "lr": TrainConfig(model="se_resnet20", seed=2, lr=0.05),
     }
-    (group,) = _groups(configs, {label: {"x": float(i)} for i, label in enumerate(configs)}).values()
-    assert group["members"] == ["stop", "skip"] and group["headline"]["x"]["mean"] == 0.5
+    (group,) = _groups(configs).values()
+    assert group == {"members": ["stop", "skip"], "seeds": [0, 1]}
 
 
 def test_consistency_writes_json_plots_and_seed_groups(runs, tmp_path, capsys):
@@ -89,8 +89,10 @@ def test_consistency_writes_json_plots_and_seed_groups(runs, tmp_path, capsys):
     ]
     assert _run(argv) == 0
     report = json.loads((out / "consistency.json").read_text())
-    assert set(report["headline"]) == {"se0", "se1", "cbam"}
-    for numbers in report["headline"].values():
+    assert "headline" not in report  # derived from the results, never stored beside them
+    numbers_of = headlines(report)
+    assert set(numbers_of) == {"se0", "se1", "cbam"}
+    for numbers in numbers_of.values():
         assert {
             "spearman_ablation",
             "spearman_ablation_ci_low",
@@ -100,13 +102,16 @@ def test_consistency_writes_json_plots_and_seed_groups(runs, tmp_path, capsys):
         } <= set(numbers)
     (group,) = report["groups"].values()  # the two se_resnet20 seeds, not the cbam run
     assert group["members"] == ["se0", "se1"] and group["seeds"] == [0, 1]
-    values = [report["headline"][m]["spearman_ablation"] for m in ("se0", "se1")]
-    assert group["headline"]["spearman_ablation"]["mean"] == pytest.approx(sum(values) / 2)
+    values = [numbers_of[m]["spearman_ablation"] for m in ("se0", "se1")]
+    (means,) = group_means(report).values()
+    assert means["spearman_ablation"]["mean"] == pytest.approx(sum(values) / 2)
     assert report["images"] == {"se0": 12, "se1": 12, "cbam": 12}
     assert "consistency_layers.png" in report["plots"] and len(report["plots"]) == 4
     for name in report["plots"]:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"se_resnet20@synthetic, mean over seeds 0, 1: spearman_ablation {sum(values) / 2:.4g}" in printed
+    assert "wrote" in printed
 
 
 def test_smoothness_and_landscape_compare_checkpoints(runs, tmp_path):
@@ -134,9 +139,9 @@ def test_smoothness_and_landscape_compare_checkpoints(runs, tmp_path):
         == 0
     )
     report = json.loads((out / "smoothness.json").read_text())
-    assert set(report["headline"]) == {"SE", "CBAM"}
+    assert set(headlines(report)) == {"SE", "CBAM"}
     assert {"tv_same", "tv_diff", "flips_diff", "input_grad_norm", "jacobian_fro", "noise_acc_at_0.3"} <= set(
-        report["headline"]["SE"]
+        headlines(report)["SE"]
     )
     assert report["plots"] == ["smoothness_curves.png"] and (out / "smoothness_curves.png").exists()
     assert (
@@ -157,14 +162,14 @@ def test_smoothness_and_landscape_compare_checkpoints(runs, tmp_path):
         == 0
     )
     report = json.loads((out / "landscape.json").read_text())
-    assert {"hessian_top_eig", "hessian_trace", "sharpness_1d"} <= set(report["headline"]["se0"])
+    assert {"hessian_top_eig", "hessian_trace", "sharpness_1d"} <= set(headlines(report)["se0"])
     assert len(report["plots"]) == 5 and all((out / p).exists() for p in report["plots"])
 
 
 def test_localization_on_a_dataset_with_boxes(runs, tmp_path):
     out = tmp_path / "out"
     report = run_analysis("localization", [runs / "cram"], out, images=8, transforms=["hflip", "shift"])
-    numbers = report["headline"]["cram"]
+    numbers = headlines(report)["cram"]
     assert {"iou_rect", "iou_map_rectangle", "cross_layer_iou", "equivariance_error"} <= set(numbers)
     assert 0 <= numbers["iou_rect"] <= 1
     assert set(report["results"]["cram"]["layers"][0]["equivariance_error"]) == {"hflip", "shift"}

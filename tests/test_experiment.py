@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from attnlab.analysis import headlines
 from attnlab.cli import main
 from attnlab.errors import AttnlabError
 from attnlab.experiment import (
@@ -459,7 +460,8 @@ def test_an_analysis_goes_on_without_a_failed_run(compared, tmp_path):
     plan.analyses = [AnalysisSpec("smoothness", options=options)]
     said = []
     _analyse_all(plan, out, said.append, CompareOutcome())
-    headline = [json.loads((out / f"analyses/synthetic/seed{s}/smoothness.json").read_text())["headline"] for s in "01"]
+    saved = [json.loads((out / f"analyses/synthetic/seed{s}/smoothness.json").read_text()) for s in "01"]
+    headline = [headlines(result) for result in saved]
     assert list(headline[0]) == ["resnet20", "fmm_resnet20[merge=gate]"] and list(headline[1]) == ["resnet20"]
     assert "compare: smoothness on synthetic seed 1: fmm_resnet20[merge=gate] not finished; analysing the others" in (
         said
@@ -475,9 +477,9 @@ def test_analyses_run_once_per_seed_and_reach_the_report(compared, tmp_path):
     outcome = run_compare(plan, out, resume=True, log=quiet)
     assert outcome.trained == [] and outcome.analysed == ["smoothness/synthetic/seed0", "smoothness/synthetic/seed1"]
     results = [json.loads((out / f"analyses/synthetic/seed{s}/smoothness.json").read_text()) for s in (0, 1)]
-    assert list(results[0]["headline"]) == ["resnet20", "fmm_resnet20[merge=gate]"]
+    assert list(headlines(results[0])) == ["resnet20", "fmm_resnet20[merge=gate]"]
     assert run_compare(plan, out, resume=True, log=quiet).analysed == []  # done, same spec: not rerun
-    tv = [r["headline"]["resnet20"]["tv_same"] for r in results]
+    tv = [headlines(r)["resnet20"]["tv_same"] for r in results]
     report = (out / "report.md").read_text()
     assert "### smoothness on synthetic" in report
     assert f"| tv_same | {sum(tv) / 2:.4g} (±{abs(tv[0] - tv[1]) / 2:.2g}) |" in report

@@ -6,7 +6,8 @@
 - ``localization``: where does spatial attention look? (`attnlab.analysis.localization`)
 
 `registry` holds one record per analysis (function, headline metrics, figures); `run_analysis` loads trained runs,
-runs one analysis on each, and writes ``OUT/<name>.json`` and ``OUT/<name>_*.png``.
+runs one analysis on each, and writes ``OUT/<name>.json`` and ``OUT/<name>_*.png``; `headlines` derives the numbers
+to quote from such a JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .landscape import (
 from .localization import box_iou, localization, localization_iou, polygon_iou, rectangle_box_iou
 from .ranks import kendall_rows, spearman_rows, topk_overlap
 from .registry import ANALYSES, Analysis, analysis_options, get_analysis
-from .runner import run_analysis
+from .runner import group_means, headlines, run_analysis
 from .sites import GateSite, gate_sites
 from .smoothness import input_gradient_norm, jacobian_frobenius, noise_robustness, path_smoothness, smoothness
 
@@ -42,6 +43,8 @@ __all__ = [
     "gate_sites",
     "get_analysis",
     "gradient_x_activation",
+    "group_means",
+    "headlines",
     "hessian_top_eigenvalue",
     "hessian_trace",
     "input_gradient_norm",

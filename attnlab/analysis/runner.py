@@ -2,9 +2,10 @@
 
 Each checkpoint (a run folder) is loaded with `attnlab.train.load_trained`, its dataset from the run's config, and the
 analysis runs on ``images`` test images, the same ones for every checkpoint (the first of a permutation seeded by
-``seed``). The JSON holds every number, ``"headline"`` ({label: {metric: value}}, what a report quotes) and
-``"groups"``: runs that differ only in their training seed are grouped, and each headline metric gets a mean with a
-95% interval over the group's seeds.
+``seed``). The JSON holds every number (``"results"`` per label) and ``"groups"``: the labels of runs that differ
+only in their training seed. It holds no headline: `headlines` and `group_means` derive those numbers from the
+results with today's code (the CLI's printout and the reports do), so a mended headline reaches analyses saved
+before it and a file never says two things.
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def _load(checkpoint: Path, device: str, cache: dict[str, DataBundle]) -> tuple[
     return model, cfg, cache[key]
 
 
-def _groups(configs: dict[str, Any], headlines: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Runs whose configs differ only in the seed (and other settings that do not change the recipe), with a mean and
-    95% interval of every headline metric over their seeds."""
+def _groups(configs: dict[str, Any]) -> dict[str, Any]:
+    """Runs whose configs differ only in the seed (and other settings that do not change the recipe):
+    ``{"model@dataset": {"members": [label, ...], "seeds": [...]}}``, groups of one left out."""
     buckets: dict[str, list[str]] = {}
     for label, cfg in configs.items():
         recipe = {k: v for k, v in cfg.to_dict().items() if k not in SAME_RECIPE}
@@ -86,13 +87,25 @@ def _groups(configs: dict[str, Any], headlines: dict[str, dict[str, float]]) -> 
         name = f"{cfg.model}@{cfg.dataset}"
         while name in groups:
             name += "'"
-        metrics = sorted(set().union(*(headlines[m] for m in members)))
-        groups[name] = {
-            "members": members,
-            "seeds": [configs[m].seed for m in members],
-            "headline": {k: mean_ci([headlines[m].get(k, math.nan) for m in members]) for k in metrics},
-        }
+        groups[name] = {"members": members, "seeds": [configs[m].seed for m in members]}
     return groups
+
+
+def headlines(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{label: {metric: value}}`` of a saved analysis (`run_analysis`'s JSON): what a report quotes."""
+    headline = get_analysis(report["analysis"]).headline
+    return {label: headline(result) for label, result in report["results"].items()}
+
+
+def group_means(report: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{group: {metric: mean_ci}}``: each headline metric's mean and 95% interval over a seed group's members."""
+    numbers = headlines(report)
+    means = {}
+    for name, group in report.get("groups", {}).items():
+        members = [numbers[m] for m in group["members"]]
+        metrics = dict.fromkeys(k for m in members for k in m)  # in the headline's own order
+        means[name] = {k: mean_ci([m.get(k, math.nan) for m in members]) for k in metrics}
+    return means
 
 
 def _analyse_one(analysis: Analysis, path: Path, model, cfg, bundle, images: int, seed: int, device: str, options):
@@ -145,8 +158,8 @@ def run_analysis(
         **options: options of the analysis (`analysis_options(name)` lists them with their defaults).
 
     Returns:
-        The JSON dict: ``results`` per label, ``headline`` {label: {metric: float}}, ``groups`` over seeds,
-        ``plots`` (PNG file names).
+        The JSON dict: ``results`` per label, ``groups`` over seeds, ``plots`` (PNG file names); `headlines` and
+        `group_means` of it are the numbers to quote.
     """
     analysis = get_analysis(name)
     options = check_analysis_options(name, options)
@@ -170,7 +183,6 @@ def run_analysis(
         results[label], extra, n_images[label], seconds[label] = found
         if extra is not None:
             extras[label] = extra
-    headlines = {label: analysis.headline(r) for label, r in results.items()}
     out = make_dir(out, "--out")
     written = analysis.figures(results, extras, out)
     for result in results.values():
@@ -186,8 +198,7 @@ def run_analysis(
         "compile": compiled,
         "options": options,
         "seconds": seconds,
-        "headline": headlines,
-        "groups": _groups(configs, headlines),
+        "groups": _groups(configs),
         "results": results,
         "plots": written,
     }
@@ -196,4 +207,4 @@ def run_analysis(
     return report
 
 
-__all__ = ["check_analysis_options", "run_analysis"]
+__all__ = ["check_analysis_options", "group_means", "headlines", "run_analysis"]

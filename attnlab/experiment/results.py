@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..analysis.registry import get_analysis
+from ..analysis.runner import headlines
 from ..errors import AttnlabError
 from ..io import read_json
 from ..stats import describe, paired_test
@@ -165,17 +165,16 @@ def learning_curves(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, li
 def load_analyses(plan: Plan, out: Path) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
     """``{(dataset, analysis): {seed: the analysis's JSON}}`` for every analysis of the plan that has finished.
 
-    The headline numbers are derived again from the saved results by today's code, not read from the file, so that
-    a mended headline (a measure that meant something else) reaches the reports of analyses saved before it."""
+    Each gets its ``"headline"`` (`attnlab.analysis.headlines`: derived from the saved results by today's code; a
+    ``"headline"`` saved by older versions is replaced, so a mended measure reaches analyses saved before it)."""
     found: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for spec in plan.analyses:
-        headline = get_analysis(spec.name).headline
         for dataset in plan.analysis_datasets(spec):
             for seed in plan.analysis_seeds(spec):
                 path = analysis_dir(out, dataset, seed) / f"{spec.name}.json"
                 if path.is_file():
                     saved = read_json(path)
-                    saved["headline"] = {label: headline(result) for label, result in saved["results"].items()}
+                    saved["headline"] = headlines(saved)
                     found.setdefault((dataset, spec.name), {})[seed] = saved
     return found
 
