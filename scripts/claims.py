@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("compare_flags", nargs="*", help="after --: more flags for every `attnlab compare`")
     args = p.parse_args(argv)
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
+    if args.status and args.compare_flags:
+        p.error("--status counts the presets' own runs; flags after -- would change them, so it takes none")
     if args.status:
         for name in names:
             print(status(name, args.budget, args.runs, args.results / name, _others(name, args.runs, args.results)))

@@ -73,6 +73,12 @@ def test_status_and_prepare_take_the_same_finished_runs(claims, tmp_path):
     assert claims.status("consistency", "cpu", runs, keep, others) == line
 
 
+def test_status_refuses_trial_flags_it_would_not_count_with(claims, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        claims.main(["--status", "--", "--epochs", "1"])
+    assert stopped.value.code == 2 and "--status counts the presets' own runs" in capsys.readouterr().err
+
+
 def test_the_gpu_campaign_script_runs_a_tiny_trial_on_the_cpu(tmp_path):
     """`scripts/claims_gpu.sh` end to end at a tiny budget: trains, analyses, exports and archives the small files."""
     data = tmp_path / "data"
