@@ -278,7 +278,7 @@ def _power_iteration(hvp: HessianVectorProduct, v: list[torch.Tensor], iters: in
     """Rayleigh quotients vᵀHv of ``iters`` steps of power iteration on H − shift·I from the unit vector ``v``."""
     history = []
     for _ in range(iters):  # each step is one batched Hessian-vector product
-        hv = [h - shift * vi for h, vi in zip(hvp(v), v)] if shift else hvp(v)
+        hv = [h - shift * vi for h, vi in zip(hvp(v), v)]
         history.append(float(_dot(v, hv)) + shift)
         norm = torch.sqrt(_dot(hv, hv))
         if norm == 0:
