@@ -124,8 +124,9 @@ def test_bad_entries_are_one_line_errors(text, message):
 def test_train_and_detect_take_an_entry_as_their_model(tmp_path, capsys):
     """A report names a run by its entry; `attnlab train --model ENTRY` (and `detect train`) trains that entry's
     network and recipe, the flags given beside it winning."""
-    from attnlab.cli import build_parser, config_from_args
-    from attnlab.detection.cli import config_from_args as detect_config_from_args
+    from attnlab.cli import build_parser
+    from attnlab.cli.detect import config_from_args as detect_config_from_args
+    from attnlab.cli.run import config_from_args
 
     parse = build_parser().parse_args
     entry = "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,equivariance=0.1]"

@@ -1,13 +1,13 @@
-"""``attnlab detect train|eval``: the detection subcommand's flags and handlers (`attnlab.cli` adds the parser)."""
+"""``attnlab detect train|eval``: a detector with an attnlab backbone, trained and evaluated."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import AttnlabError
+from .common import add_key_values, add_precision_flags
 
 DATASETS_HELP = (
     "detection-fashion-mnist (1-5 garments per canvas, with clutter) or coco:PATH (PATH holding train.json + "
@@ -17,15 +17,10 @@ DATASETS_HELP = (
 DICT_FIELDS = ("model_kwargs", "detector_kwargs", "dataset_options")
 
 
-def add_parser(
-    sub: argparse._SubParsersAction,
-    key_value: Callable[[str], tuple[str, Any]],
-    precision_flags: Callable[[argparse._ArgumentGroup], None],
-) -> None:
-    """Add ``detect`` with its ``train`` and ``eval`` subcommands to ``sub`` (``key_value`` parses ``KEY=VALUE``,
-    ``precision_flags`` adds the classifiers' ``--precision``/``--amp``)."""
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """``detect`` with its ``train`` and ``eval`` subcommands."""
+    from ..detection.detector import DETECTORS
     from ..train.config import SCHEDULES
-    from .detector import DETECTORS
 
     detect = sub.add_parser("detect", help="object detection: Faster R-CNN / RetinaNet with an attnlab backbone")
     actions = detect.add_subparsers(dest="action", required=True, parser_class=type(detect))
@@ -46,7 +41,7 @@ def add_parser(
     g.add_argument("--subset", type=int, help="train on N images of a seeded shuffle (quick runs)")
     g.add_argument("--val-size", type=float, help="validation images carved from train (count, or fraction if < 1)")
     g.add_argument("--device", help="cpu or cuda[:N]")
-    precision_flags(g)
+    add_precision_flags(g)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="default: on a terminal")
     g = p.add_argument_group("recipe")
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--momentum", float)):
@@ -71,14 +66,14 @@ def add_parser(
         ("--detector-arg", "detector_kwargs", "box_batch_size_per_image=128"),
         ("--data-arg", "dataset_options", "canvas=64"),
     ):
-        g.add_argument(flag, dest=dest, type=key_value, action="append", default=[], metavar="KEY=VALUE", help=example)
+        add_key_values(g, flag, example, dest=dest)
     p.set_defaults(func=cmd_detect_train)
 
     p = actions.add_parser("eval", help="COCO metrics of a trained detector on a split")
     p.add_argument("--checkpoint", required=True, help="detect run folder or its model.safetensors")
     p.add_argument("--dataset", help="default: the run's own dataset")
     p.add_argument("--data-dir")
-    p.add_argument("--data-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    add_key_values(p, "--data-arg")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
@@ -94,10 +89,10 @@ def _int_list(text: str) -> list[int]:
 
 def config_from_args(args: argparse.Namespace):
     """`DetectConfig` from defaults ← --config file (or, resuming, the run's own) ← flags given here."""
+    from ..detection.config import DetectConfig
     from ..experiment.plan import unfold_model_entry
     from ..io import read_yaml
     from ..train.rundir import RunDir
-    from .config import DetectConfig
 
     unfold_model_entry(args, "detect", "model_kwargs")
     values: dict[str, Any] = {}
@@ -119,14 +114,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_detect_train(args: argparse.Namespace) -> int:
-    from .engine import train_detector
+    from ..detection.engine import train_detector
 
     train_detector(config_from_args(args), resume=args.resume, progress=args.progress)
     return 0
 
 
 def cmd_detect_eval(args: argparse.Namespace) -> int:
-    from .load import evaluate_run
+    from ..detection.load import evaluate_run
 
     if args.batch_size < 1:
         raise AttnlabError(f"--batch-size must be ≥ 1, got {args.batch_size}")
