@@ -24,11 +24,12 @@ demo: data
 	$(PY) -m attnlab compare --preset quick --out runs/demo --resume --jobs 2
 
 test: data  # the 20 slowest tests are listed at the end: the suite should stay under ~10 min on 2 cores
-	$(PY) -m ruff check attnlab tests benchmarks
+	$(PY) -m ruff check attnlab tests benchmarks studies
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -q --durations=20
 
-claims: data  # every claim preset at its cpu budget, resumable; small files kept under results/claims/
-	$(PY) scripts/claims.py --budget cpu --compile
+claims: data  # every claim preset at its cpu budget, resumable; small files kept under studies/results/claims/
+	$(PY) studies/claims.py --budget cpu --compile
+	$(PY) studies/digest.py
 
 bench: data
 	$(PY) benchmarks/train_speed.py

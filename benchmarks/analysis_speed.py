@@ -13,7 +13,7 @@ se_resnet20 with random BatchNorm affine parameters (timings do not depend on wh
 scales keep the gates from being silenced by the zero-initialised last BN of each block). The machine may be shared:
 the load average before and after each measurement is recorded. Writes ``OUT/analysis_speed.json`` and ``.csv``.
 
-    python benchmarks/analysis_speed.py --threads 2 --images 1000 --out results
+    python benchmarks/analysis_speed.py --threads 2 --images 1000 --out studies/results/benchmarks
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=250, help="images per Hessian-vector product batch")
     parser.add_argument("--skip", choices=("consistency", "hessian"), action="append", default=[])
-    parser.add_argument("--out", default="results")
+    parser.add_argument("--out", default="studies/results/benchmarks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y, source = _images(args.images)

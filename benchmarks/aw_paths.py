@@ -6,7 +6,7 @@ each implementation of `awconv.IMPLS` that applies to the generator (the loop on
 reference). All candidates of one shape run round-robin in one process (`timing.interleaved_medians`); the time is
 relative to a plain ``nn.Conv2d`` of the same shape. Writes ``OUT/aw_paths.csv``.
 
-    python benchmarks/aw_paths.py --threads 2 --out results
+    python benchmarks/aw_paths.py --threads 2 --out studies/results/benchmarks
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--inputs", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--out", default="results")
+    parser.add_argument("--out", default="studies/results/benchmarks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

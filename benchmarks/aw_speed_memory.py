@@ -22,7 +22,7 @@ Three measurements on the CPU (threads as given, ``--threads 1`` by default; eve
 Models: ``resnet20``, ``aw_resnet20`` (default full generator) and ``aw_resnet20`` with the factorized generator.
 Writes ``OUT/aw_speed_memory.json`` and ``OUT/aw_speed_memory.csv`` and prints a summary.
 
-    OMP_NUM_THREADS=1 python benchmarks/aw_speed_memory.py --out results
+    OMP_NUM_THREADS=1 python benchmarks/aw_speed_memory.py --out studies/results/benchmarks
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def run_worker(args: list[str], env_extra: dict[str, str], threads: int) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="results", help="directory for aw_speed_memory.json / .csv")
+    parser.add_argument("--out", default="studies/results/benchmarks", help="directory for aw_speed_memory.json / .csv")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds; the minimum is reported")
     parser.add_argument("--layer-batch", type=int, default=128)

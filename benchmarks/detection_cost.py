@@ -7,7 +7,7 @@ image: process CPU time (what the work costs, robust to other processes on a sha
 median over steps; then what one epoch of ``--train-images`` plus one validation pass of ``--val-images`` costs.
 
     OMP_NUM_THREADS=1 python benchmarks/detection_cost.py --models resnet20,se_resnet20,aw_resnet20,aw_se_resnet20 \
-        --canvas 64 --out results/detection_cost.csv
+        --canvas 64 --out studies/results/benchmarks/detection_cost.csv
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    parser.add_argument("--out", default="results/fmm_variants")
+    parser.add_argument("--out", default="studies/results/benchmarks/fmm_variants")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
     args = parser.parse_args(argv)
 

@@ -9,7 +9,7 @@ happens in the untimed warm-up rounds; its time is recorded. A model that fails 
 and timed eager only. ``--modes`` compares compile modes on resnet20 and one attention model first.
 Writes ``OUT/prefix_cost.csv``.
 
-    python benchmarks/prefix_cost.py --threads 2 --out results
+    python benchmarks/prefix_cost.py --threads 2 --out studies/results/benchmarks
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("--mode", default="default", help="torch.compile mode of the measurement")
     parser.add_argument("--modes", nargs="*", default=[], help="first compare these modes on none and cbam")
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"))
-    parser.add_argument("--out", default="results")
+    parser.add_argument("--out", default="studies/results/benchmarks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # dynamo counts recompilations per code object across instances: nine compiled ResNets of one class in one

@@ -543,19 +543,12 @@ def test_every_claim_preset_has_a_cpu_budget_with_the_converged_settings():
             continue
         cpu = preset.budget("cpu")
         if preset.task == "detect":  # issue 14 sizes it by measuring, not by issue 12's classification rules
-            assert cpu.seeds >= 3 and cpu.note, name
+            assert cpu.seeds >= 3, name
             continue
         assert cpu.seeds >= 3 and cpu.recipe["precision"] == "bf16" and cpu.recipe["epochs"] >= 15, name
         assert cpu.recipe["subset"] is None, name  # the whole Fashion-MNIST training split
         if CLUTTERED in preset.datasets:
             assert cpu.dataset_recipe[CLUTTERED]["epochs"] >= 10, name
-
-
-def test_a_budget_note_speaks_only_of_the_datasets_a_comparison_trains_on():
-    cpu = PRESETS["cram"].budget("cpu")
-    assert "55,000" not in cpu.note_for([CLUTTERED]) and "64×64" in cpu.note_for([CLUTTERED])
-    both = cpu.note_for(["fashion-mnist", CLUTTERED])
-    assert both.startswith(cpu.note) and both.index("55,000") < both.index("64×64")
 
 
 def test_fmm_claims_keep_plain_and_gated_products_apart():

@@ -3,7 +3,9 @@ and weights that come back bit-identical."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,8 @@ from attnlab.analysis.landscape import (
     perturbed_weights,
     select_parameters,
 )
+
+COMMITTED = Path(__file__).resolve().parents[1] / "studies" / "results"
 
 
 def _small_model() -> nn.Module:
@@ -104,16 +108,27 @@ def test_the_top_eigenvalue_is_the_largest_even_where_a_negative_one_is_larger_i
         hessian_top_eigenvalue(model, saddle, batches, which="smallest")
 
 
-def test_the_headline_does_not_pass_off_a_dominant_negative_eigenvalue_as_the_largest():
-    """Results saved before estimates had a ``dominant`` hold the eigenvalue of largest magnitude: a positive one is
-    the largest, a negative one says nothing about it."""
-    saved = {"sharpness_1d": 0.1, "loss": 0.2, "hessian_trace": None, "hessian_blocks": {}}
-    assert headline({**saved, "hessian_top": {"eigenvalue": 97.2}})["hessian_top_eig"] == 97.2
-    assert math.isnan(headline({**saved, "hessian_top": {"eigenvalue": -368.7}})["hessian_top_eig"])
-    new = {"eigenvalue": 12.5, "dominant": -368.7}
-    blocks = {"head": {"eigenvalue": -1.0, "params": 3}}
-    got = headline({**saved, "hessian_top": new, "hessian_blocks": blocks})
+def test_the_headline_of_a_saved_json_quotes_the_largest_eigenvalue_never_the_dominant_one():
+    """A saved JSON holds null for a number that was not finite: the headline reads it back as NaN."""
+    saved = {"sharpness_1d": 0.1, "loss": 0.2, "hessian_trace": None}
+    blocks = {"head": {"eigenvalue": None, "dominant": -1.0, "params": 3}}
+    got = headline({**saved, "hessian_top": {"eigenvalue": 12.5, "dominant": -368.7}, "hessian_blocks": blocks})
     assert got["hessian_top_eig"] == 12.5 and math.isnan(got["hessian_top_eig_head"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted(COMMITTED.glob("**/landscape.json")), ids=lambda p: p.relative_to(COMMITTED).as_posix()
+)
+def test_committed_landscape_json_holds_the_estimates_the_library_writes(path):
+    """Every estimate has its ``dominant``; the largest eigenvalue is at least the dominant one, or null where it was
+    never estimated."""
+    estimates = [
+        estimate
+        for result in json.loads(path.read_text())["results"].values()
+        for estimate in (result["hessian_top"], *result["hessian_blocks"].values())
+    ]
+    assert estimates and all("dominant" in e for e in estimates)
+    assert all(e["eigenvalue"] is None or e["eigenvalue"] >= e["dominant"] for e in estimates)
 
 
 def test_hutchinson_trace_is_the_mean_of_exact_quadratic_forms():

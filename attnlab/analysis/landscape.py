@@ -484,11 +484,9 @@ METRICS = (HESSIAN_TOP_EIG, SHARPNESS_1D, LOSS)
 
 
 def _largest(estimate: dict[str, Any]) -> float:
-    """The largest eigenvalue of an estimate; NaN for one saved before estimates had a ``dominant`` (they held the
-    eigenvalue of largest magnitude, which says nothing about the largest where it is negative)."""
-    if "dominant" in estimate or estimate["eigenvalue"] >= 0:
-        return estimate["eigenvalue"]
-    return math.nan
+    """The largest eigenvalue of an estimate; NaN where it is not a number (a saved JSON holds null for NaN)."""
+    value = estimate["eigenvalue"]
+    return math.nan if value is None else value
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

@@ -47,8 +47,6 @@ class Budget:
         dataset_recipe: `TrainConfig` settings per dataset (over ``recipe``).
         dataset_options: dataset options per dataset (e.g. the cluttered canvas).
         analysis_images: images per analysis name (missing: the preset's own).
-        note: how the numbers were chosen (what was measured, on which machine).
-        dataset_notes: the same per dataset, shown only for the datasets a comparison trains on.
     """
 
     seeds: int
@@ -56,12 +54,6 @@ class Budget:
     dataset_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     analysis_images: dict[str, int] = field(default_factory=dict)
-    note: str = ""
-    dataset_notes: dict[str, str] = field(default_factory=dict)
-
-    def note_for(self, datasets: Sequence[str]) -> str:
-        """The budget's note with those of ``datasets`` (a comparison's, in its order)."""
-        return "; ".join(n for n in (self.note, *(self.dataset_notes.get(d, "") for d in datasets)) if n)
 
 
 @dataclass(frozen=True)
@@ -109,7 +101,7 @@ class Preset:
 
 FULL_RECIPE: dict[str, Any] = {"epochs": 15, "subset": None}
 CLUTTERED = "cluttered-fashion-mnist"
-CRAM_EQ = "cram_resnet20[equivariance=0.1]"
+CRAM_EQ = "cram_resnet20[cram.equivariance=0.1]"
 GATED = ("se_resnet20", "cbam_resnet20", "cram_resnet20")
 FMM_PLAIN = (
     "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1]",
@@ -117,10 +109,9 @@ FMM_PLAIN = (
     "fmm_resnet20[merge=mul]",
     "fmm_resnet20[merge=mul_bn]",
 )
-"""The paper's literal products, with the two fixes the author's later Caltech log found decisive (BN biases fixed at
-1, which also zeroes F's BN weight at init, see `MulBNMerge`; no activation after the merge). The fixed forms come
-first, so a campaign that spans sessions trains them first: the bare `mul` and `mul_bn` sat at chance in every run so
-far (2 epochs on 8,000 images, and 5 epochs on 10,000)."""
+"""The paper's literal products, bare and with two fixes (BN biases fixed at 1, which also zeroes F's BN weight at init,
+see `MulBNMerge`; no activation after the merge). The fixed forms come first, so a campaign that spans sessions trains
+them first (docs/MEASUREMENTS.md says why)."""
 FMM_GATED = (
     "fmm_resnet20[merge=gate]",
     "fmm_resnet20[merge=gate_shortcut]",
@@ -138,33 +129,18 @@ CPU = Budget(
     dataset_recipe={CLUTTERED: {"epochs": 10, "subset": 12000, "val_size": 2000}},
     dataset_options={CLUTTERED: {"canvas": 64}},
     analysis_images={"consistency": 1000, "localization": 1000, "smoothness": 1000, "landscape": 500},
-    note="converges on the 2-core CPU in bf16 autocast",
-    dataset_notes={
-        "fashion-mnist": "Fashion-MNIST's whole training split (55,000 train / 5,000 validation), 15 epochs",
-        CLUTTERED: (
-            "cluttered-fashion-mnist at the 64×64 canvas of the earlier runs with the largest training set that keeps "
-            "its slowest run (CRAM with the equivariance term, measured at 74 img/s per thread at 64×64 in bf16) near "
-            "15 minutes for 10 epochs on 2 threads"
-        ),
-    },
 )
-"""The ``cpu`` budget of every claim preset (``--budget cpu``): what converges on the project's 2-core machine."""
+"""The ``cpu`` budget of every claim preset (``--budget cpu``): what converges on a 2-core CPU in bf16 autocast
+(docs/MEASUREMENTS.md, "Claim preset budgets", says how it was sized)."""
 
 DETECTION = "detection-fashion-mnist"
 DETECTION_CPU = Budget(
     seeds=3,
     recipe={"epochs": 3, "precision": "bf16"},
     dataset_options={DETECTION: {"canvas": 64, "size": 4000, "test_size": 1000}},
-    note=(
-        "fits the 2-core CPU: 64×64 canvases, a pool of 4,000 (3,600 train / 400 validation) and 1,000 test canvases, "
-        "3 epochs of batch 16 in bf16, two runs at a time of one thread each; sized from benchmarks/detection_cost.py "
-        "(resnet20 57 ms per training image and 14 ms per evaluated image at 64×64, one thread, fp32) for about 10 "
-        "minutes a run; measured 2026-12-02: 453–490 s per run for resnet20 and se, 529–556 s with AW (bf16, about "
-        "40 ms per training image), all 12 runs in 55 min; validation AP still rises at epoch 3 (0.16, 0.32, 0.38 "
-        "for resnet20), so the verdicts are about AP after a short schedule"
-    ),
 )
-"""The ``cpu`` budget of the detection preset (``--budget cpu``)."""
+"""The ``cpu`` budget of the detection preset (``--budget cpu``): 64×64 canvases, 3 epochs of batch 16 in bf16
+(docs/MEASUREMENTS.md, "Claim preset budgets", says how it was sized)."""
 
 PRESETS: dict[str, Preset] = {}
 

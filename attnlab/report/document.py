@@ -117,13 +117,6 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
     return changes
 
 
-def _budget_note(plan: Plan) -> str:
-    preset = PRESETS.get(plan.preset or "")
-    if preset is None or plan.budget not in preset.budgets:
-        return ""
-    return preset.budget(plan.budget).note_for(plan.datasets)
-
-
 def _failure(out: Path, run: str) -> str | None:
     """The first line of a run's ``failure.txt``, if it failed."""
     path = out / run / FAILURE_FILE
@@ -153,7 +146,7 @@ def _budget(plan: Plan, out: Path, rows: Sequence[dict[str, Any]], missing: Sequ
         f"**Datasets**: {', '.join(datasets)}",
         f"**Models**: {', '.join(e.name for e in plan.entries)} (baseline: {plan.baseline})",
         f"**Seeds**: {', '.join(map(str, plan.seeds))} ({len(plan.seeds)})",
-        f"**Budget**: `{plan.budget}`" + (f" ({note})" if (note := _budget_note(plan)) else ""),
+        f"**Budget**: `{plan.budget}`",
         f"**Recipe**: {_recipe_text(plan)}",
         *(f"**Recipe on {d}**: {', '.join(f'{k} {v}' for k, v in r.items())}" for d, r in plan.dataset_recipe.items()),
         f"**Machine**: {where}",
