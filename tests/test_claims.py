@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from attnlab.errors import AttnlabError
-from attnlab.experiment.claims import (
+from attnlab.experiment.verdicts import (
     DOES_NOT_HOLD,
     HOLDS,
     INCONCLUSIVE,

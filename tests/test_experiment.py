@@ -24,16 +24,18 @@ from attnlab.experiment import (
     PRESETS,
     AnalysisSpec,
     Plan,
+    load_preset,
     make_plan,
     parse_entries,
     parse_entry,
+    preset_of,
 )
 from attnlab.experiment import run_compare as run_runs
-from attnlab.experiment.claims import Evidence
 from attnlab.experiment.plan import parse_seeds
 from attnlab.experiment.presets import CLUTTERED, FMM_GATED, FMM_PLAIN, check_analyses
 from attnlab.experiment.results import RESULT_FIELDS, collect_results
 from attnlab.experiment.tasks import task_of
+from attnlab.experiment.verdicts import Evidence
 from attnlab.report import build_report
 from attnlab.stats import describe, paired_test
 
@@ -587,3 +589,77 @@ def test_a_plan_names_its_task_and_builds_that_tasks_run_configs(tmp_path):
         )
     with pytest.raises(TypeError, match="no task trains a dict"):
         task_of({"model": "resnet20"})
+
+
+AW_STUDY = """\
+name: my-aw
+description: AW-convolution alone and on top of SE and CBAM.
+models: [resnet20, aw_resnet20, se_resnet20, aw_se_resnet20, cbam_resnet20, aw_cbam_resnet20]
+datasets: [fashion-mnist]
+seeds: 5
+recipe: {epochs: 15, subset: null}
+claims:
+  - claim: weight_attention_adds
+    pairs: [[aw_resnet20, resnet20], [aw_se_resnet20, se_resnet20], [aw_cbam_resnet20, cbam_resnet20]]
+budgets:
+  cpu:
+    seeds: 3
+    recipe: {epochs: 15, subset: null, precision: bf16}
+    analysis_images: {consistency: 1000}
+"""
+
+
+def test_a_study_file_is_a_preset_with_the_same_fields(tmp_path):
+    """The ``aw`` preset written as a YAML study file plans the same comparison, and decides the same claims."""
+    path = tmp_path / "aw.yaml"
+    path.write_text(AW_STUDY)
+    study, aw = load_preset(path), PRESETS["aw"]
+    assert load_preset("aw") is aw and study.name == "my-aw"
+    assert (study.models, study.datasets, study.seeds, study.recipe) == (aw.models, aw.datasets, aw.seeds, aw.recipe)
+    assert study.budget("cpu").seeds == 3 and study.budget("cpu").recipe == aw.budget("cpu").recipe
+    evidence = Evidence([], {})
+    assert [v.claim for v in study.claims[0].rule(evidence, aw.datasets)] == [
+        v.claim for v in aw.claims[0].rule(evidence, aw.datasets)
+    ]
+    assert study.claims[0].statement == aw.claims[0].statement
+    plan, builtin = make_plan(preset=str(path), budget="cpu"), make_plan(preset="aw", budget="cpu")
+    assert plan.preset == str(path) and preset_of(plan).name == "my-aw"
+    assert (plan.entries, plan.seeds, plan.recipe) == (builtin.entries, builtin.seeds, builtin.recipe)
+    assert preset_of(Plan.from_dict({**plan.to_dict(), "preset": str(tmp_path / "moved.yaml")})) is None
+    detection = "  - {claim: weight_attention_adds, metric: test_ap, pairs: [[aw_resnet20, resnet20]]}\n"
+    path.write_text(AW_STUDY.replace("name: my-aw\n", "").replace("claims:\n", "claims:\n" + detection))
+    study = load_preset(path)
+    assert study.name == "aw" and "detection AP" in study.claims[0].statement  # the file's name; test_ap by name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("seeds: 5", "seeds: five"), r"aw.yaml: seeds must be a 64-bit integer, got 'five'"),
+        (("seeds: 5", "seed: 5"), r"aw.yaml: unknown field 'seed'; did you mean seeds"),
+        (("datasets: [fashion-mnist]\n", ""), r"aw.yaml: missing datasets"),
+        (("claim: weight_attention_adds", "claim: weight_attention_add"), r"\(weight_attention_add\): unknown claim"),
+        (("    pairs:", "    pair:"), r"claims\[0\] \(weight_attention_adds\): unknown argument 'pair'; did you mean"),
+        (("[aw_resnet20, resnet20], ", "aw_resnet20, "), r"claims\[0\] \(weight_attention_adds\): pairs must be"),
+        (("  cpu:", "  full:"), r"aw.yaml: budgets: 'full' is the study's own settings"),
+        (("    pairs:", "    metric: test_accuracy\n    pairs:"), r"unknown metric 'test_accuracy'; did you"),
+        (("    seeds: 3", "    seeds: 3.5"), r"aw.yaml: budgets.cpu: seeds must be a 64-bit integer, got 3.5"),
+        (("recipe: {epochs: 15, subset: null}", "recipe: [15]"), r"aw.yaml: recipe must be"),
+    ],
+)
+def test_a_bad_study_file_is_one_line(tmp_path, change, message):
+    path = tmp_path / "aw.yaml"
+    assert change[0] in AW_STUDY
+    path.write_text(AW_STUDY.replace(*change, 1))
+    with pytest.raises(AttnlabError, match=message):
+        load_preset(path)
+
+
+def test_a_preset_is_a_name_or_a_study_file(tmp_path):
+    with pytest.raises(AttnlabError, match=r"unknown preset \(a name, or a study file ending .yaml\) 'fmn'; did you"):
+        load_preset("fmn")
+    with pytest.raises(AttnlabError, match="study file .*nowhere.yaml: not found"):
+        make_plan(preset=str(tmp_path / "nowhere.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(AttnlabError, match="list.yaml: a config must be a mapping"):
+        load_preset(tmp_path / "list.yaml")

@@ -1,14 +1,15 @@
 """Claim experiments: each preset names its models, data, budget and analyses, and the claims it decides.
 
 Every claim is stated in one sentence, as the paper (or the issue) makes it, and decided by the rules of
-`attnlab.experiment.claims` (paired t-test over at least 3 shared seeds, p < 0.05 in the claimed direction; Holm for
+`attnlab.experiment.verdicts` (paired t-test over at least 3 shared seeds, p < 0.05 in the claimed direction; Holm for
 families; one-sample t-test against a threshold for claims about a level). Budgets are defaults: any training flag
 given to ``attnlab compare --preset NAME`` (``--epochs``, ``--subset``, ``--seeds``, ``--device``, ...) overrides
 them, so the same preset is a quick look on a laptop and the full experiment on a GPU.
 
-Presets: ``fmm``, ``consistency``, ``smoothness``, ``aw``, ``cram``, and ``quick`` (a small version of all of them,
-for ``make demo``: a smoke test whose numbers are not evidence). `make_plan` turns a preset, or explicit choices, into
-the `Plan` a comparison runs (it lives here, above `plan`, because it resolves presets).
+Presets: ``fmm``, ``consistency``, ``smoothness``, ``aw``, ``aw-detection``, ``cram``, and ``quick`` (a small version
+of all of them, for ``make demo``: a smoke test whose numbers are not evidence). A study file (YAML, see
+`attnlab.experiment.study`) is a preset too: `load_preset` takes a name or a path. `make_plan` turns a preset, or
+explicit choices, into the `Plan` a comparison runs (it lives here, above `plan`, because it resolves presets).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import dataclasses
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from ..analysis import get_analysis
@@ -26,8 +28,6 @@ from ..analysis.runner import check_analysis_options
 from ..errors import AttnlabError, lookup, unknown_name
 from ..schema import Range, check
 from .claims import (
-    TEST_AP,
-    Claim,
     attention_weakly_consistent,
     cram_beats_spatial,
     products_beat_addition,
@@ -35,67 +35,8 @@ from .claims import (
     weight_attention_adds,
 )
 from .plan import AnalysisSpec, Plan, check_buildable, parse_entries, parse_seeds
-
-
-@dataclass(frozen=True)
-class Budget:
-    """One named budget of a preset: how much it trains and analyses, over the preset's own ``recipe``.
-
-    Attributes:
-        seeds: number of seeds (0, 1, ...).
-        recipe: `TrainConfig` settings shared by every run.
-        dataset_recipe: `TrainConfig` settings per dataset (over ``recipe``).
-        dataset_options: dataset options per dataset (e.g. the cluttered canvas).
-        analysis_images: images per analysis name (missing: the preset's own).
-    """
-
-    seeds: int
-    recipe: dict[str, Any] = field(default_factory=dict)
-    dataset_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
-    dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    analysis_images: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A claim experiment.
-
-    Attributes:
-        name: the ``--preset`` name.
-        description: what it tests, one sentence.
-        models: entries (``model[key=value]``), the baseline first.
-        datasets: datasets it trains on.
-        seeds: number of seeds (0, 1, ...).
-        recipe: `TrainConfig` settings (budget: epochs, subset, ...), overridable by flags.
-        dataset_options: options per dataset.
-        analyses: analyses run after training.
-        claims: the claims it decides.
-        small_budget: say in the report's first lines that its numbers are not evidence.
-        budgets: other named budgets (``--budget NAME``) beside the preset's own, ``"full"``.
-        task: what each run trains: ``classify`` or ``detect`` (`attnlab.experiment.tasks`).
-    """
-
-    name: str
-    description: str
-    models: tuple[str, ...]
-    datasets: tuple[str, ...]
-    seeds: int
-    recipe: dict[str, Any]
-    dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    analyses: tuple[AnalysisSpec, ...] = ()
-    claims: tuple[Claim, ...] = ()
-    small_budget: bool = False
-    budgets: dict[str, Budget] = field(default_factory=dict)
-    task: str = "classify"
-
-    def budget(self, name: str) -> Budget:
-        """Budget ``name``: ``"full"`` (the preset's own settings) or one of ``budgets``."""
-        if name == "full":
-            return Budget(self.seeds, dict(self.recipe), dataset_options=dict(self.dataset_options))
-        if name not in self.budgets:
-            raise unknown_name(f"budget of preset {self.name}", name, ["full", *self.budgets])
-        return self.budgets[name]
-
+from .study import Budget, Preset, read_study
+from .verdicts import TEST_AP
 
 # ------------------------------------------------------------------------------------------------------------ presets
 
@@ -143,6 +84,7 @@ DETECTION_CPU = Budget(
 (docs/MEASUREMENTS.md, "Claim preset budgets", says how it was sized)."""
 
 PRESETS: dict[str, Preset] = {}
+STUDY_SUFFIXES = (".yaml", ".yml")
 
 
 def _add(preset: Preset) -> None:
@@ -294,6 +236,23 @@ def get_preset(name: str) -> Preset:
     return lookup(PRESETS, name, "preset")
 
 
+def load_preset(path_or_name: str | Path) -> Preset:
+    """The library's preset of that name, or the study of that YAML file (``.yaml``/``.yml``, `read_study`)."""
+    text = str(path_or_name)
+    if text in PRESETS:
+        return PRESETS[text]
+    if Path(text).suffix in STUDY_SUFFIXES:
+        return read_study(text)
+    raise unknown_name("preset (a name, or a study file ending .yaml)", text, PRESETS)
+
+
+def preset_of(plan: Plan) -> Preset | None:
+    """The preset a plan was made from (None: none, or a study file no longer where the plan says it was)."""
+    if not plan.preset or (plan.preset not in PRESETS and not Path(plan.preset).is_file()):
+        return None
+    return load_preset(plan.preset)
+
+
 def list_presets() -> list[str]:
     return list(PRESETS)
 
@@ -326,7 +285,7 @@ def make_plan(
         seeds: a count or a list (default: the preset's, else 3).
         recipe: `TrainConfig` settings shared by every run (override the preset's budget).
         dataset_options: options given to every dataset.
-        preset: a name from `PRESETS`.
+        preset: a name from `PRESETS`, or a study file (`load_preset`); the plan records it as given.
         budget: the preset's budget (``"full"``: its own; e.g. ``"cpu"``), which explicit settings override.
         analyses: analysis names run on every entry (replace the preset's; ``[]`` runs none).
         analysis_images: images per analysis (overrides every analysis's ``images``).
@@ -336,7 +295,7 @@ def make_plan(
         task: what the runs train, ``classify`` or ``detect`` (default: the preset's, else ``classify``).
     """
     if preset:
-        chosen = get_preset(preset)
+        chosen = load_preset(preset)
         if task is not None and task != chosen.task:
             raise AttnlabError(f"--preset {preset} trains task {chosen.task}; drop --task {task}")
         task = chosen.task

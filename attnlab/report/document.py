@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..experiment.claims import Evidence, decide_claims, rules
 from ..experiment.plan import FAILURE_FILE, Plan, analysis_dir, dataset_slug
-from ..experiment.presets import PRESETS, Preset
+from ..experiment.presets import preset_of
 from ..experiment.results import (
     collect_results,
     learning_curves,
@@ -25,6 +24,8 @@ from ..experiment.results import (
     summarize,
     summary_fields,
 )
+from ..experiment.study import Preset
+from ..experiment.verdicts import Evidence, decide_claims, rules
 from ..io import write_csv, write_text_atomic
 from ..train.config import upgrade_settings
 from . import plots
@@ -163,7 +164,7 @@ def _budget(plan: Plan, out: Path, rows: Sequence[dict[str, Any]], missing: Sequ
 
 
 def _verdict_blocks(plan: Plan, evidence: Evidence) -> list[Block]:
-    preset = PRESETS.get(plan.preset or "")
+    preset = preset_of(plan)
     if preset is None or not preset.claims:
         return []
     blocks: list[Block] = [Heading(2, "Verdicts"), Paragraph(rules(plan.kind.score_name))]
@@ -353,7 +354,7 @@ def build_report(plan: Plan, out: Path) -> ReportFiles:
     write_csv(files.summary, table, summary_fields(plan.kind))
     missing = missing_runs(plan, out)
     analyses = load_analyses(plan, out)
-    preset = PRESETS.get(plan.preset or "")
+    preset = preset_of(plan)
 
     title = f"attnlab compare: preset {plan.preset}" if plan.preset else "attnlab compare"
     blocks: list[Block] = [Heading(1, title)]
