@@ -4,8 +4,8 @@ Modes (inductor backend): ``default``, ``max-autotune-no-cudagraphs`` (autotuned
 ``reduce-overhead`` (CUDA graphs; on CPU it adds nothing to ``default``), beside eager. Each mode gets its own model,
 compiled in place (`attnlab.train.compiling.compile_module`); the steps are timed round-robin in one process, medians
 over the repeats, as process CPU seconds by default (a shared machine's waits for a core left out) →
-``studies/results/benchmarks/compile_modes.csv``. The first two steps (where the compilation happens) are wall seconds and depend on
-inductor's on-disk cache: cold only on a machine's first run.
+``studies/results/benchmarks/compile_modes.csv``. The first two steps (where the compilation happens) are wall seconds
+and depend on inductor's on-disk cache: cold only on a machine's first run.
 
 Usage: ``python benchmarks/compile_modes.py [--precision bf16] [--batch-size 128] [--repeats 10] [--device cpu]``
 """

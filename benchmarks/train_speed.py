@@ -4,14 +4,15 @@ Target (issue 11): resnet20 (or any attnlab network) with the default recipe, tu
 ≥ 94.0% last-epoch test accuracy (mean of 3 seeds) in ≤ 6 minutes of wall time per run on the 2-core machine.
 
 ``measure`` (the default): each precision × seed is trained once, on the full 55k/5k/10k split unless ``--subset``
-says otherwise → ``studies/results/benchmarks/train_speed.csv`` (one row per run: wall and CPU seconds, last-epoch val and test accuracy,
-the load average the run saw; then one ``mean`` row per precision, which says whether the target is met — only a
-full-size run of 3+ seeds can meet it) and ``studies/results/benchmarks/train_speed_epochs.csv`` (validation accuracy against cumulative
-training seconds, epoch by epoch: where a run crosses 94%).
+says otherwise → ``studies/results/benchmarks/train_speed.csv`` (one row per run: wall and CPU seconds, last-epoch val
+and test accuracy, the load average the run saw; then one ``mean`` row per precision, which says whether the target is
+met — only a full-size run of 3+ seeds can meet it) and ``studies/results/benchmarks/train_speed_epochs.csv``
+(validation accuracy against cumulative training seconds, epoch by epoch: where a run crosses 94%).
 
 ``tune``: the recipe is chosen on validation accuracy only — every combination of ``--grid`` values (e.g.
 ``--grid epochs=10,12,15 batch_size=128,256``) is trained per seed and ranked by mean last-epoch val accuracy among
-those whose median wall time fits ``--budget-s`` → ``studies/results/benchmarks/train_speed_tuning.csv`` (no test accuracy in it).
+those whose median wall time fits ``--budget-s`` → ``studies/results/benchmarks/train_speed_tuning.csv`` (no test
+accuracy in it).
 
 Wall time on a shared machine measures the machine's load as much as the recipe: every row records the 1-minute load
 average and the process CPU seconds (all threads), so a loaded run can be told apart from a slow recipe.

@@ -15,7 +15,8 @@ Each preset runs as ``attnlab compare --preset P --budget B --out runs/claims/P 
   this preset still needs its weights.
 - during and after: the small files (the plan, results and summary CSVs, report.md, each run's config.yaml,
   metrics.jsonl and summary.json, the analyses' JSON, every PNG) are copied to ``studies/results/claims/P`` every few
-  minutes and at the end; weights, checkpoints and the self-contained HTML (which embeds the PNGs again) stay under runs/.
+  minutes and at the end; weights, checkpoints and the self-contained HTML (which embeds the PNGs again) stay under
+  runs/.
 
 Flags after ``--`` go to every ``attnlab compare`` (a tiny trial of the whole campaign: ``-- --epochs 1 --subset 64``);
 their runs are then not the preset's, so nothing is restored or shared. ``studies/claims_gpu.sh`` drives this script

@@ -1,7 +1,7 @@
 """The benchmark scripts stay runnable: each imports against the current package and parses ``--help``.
 
-They are not run here (they time things; their figures live in ``studies/results/benchmarks/``), but a rename in the package must not
-leave them broken until the next time someone needs a number."""
+They are not run here (they time things; their figures live in ``studies/results/benchmarks/``), but a rename in the
+package must not leave them broken until the next time someone needs a number."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``scripts/claims.py`` takes finished runs instead of training them only where that is honest, and ``--status``
+"""``studies/claims.py`` takes finished runs instead of training them only where that is honest, and ``--status``
 counts exactly those: a committed run (no weights; of this preset or, with the very same settings, of another) only when
 no analysis of the preset still needs its weights, another preset's run only with its weights and the very same
 settings. Run folders are made by hand; nothing trains."""
@@ -20,7 +20,7 @@ from test_data import make_garments
 from attnlab.experiment import make_plan
 from attnlab.experiment.plan import run_dir
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "claims.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "claims.py"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_status_refuses_trial_flags_it_would_not_count_with(claims, capsys):
 
 
 def test_the_gpu_campaign_script_runs_a_tiny_trial_on_the_cpu(tmp_path):
-    """`scripts/claims_gpu.sh` end to end at a tiny budget: trains, analyses, exports and archives the small files."""
+    """`studies/claims_gpu.sh` end to end at a tiny budget: trains, analyses, exports and archives the small files."""
     data = tmp_path / "data"
     make_garments(data, n_train=200, n_test=40)
     env = {

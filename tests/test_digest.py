@@ -1,28 +1,36 @@
-"""The README's claim section: rebuilt from committed comparison folders by the presets' own rules, digit for digit.
+"""The documentation's claim tables (``studies/digest.py`` → ``docs/_generated/claims.md``): rebuilt from committed
+comparison folders by the presets' own rules, digit for digit.
 
-`test_committed_reports_rebuild_byte_for_byte` and `test_readme_claims_match_the_committed_files` check the real
-``results/claims/`` of this repository (and ``results/claims-full/``, the full budgets, once a GPU has run them); the
-others check the digest itself on comparison folders written here.
+`test_committed_reports_rebuild_byte_for_byte` and `test_the_claims_page_is_what_the_committed_results_give` check the
+real ``studies/results/claims*/`` of this repository; the others check the digest itself on comparison folders written
+here.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from attnlab.cli import main
-from attnlab.errors import AttnlabError
-from attnlab.experiment import HOLDS, make_plan
+from attnlab.experiment import HOLDS, Plan, make_plan
 from attnlab.experiment.plan import run_dir
 from attnlab.report import build_report
-from attnlab.report.digest import END, begin_marker, digest, readme_section, write_into_readme
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ("results/claims", "results/claims-full")  # the CPU budgets; the full ones on a GPU
+SCRIPT = ROOT / "studies" / "digest.py"
+COMMITTED = ROOT / "studies" / "results"
 REBUILT = ("results.csv", "summary.csv", "report.md")
+
+
+@pytest.fixture(scope="module")
+def digest_script():
+    spec = importlib.util.spec_from_file_location("digest_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _fake_comparison(out: Path, accuracies: dict[str, list[float]]) -> None:
@@ -49,14 +57,15 @@ def _fake_comparison(out: Path, accuracies: dict[str, list[float]]) -> None:
         (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_digest_decides_the_claims_from_the_files(tmp_path):
+def test_digest_decides_the_claims_from_the_files(digest_script, tmp_path):
     base = [0.90, 0.91, 0.92]
     accuracies = {e.name: base for e in make_plan(preset="aw").entries}
     accuracies["aw_resnet20"] = [a + 0.01 + 0.001 * i for i, a in enumerate(base)]  # beats resnet20 on every seed
     accuracies["se_resnet20"] = [0.93] * 3  # every seed alike: no spread, which is not a missing one
     _fake_comparison(tmp_path / "aw", accuracies)
-    text = digest(tmp_path)
-    assert "`aw` — budget `cpu`" in text and "runs finished: 18 of 18 (3 seeds)" in text
+    text = digest_script.digest([tmp_path])
+    assert f"## `{tmp_path.as_posix()}/`" in text and "`aw` — budget `cpu`" in text
+    assert "runs finished: 18 of 18 (3 seeds)" in text
     assert "training wall time 3.0 h" in text
     line = next(row for row in text.splitlines() if row.startswith("| aw_resnet20 beats resnet20"))
     assert f"**{HOLDS}**" in line
@@ -64,64 +73,52 @@ def test_digest_decides_the_claims_from_the_files(tmp_path):
     assert "| fashion-mnist | resnet20 | 91.00 ± 1.00 | 3 |" in text
     assert "| fashion-mnist | se_resnet20 | 93.00 ± 0.00 | 3 |" in text
     shutil.rmtree(run_dir(tmp_path / "aw", "fashion-mnist", make_plan(preset="aw").entries[1], 2))
-    assert "runs finished: 17 of 18" in digest(tmp_path)  # an unfinished run is left out and counted
+    assert "runs finished: 17 of 18" in digest_script.digest([tmp_path])  # an unfinished run is left out and counted
 
 
-def test_digest_does_not_depend_on_the_last_invocation(tmp_path):
+def test_digest_does_not_depend_on_the_last_invocation(digest_script, tmp_path):
     """A folder's runs span sessions started with different --jobs; resuming with another one only rewrites the plan's
-    machine record, which must not change the README (it did once, and CI went red on a resume)."""
+    machine record, which must not change the page."""
     _fake_comparison(tmp_path / "aw", {e.name: [0.90, 0.91, 0.92] for e in make_plan(preset="aw").entries})
-    before = digest(tmp_path)
+    before = digest_script.digest([tmp_path])
     make_plan(preset="aw", budget="cpu", jobs=2, command="attnlab compare --preset aw --jobs 2").save(tmp_path / "aw")
-    assert digest(tmp_path) == before
+    assert digest_script.digest([tmp_path]) == before
 
 
-def test_readme_markers_are_written_and_read_back(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    nothing = (tmp_path / "nothing").as_posix()
-    readme.write_text(f"# title\n\n{begin_marker('a')}\nold a\n{END}\n\n{begin_marker(nothing)}\nold\n{END}\n\nrest\n")
-    write_into_readme(readme, "new section\n", nothing)
-    assert readme_section(readme, nothing) == "new section\n"
-    assert readme_section(readme, "a") == "old a\n"  # each folder has its own pair of markers
-    assert readme.read_text().endswith(f"{END}\n\nrest\n")
-    assert main(["report", "--digest", nothing, "--readme", str(readme)]) == 0
-    assert "No claim experiment has been committed" in readme_section(readme, nothing)
-    assert readme_section(readme, "a") == "old a\n"
-    readme.write_text(f"{begin_marker('a')}\nno end marker\n")
-    with pytest.raises(AttnlabError, match="no claim markers for a"):
-        write_into_readme(readme, "x", "a")
-    assert main(["report", "--digest", nothing, "--readme", str(readme)]) == 2
-    assert readme.read_text() == f"{begin_marker('a')}\nno end marker\n"
+def test_the_script_writes_the_page_and_refuses_a_missing_folder_in_one_line(digest_script, tmp_path, capsys):
+    page, empty = tmp_path / "docs" / "claims.md", tmp_path / "empty"
+    empty.mkdir()
+    assert digest_script.main([str(empty), "--out", str(page)]) == 0
+    assert f"## `{empty.as_posix()}/`\n\nNo claim experiment has been committed here yet.\n" in page.read_text()
+    capsys.readouterr()
+    assert digest_script.main([str(tmp_path / "nowhere"), "--out", str(page)]) == 2
+    assert capsys.readouterr().err == f"digest: no such folder: {tmp_path / 'nowhere'}\n"
+    assert "No claim experiment" in page.read_text()  # left as it was
 
 
 @pytest.mark.parametrize(
     "folder",
-    sorted(p.parent for root in COMMITTED for p in (ROOT / root).glob("*/compare.json")),
+    sorted(p.parent for p in COMMITTED.glob("claims*/*/compare.json")),
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_committed_reports_rebuild_byte_for_byte(folder, tmp_path):
     copy = tmp_path / folder.name
     shutil.copytree(folder, copy)
-    from attnlab.experiment import Plan
-
     build_report(Plan.load(copy), copy)
     for name in REBUILT:
         assert (copy / name).read_bytes() == (folder / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("shown_as", COMMITTED)
-def test_readme_claims_match_the_committed_files(shown_as):
-    assert readme_section(ROOT / "README.md", shown_as) == digest(ROOT / shown_as, shown_as=shown_as), (
-        f"README's claim section is out of date: attnlab report --digest {shown_as} --readme README.md"
+def test_the_claims_page_is_what_the_committed_results_give(digest_script):
+    page = ROOT / "docs" / "_generated" / "claims.md"
+    assert page.read_text() == digest_script.digest(digest_script.default_roots()), (
+        "docs/_generated/claims.md is out of date: python studies/digest.py"
     )
 
 
 def test_reports_take_analysis_headlines_from_the_saved_results_not_the_saved_headlines(tmp_path):
-    """A mended headline reaches analyses saved before it: the committed smoothness analyses once quoted, as the "top
-    Hessian eigenvalue", the eigenvalue of largest magnitude (−369 on one cram_resnet20 seed)."""
-    from attnlab.experiment import Plan
-
-    committed = ROOT / "results" / "claims" / "smoothness"
+    """A headline is derived from the saved results when a report is built, whatever headline an older file stored."""
+    committed = COMMITTED / "claims" / "smoothness"
     copy = tmp_path / "smoothness"
     shutil.copytree(committed, copy)
     tampered = 0
