@@ -34,7 +34,7 @@ def test_a_small_dataset_moves_to_the_device_and_a_large_one_stays_in_host_memor
 
 # ---------------------------------------------------------------------------------- on a GPU (skipped where none is)
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/claims_gpu.sh runs these)")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (studies/claims_gpu.sh runs these)")
 
 
 @gpu
