@@ -72,8 +72,8 @@ def num(x: float, digits: int = 4) -> str:
 
 
 def _measured(fmt: Callable[[float], str]) -> Callable[[float | None], str]:
-    """``fmt`` for a cost that runs from before it was recorded lack (None, or NaN as a mean over no run): n/a. A
-    column that no row has a number for is left out of its table."""
+    """``fmt`` for a cost a run may lack (None where the run predates the cost, NaN as a mean over no run): shown as
+    n/a. A column that no row has a number for is left out of its table."""
     return lambda x: "n/a" if _missing(x) else fmt(x)
 
 
