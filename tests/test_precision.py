@@ -9,7 +9,7 @@ from tiny_runs import SYNTH, metrics, tiny
 
 from attnlab.cli import build_parser, main
 from attnlab.errors import AttnlabError
-from attnlab.experiment import PRESETS, make_plan, run_compare
+from attnlab.experiment import make_plan, run_compare
 from attnlab.train import TrainConfig, train
 from attnlab.train import config as config_module
 from attnlab.train.config import first_difference, native_bf16, upgrade_settings
@@ -89,18 +89,6 @@ def test_an_old_finished_run_with_amp_counts_as_the_same_settings_for_compare_re
         assert outcome.trained == [] and len(outcome.skipped) == 1, settings
     with pytest.raises(AttnlabError, match="finished with precision='bf16' but this comparison asks for 'fp32'"):
         run_compare(plan(precision="fp32"), out, resume=True, log=_quiet)
-
-
-def test_a_claim_comparison_begun_with_amp_is_not_reported_below_its_budget():
-    from attnlab.report.document import _recipe_text, changes_from_preset
-
-    plan = make_plan(preset="fmm", budget="cpu")
-    assert changes_from_preset(plan, PRESETS["fmm"]) == []
-    recipe = dict(plan.recipe)
-    recipe["amp"] = recipe.pop("precision")  # its plan.json, written before precision replaced amp
-    plan.recipe = recipe
-    assert changes_from_preset(plan, PRESETS["fmm"]) == []
-    assert "precision bf16" in _recipe_text(plan) and "amp" not in _recipe_text(plan)
 
 
 def test_bench_rows_say_which_precision_ran(monkeypatch):

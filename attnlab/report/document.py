@@ -27,7 +27,6 @@ from ..experiment.results import (
 from ..experiment.study import Preset
 from ..experiment.verdicts import Evidence, decide_claims, rules
 from ..io import write_csv, write_text_atomic
-from ..train.config import upgrade_settings
 from . import plots
 from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
 
@@ -82,7 +81,7 @@ def pvalue(p: float) -> str:
 
 
 def _recipe_text(plan: Plan) -> str:
-    recipe = upgrade_settings(plan.recipe)  # a comparison begun before precision replaced amp
+    recipe = plan.recipe
     cfg = plan.kind.make_config(dict(recipe), source="the comparison's recipe").to_dict()
     keys = [*(k for k in RECIPE_SHOWN if k in cfg), *(k for k in recipe if k not in RECIPE_SHOWN)]
     return ", ".join(f"{k} {cfg[k]}" for k in keys)
@@ -99,8 +98,8 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
         changes.append(f"datasets {', '.join(preset.datasets)} → {', '.join(plan.datasets)}")
     defaults = plan.kind.config().to_dict()
     for dataset in plan.datasets:
-        own = upgrade_settings({**preset.recipe, **budget.recipe, **budget.dataset_recipe.get(dataset, {})})
-        used = upgrade_settings({**plan.recipe, **plan.dataset_recipe.get(dataset, {})})
+        own = {**preset.recipe, **budget.recipe, **budget.dataset_recipe.get(dataset, {})}
+        used = {**plan.recipe, **plan.dataset_recipe.get(dataset, {})}
         where = f" ({dataset})" if len(plan.datasets) > 1 else ""
         for key in sorted((set(own) | set(used)) - plan.kind.neutral):  # where it ran, not how much it trained
             before, after = own.get(key, defaults.get(key)), used.get(key, defaults.get(key))
