@@ -44,6 +44,10 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}]"
 
 
+PLACEMENT = ("device", "dtype")
+"""Construction keywords (timm's convention): where and in what a layer is built, passed by its builder, never an
+option a user sets."""
+
 PositiveInt = Annotated[int, Range(1)]
 Probability = Annotated[float, Range(0, 1)]
 
@@ -213,9 +217,10 @@ def check_call(
     function: Callable, options: Mapping[str, Any], what: str, declared: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Keyword ``options`` for ``function`` (a class: its constructor), checked: names it takes as options (any, if
-    it takes ``**kwargs``) and values of the types it declares (or ``declared`` does, first). Errors start with
-    ``what``."""
+    it takes ``**kwargs``) and values of the types it declares (or ``declared`` does, first); ``device`` and ``dtype``
+    are not options (`PLACEMENT`). Errors start with ``what``."""
     params = inspect.signature(function).parameters
+    params = {n: p for n, p in params.items() if n not in PLACEMENT}
     named = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]  # options are keyword-only where it has any,
     named = named or [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # else all but `channels`
     hints = {**annotations(function), **(declared or {})}

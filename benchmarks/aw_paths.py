@@ -2,9 +2,10 @@
 
 Forward + backward of one `AWConv2d` (3×3, padding 1, random generator) on resnet20's 3×3 conv2 shapes — 16, 32, 64
 channels on 32/16/8 (3×32×32 inputs) or 28/14/7 (1×28×28) maps — in channels-last memory, fp32 and bf16 autocast,
-each implementation of `awconv.IMPLS` that applies to the generator (the loop only at batch ≤ 128: it is the slow
-reference). All candidates of one shape run round-robin in one process (`timing.interleaved_medians`); the time is
-relative to a plain ``nn.Conv2d`` of the same shape. Writes ``OUT/aw_paths.csv``.
+each implementation of `awconv.IMPLS` that applies to the generator. All candidates of one shape run round-robin in
+one process (`timing.interleaved_medians`); the time is relative to a plain ``nn.Conv2d`` of the same shape. Writes
+``OUT/aw_paths.csv`` (its ``path=loop`` rows were measured with the per-sample loop the library no longer ships; see
+docs/MEASUREMENTS.md).
 
     python benchmarks/aw_paths.py --threads 2 --out studies/results/benchmarks
 """
@@ -21,7 +22,7 @@ from attnlab.io import write_csv
 from attnlab.layers.awconv import AWConv2d
 
 SHAPES = {"3x32x32": ((16, 32), (32, 16), (64, 8)), "1x28x28": ((16, 28), (32, 14), (64, 7))}
-PATHS = {"full": ("grouped", "unfold", "loop"), "factorized": ("grouped", "taps", "unfold", "loop")}
+PATHS = {"full": ("grouped", "unfold"), "factorized": ("grouped", "taps", "unfold")}
 
 
 def step(layer: torch.nn.Module, x: torch.Tensor, bf16: bool):
@@ -39,8 +40,6 @@ def measure(channels: int, size: int, batch: int, generator: str, bf16: bool, re
     plain = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
     fns = {"plain conv": step(plain, x, bf16)}
     for path in PATHS[generator]:
-        if path == "loop" and batch > 128:
-            continue
         layer = AWConv2d(channels, channels, 3, padding=1, generator=generator, impl=path)
         with torch.no_grad():
             layer.attn_expand_weight.normal_(0, 0.3)

@@ -125,7 +125,7 @@ CATALOGUE = [
     (["train", *SYNTH, "--amp", "on"], "argument --amp: invalid choice: 'on' (choose from off, auto, bf16, fp16)"),
     (["train", *SYNTH, "--device", "cuda"], "CUDA is not available"),
     (["train", *SYNTH, "--device", "tpu"], "device must be cpu or cuda"),
-    (["train", *SYNTH, "--equivariance", "0.1"], "--equivariance needs a model with CRAM layers"),
+    (["train", *SYNTH, "--equivariance", "0.1"], "mechanisms.cram.equivariance needs a model with CRAM layers"),
     # output folder
     (["train", *SYNTH, "--out", "{run}"], "holds an earlier run; pass --resume"),
     (["train", *SYNTH, "--lr", "0.3", "--out", "{run}", "--resume"], "lr=0.1 but this command asks for 0.3"),

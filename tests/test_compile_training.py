@@ -177,3 +177,17 @@ def test_hooks_added_after_the_first_compiled_call_are_called():
     with capture_rectangles(model) as seen:
         model(x)
     assert len(seen) == sum(isinstance(m, CRAM) for m in model.modules()) > 0
+
+
+def test_compiling_changes_no_process_wide_dynamo_setting():
+    """`compile_module` scopes its dynamo settings to the compiled model's own calls."""
+    from attnlab._compat import dynamo_config
+
+    config = dynamo_config()
+    before = (config.recompile_limit, config.skip_nnmodule_hook_guards)
+    seen = []
+    model = compile_module(torch.nn.Linear(2, 2), backend="eager")
+    model.register_forward_hook(lambda *_: seen.append((config.recompile_limit, config.skip_nnmodule_hook_guards)))
+    model(torch.randn(1, 2))
+    assert (config.recompile_limit, config.skip_nnmodule_hook_guards) == before
+    assert seen and seen[0][0] >= 64 and seen[0][1] is False

@@ -1,6 +1,7 @@
-"""CRAM (attnlab.layers.cram): the mask against a slow reference and its analytic area, exact equivariance of the
-moments predictor, recovery of known rectangles, gradients everywhere (also at degenerate and 1×1 maps), the apply
-modes, β annealing, the equivariance penalty (≈0 for an exactly equivariant model, >0 otherwise), and cram_resnet20."""
+"""CRAM (attnlab.layers.cram, cram_geometry, cram_equivariance): the mask against a slow reference and its analytic
+area, exact equivariance of the moments predictor, recovery of known rectangles, gradients everywhere (also at
+degenerate and 1×1 maps), the apply modes, β annealing, the equivariance penalty (≈0 for an exactly equivariant model,
+>0 otherwise), CRAM's training-hook options, building on a device, and cram_resnet20."""
 
 from __future__ import annotations
 
@@ -14,21 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnlab.errors import AttnlabError
-from attnlab.layers import cram as cram_mod
+from attnlab.layers import cram_equivariance as equivariance_mod
 from attnlab.layers import create_attn
-from attnlab.layers.cram import (
-    CRAM,
-    GridTransform,
-    anneal_beta,
-    capture_rectangles,
-    equivariance_penalty,
-    extent_matrix,
-    has_cram,
-    pixel_centers,
-    random_transform,
-    rectangle_from_scores,
-    rectangle_mask,
-)
+from attnlab.layers.cram import CRAM, anneal_beta, capture_rectangles, has_cram
+from attnlab.layers.cram_equivariance import GridTransform, equivariance_penalty, random_transform
+from attnlab.layers.cram_geometry import extent_matrix, pixel_centers, rectangle_from_scores, rectangle_mask
 from attnlab.models import create_model
 
 F64 = torch.float64
@@ -471,8 +462,9 @@ def test_penalty_draws_only_the_allowed_transforms(monkeypatch):
     model = equivariant_model(False)
     x = blob_batch(0)
     seen = []
-    original = cram_mod.random_transform
-    monkeypatch.setattr(cram_mod, "random_transform", lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1])
+    original = equivariance_mod.random_transform
+    record = lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1]  # noqa: E731
+    monkeypatch.setattr(equivariance_mod, "random_transform", record)
     for s in range(30):
         equivariance_penalty(model, x, rng(s))  # default: flips and shifts, never a quarter turn
     assert all(t.turns == 0 for t in seen) and any(t.flip for t in seen) and any(t.shift != (0, 0) for t in seen)

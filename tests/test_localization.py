@@ -23,7 +23,7 @@ from attnlab.analysis.localization import (
     rectangle_polygon,
     region_masks,
 )
-from attnlab.layers.cram import rectangle_from_scores, rectangle_mask
+from attnlab.layers.cram_geometry import rectangle_from_scores, rectangle_mask
 from attnlab.layers.probe import AttentionProbe
 
 
@@ -139,7 +139,7 @@ def test_masks_and_map_boxes():
 
 class LookAtObject(nn.Module):
     """CRAM-style attention whose score map is 0 on the object's pixels and −∞ elsewhere: the moments rectangle of a
-    uniform map over a pixel-aligned box is that box (attnlab.layers.cram)."""
+    uniform map over a pixel-aligned box is that box (attnlab.layers.cram_geometry)."""
 
     def __init__(self, kind: str):
         super().__init__()

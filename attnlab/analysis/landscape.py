@@ -10,11 +10,11 @@ back from a saved copy afterwards, so they end bit-identical.
 
 Curvature comes from Hessian-vector products of the mean loss over the given batches, exact by double backward (as
 PyHessian). Power iteration finds the eigenvalue of largest *magnitude*; where that one is negative (a trained network
-need not sit at a minimum: on one seed of the smoothness preset it was −369 for cram_resnet20), a second iteration on
-H − λI finds the largest eigenvalue, the sharpness the literature means. The trace comes from Hutchinson's estimator
-E[vᵀHv] with Rademacher v; either can be restricted to a block of the parameters by a filter. AW-convolutions switch
-to their twice-differentiable forms for it (`attnlab.layers.awconv.twice_differentiable`); a model that still cannot be
-differentiated twice is an error, not a silent approximation:
+need not sit at a minimum; docs/MEASUREMENTS.md has an example), a second iteration on H − λI finds the largest
+eigenvalue, the sharpness the literature means. The trace comes from Hutchinson's estimator E[vᵀHv] with Rademacher v;
+either can be restricted to a block of the parameters by a filter. AW-convolutions switch to their
+twice-differentiable forms for it (`twice_differentiable`); a model that still cannot be differentiated twice is an
+error, not a silent approximation:
 ``hvp="finite_difference"`` opts into central differences of gradients, Hv ≈ (∇L(w + εv) − ∇L(w − εv)) / 2ε with
 ε = 1e-3·‖w‖ along the unit vector v — faster on CPU, but in float32 on a ReLU network the rounding of the gradients
 and the kinks crossed within ε dominate (errors measured by `benchmarks/analysis_speed.py`). Exact products run over
@@ -34,10 +34,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttnlabError, unknown_name
-from ..layers.awconv import twice_differentiable
+from ..layers.awconv import AWConv2d
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[None]:
+    """While active, every `AWConv2d` of ``model`` that would use its once-differentiable grouped form uses a plain
+    autograd one instead (``"taps"`` when factorized, ``"unfold"`` when full): same numbers, exact second derivatives
+    (Hessian-vector products by double backward). Each layer's ``impl`` is restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, AWConv2d) and m.impl in ("auto", "grouped")]
+    saved = [m.impl for m in layers]
+    try:
+        for m in layers:
+            m.impl = "taps" if m.generator == "factorized" else "unfold"
+        yield
+    finally:
+        for m, impl in zip(layers, saved):
+            m.impl = impl
+
+
 ParamsFilter = str | Sequence[str] | Callable[[str, nn.Parameter], bool] | None
 NORMS = ("filter", "layer")
 FD_RELATIVE_STEP = 1e-3

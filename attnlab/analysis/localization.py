@@ -13,8 +13,8 @@ On a dataset with ground-truth boxes (``cluttered-fashion-mnist``), for every sp
   pixel centres for CRAM, the thresholded map upsampled by nearest neighbour otherwise), and the pixel IoU between
   every pair of layers.
 - equivariance: for grid transforms T of the input (a horizontal flip, a quarter turn, and a translation by whole
-  multiples of the largest stride, zero-filled; `attnlab.layers.cram.GridTransform`), the error 1 − IoU(T(M(x)),
-  M(T(x))) between the transformed mask of x and the mask of the transformed x.
+  multiples of the largest stride, zero-filled; `attnlab.layers.cram_equivariance.GridTransform`), the error
+  1 − IoU(T(M(x)), M(T(x))) between the transformed mask of x and the mask of the transformed x.
 
 Polygon overlaps are exact: the rectangle is clipped by the half-planes of the other convex polygon (Sutherland–
 Hodgman), for the whole batch at once, keeping fixed-size vertex arrays in which a dropped vertex is replaced by its
@@ -33,7 +33,8 @@ from torch import nn
 
 from ..data.cluttered import tight_boxes
 from ..errors import AttnlabError, unknown_name
-from ..layers.cram import EQUIVARIANCE_TRANSFORMS, GridTransform, pixel_centers
+from ..layers.cram_equivariance import EQUIVARIANCE_TRANSFORMS, GridTransform
+from ..layers.cram_geometry import pixel_centers
 from ..models.capture import capture_attention
 from ..stats import mean_ci
 from .sites import GateSite, gate_sites

@@ -3,7 +3,8 @@
 Every attention is built as ``create_attn(name, channels, **kw)`` and maps B×C×H×W → B×C×H×W. The classic baselines
 (SE, ECA, CBAM) are timm's modules; position-wise spatial attention, CRAM and AW-convolution are written here, one
 mechanism per file. ``register_attn`` adds a new one; the models pick attentions up by name only. A mechanism that
-needs something of the training loop (a schedule, a loss term, a memory layout) registers a hook (`hooks`).
+needs something of the training loop (a schedule, a loss term, a memory layout) registers a training hook with its
+options (`hooks.register_training_hook`). Every factory takes ``device``/``dtype`` as timm's layers do.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from torch import nn
 
 from ..errors import lookup
 from ..schema import check_call
-from .awconv import AWConv2d, aw_module
+from .awconv import AWConv2d, aw_module, aw_training
 from .cram import CRAM
-from .hooks import StepHook, register_training_hook, training_hooks
+from .cram_equivariance import cram_training
+from .hooks import StepHook, check_mechanisms, list_training_hooks, register_training_hook, training_hooks
 from .merge import MERGES, create_merge, list_merges
 from .probe import AttentionProbe
 from .spatial import SpatialAttention
@@ -48,13 +50,10 @@ def get_attn(name: str) -> AttnFactory:
 
 
 def create_attn(name: str, channels: int, device=None, dtype=None, **kwargs) -> nn.Module:
-    """Build attention ``name`` for ``channels`` channels; ``"none"`` gives ``nn.Identity``.
-
-    ``device``/``dtype`` (passed by timm's blocks) are applied after construction, so factories need not take them.
-    """
+    """Build attention ``name`` for ``channels`` channels on ``device`` in ``dtype`` (timm's blocks pass them);
+    ``"none"`` gives ``nn.Identity``. A factory takes ``device`` and ``dtype`` keywords and builds in place."""
     factory = get_attn(name)
-    module = factory(channels, **check_call(factory, kwargs, f"attention '{name}'"))
-    return module.to(device=device, dtype=dtype) if device is not None or dtype is not None else module
+    return factory(channels, **check_call(factory, kwargs, f"attention '{name}'"), device=device, dtype=dtype)
 
 
 def list_attn() -> list[str]:
@@ -74,17 +73,22 @@ register_attn("spatial", SpatialAttention)
 register_attn("cram", CRAM)
 register_attn("aw", aw_module)  # an AW-convolution used as a stand-alone, shape-preserving attention
 
+register_training_hook("cram", cram_training)  # β annealing; options: the equivariance term's weight and transforms
+register_training_hook("aw", aw_training, label="AW-convolution")  # option: the memory layout it trains in
+
 __all__ = [
     "AWConv2d",
     "AttentionProbe",
     "CRAM",
     "SpatialAttention",
     "StepHook",
+    "check_mechanisms",
     "create_merge",
     "list_merges",
     "create_attn",
     "get_attn",
     "list_attn",
+    "list_training_hooks",
     "register_attn",
     "register_training_hook",
     "training_hooks",

@@ -9,9 +9,9 @@ sample. Only the abstract is available; everything it does not state is *our rea
   C_in → hidden, ReLU, and a 1×1 map to the logits at each of the k×k offsets. ``generator="full"`` (default, the
   literal reading: one attention value per weight entry) emits C_out·C_in logits per offset; ``"factorized"`` emits a
   C_out and a C_in factor per offset, gates each, and multiplies them as an outer product — rank one over the
-  channels, hidden·(C_out + C_in) parameters instead of hidden·C_out·C_in (resnet20: +54% parameters with "full", +3%
-  with "factorized"). The full map is the literal reading of "the shape of the weight" and of the paper's capacity
-  argument; the factorized one is the affordable reading (see the memory and speed notes of `AWConv2d`).
+  channels, hidden·(C_out + C_in) parameters instead of hidden·C_out·C_in. The full map is the literal reading of "the
+  shape of the weight" and of the paper's capacity argument; the factorized one is the affordable reading (see the
+  memory note of `AWConv2d`; parameter counts in docs/MEASUREMENTS.md).
 - Gate, logits z → A: ``"sigmoid2"`` (default) 2σ(z), in (0, 2), 1 at z = 0; ``"sigmoid"`` σ(z), SE's gate, 0.5 at
   z = 0; ``"softmax_kernel"`` k²·softmax of z over the k×k offsets of each (C_out, C_in) pair — it moves a filter's mass
   between its taps, 1 on average; ``"linear"`` 1 + z, no squashing.
@@ -20,48 +20,35 @@ sample. Only the abstract is available; everything it does not state is *our rea
   swapping it into a trained or freshly initialised network changes nothing until it learns.
 
 The batch never loops over samples in Python. By default (``impl="grouped"``) it runs as ONE grouped convolution with
-the samples folded into the groups (input 1×(B·C_in)×H×W, per-sample weights (B·C_out)×C_in×k×k, groups=B); two
-custom autograd functions keep the weight-shaped memory down (the full generator keeps only A for backward, the
-factorized one only its two factors) and are once differentiable: double backward through them raises. The factorized
+the samples folded into the groups, through the fused, once-differentiable functions of `awconv_fused`. The factorized
 attention is rank one over the channels per kernel offset, so ``impl="taps"`` needs no per-sample weights at all (one
-shared 1×1 convolution per offset, `conv_taps`); ``"unfold"`` (im2col + batched matmul) and ``"loop"`` are the other
-measured forms. ``impl="auto"`` picks the fastest per shape (`auto_path`); all but ``"grouped"`` can be
-differentiated twice, and `twice_differentiable` switches a model to them for Hessian-vector products.
+shared 1×1 convolution per offset, `conv_taps`); ``"unfold"`` (im2col + batched matmul) is the full generator's plain
+form. ``impl="auto"`` picks per shape (`auto_path`). ``"taps"`` and ``"unfold"`` are plain autograd ops and can be
+differentiated twice (the landscape analysis switches to them for Hessian-vector products).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import conv_padding
 from ..errors import AttnlabError, unknown_name
 from ..schema import check_call
-from .hooks import StepHook, register_training_hook
+from .awconv_fused import AWConvFunction, FactorizedAWConvFunction, gate_spec, grouped_conv
+from .hooks import StepHook
 from .probe import AttentionProbe
 
 GATES = ("sigmoid2", "sigmoid", "softmax_kernel", "linear")
 GENERATORS = ("full", "factorized")
-IMPLS = ("auto", "grouped", "taps", "unfold", "loop")
+IMPLS = ("auto", "grouped", "taps", "unfold")
 """How the batch is convolved: ``"grouped"`` (one convolution, samples folded into the groups; a fused,
 once-differentiable function), ``"taps"`` (factorized only: one shared 1×1 convolution per kernel offset, no
-per-sample weights), ``"unfold"`` (im2col and a batched matmul), ``"loop"`` (one convolution per sample); ``"auto"``
-picks by `auto_path`. All give the same numbers up to float rounding; all but ``"grouped"`` can be differentiated
-twice."""
-
-
-def _gate_spec(gate: str, kernel_size: list[int]) -> tuple[str, float]:
-    """A gate as (elementwise base, constant scale): A = scale · base(z)."""
-    return {
-        "sigmoid2": ("sigmoid", 2.0),
-        "sigmoid": ("sigmoid", 1.0),
-        "softmax_kernel": ("softmax", float(kernel_size[0] * kernel_size[1])),
-        "linear": ("linear", 1.0),
-    }[gate]
+per-sample weights), ``"unfold"`` (im2col and a batched matmul); ``"auto"`` picks by `auto_path`. All give the same
+numbers up to float rounding; ``"taps"`` and ``"unfold"`` can be differentiated twice."""
 
 
 def weight_gate(logits: torch.Tensor, gate: str) -> torch.Tensor:
@@ -69,164 +56,12 @@ def weight_gate(logits: torch.Tensor, gate: str) -> torch.Tensor:
     if not torch.jit.is_scripting():  # (scripted, an unknown gate fails in the lookup below)
         if gate not in GATES:
             raise unknown_name("AW gate", gate, GATES)
-    base, scale = _gate_spec(gate, logits.shape[-2:])
+    base, scale = gate_spec(gate, logits.shape[-2:])
     if base == "sigmoid":
         return scale * torch.sigmoid(logits)
     if base == "softmax":
         return scale * torch.softmax(logits.flatten(-2), dim=-1).view_as(logits)
     return 1 + logits
-
-
-def _gate_(z: torch.Tensor, base: str, scale: float) -> torch.Tensor:
-    """A = scale · base(z), in z's memory where the gate allows (no autograd: inside the fused function)."""
-    if base == "sigmoid":
-        return z.sigmoid_() if scale == 1 else z.sigmoid_().mul_(scale)
-    if base == "softmax":
-        taps = z.flatten(-2)
-        taps.sub_(taps.amax(-1, keepdim=True)).exp_()
-        taps.mul_(scale / taps.sum(-1, keepdim=True))
-        return z
-    return z.add_(1)
-
-
-def _gate_backward_(grad: torch.Tensor, attn: torch.Tensor, base: str, scale: float) -> torch.Tensor:
-    """d(loss)/dz from d(loss)/dA and A alone; overwrites ``grad``."""
-    if base == "sigmoid":  # dA/dz = A (1 - A / scale)
-        return grad.mul_(attn).addcmul_(grad, attn, value=-1 / scale)
-    if base == "softmax":
-        y = (attn / scale).flatten(-2)
-        return torch._softmax_backward_data(grad.mul_(scale).flatten(-2), y, -1, y.dtype).view_as(attn)
-    return grad
-
-
-def _refuse_double_backward() -> None:
-    """Backward runs with grad mode on only under ``create_graph=True``; our backward is not differentiable, and
-    ``once_differentiable`` would let second derivatives through AW silently drop out instead of failing."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "AWConv2d cannot differentiate twice (create_graph=True): its backward is once differentiable"
-        )
-
-
-def _grouped_conv(x: torch.Tensor, weights: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """conv(x_b, weights_b) for every sample b as ONE convolution: the batch folded into the groups."""
-    stride, padding, dilation, groups = geometry
-    b = x.shape[0]
-    # the folded batch runs in NCHW; the result goes back to the input's layout, so that a channels-last network
-    # stays channels-last around this layer (mixed layouts downstream cost more than this copy)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    x, weights = x.contiguous(), weights.contiguous()
-    out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weights.flatten(0, 1), None, stride, padding, dilation, b * groups)
-    out = out.view(b, -1, *out.shape[2:])
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
-
-
-def _grouped_conv_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, geometry: tuple, need_x: bool, need_weights: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of `_grouped_conv` for x (B×C_in×H×W) and the per-sample weights (B×C_out×C_in/groups×k×k)."""
-    stride, padding, dilation, groups = geometry
-    dtype = grad_out.dtype  # under autocast the convolution ran in grad_out's dtype
-    grad_out, x, weights = grad_out.contiguous(), x.contiguous(), weights.contiguous()
-    grad_x, grad_weights, _ = torch.ops.aten.convolution_backward(
-        grad_out.reshape(1, -1, *grad_out.shape[2:]),
-        x.reshape(1, -1, *x.shape[2:]).to(dtype),
-        weights.to(dtype).flatten(0, 1),
-        None,
-        list(stride),
-        list(padding),
-        list(dilation),
-        False,
-        [0, 0],
-        x.shape[0] * groups,
-        [need_x, need_weights, False],
-    )
-    grad_x = grad_x.view(x.shape) if need_x else None
-    grad_weights = grad_weights.view(weights.shape).to(weights.dtype) if need_weights else None
-    return grad_x, grad_weights
-
-
-class _AWConvFunction(torch.autograd.Function):
-    """(x, z, W) ↦ (conv(x_b, A_b ⊙ W) for every sample b, A) with A = gate(z) computed in z's memory.
-
-    z is the full generator's output, B × C_out·C_in/groups × k × k. Saves x, A and W only: A ⊙ W is rebuilt in
-    backward and the gate's derivative is taken from A, so one weight-shaped tensor per layer outlives the forward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, logits, weight, gate, geometry):
-        attn = _gate_(logits, *gate)
-        ctx.mark_dirty(logits)
-        out = _grouped_conv(x, weight * attn.view(-1, *weight.shape), geometry)
-        ctx.save_for_backward(x, attn, weight)
-        ctx.gate, ctx.geometry = gate, geometry
-        ctx.set_materialize_grads(False)
-        return out, attn
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_attn_seen):
-        _refuse_double_backward()
-        x, attn_as_output, weight = ctx.saved_tensors
-        attn = attn_as_output.view(-1, *weight.shape)
-        need_x, need_logits, need_weight = ctx.needs_input_grad[:3]
-        grad_x = grad_weight = grad_attn = None
-        if grad_out is not None:  # None when only the attention itself was used downstream
-            weights = weight * attn
-            grad_x, grad_weights = _grouped_conv_backward(
-                grad_out, x, weights, ctx.geometry, need_x, need_logits or need_weight
-            )
-            if need_weight:  # the per-sample weights are no longer needed: reuse their memory
-                grad_weight = torch.mul(grad_weights, attn, out=weights).sum(0)
-            if need_logits:
-                grad_attn = grad_weights.mul_(weight)
-        if need_logits and grad_attn_seen is not None:  # a loss on A itself (through the probe)
-            grad_attn_seen = grad_attn_seen.reshape(attn.shape)
-            grad_attn = grad_attn_seen.clone() if grad_attn is None else grad_attn.add_(grad_attn_seen)
-        grad_logits = None
-        if grad_attn is not None:
-            grad_logits = _gate_backward_(grad_attn, attn, *ctx.gate).reshape(attn_as_output.shape)
-        return grad_x, grad_logits, grad_weight, None, None
-
-
-class _FactorizedAWConvFunction(torch.autograd.Function):
-    """(x, a_out, a_in, W) ↦ conv(x_b, (a_out_b ⊗ a_in_b) ⊙ W) for every sample b, with gated factors
-    a_out (B × C_out × k × k) and a_in (B × C_in/groups × k × k).
-
-    Saves only x, the factors and W: no weight-shaped tensor outlives the forward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, attn_out, attn_in, weight, geometry):
-        ctx.save_for_backward(x, attn_out, attn_in, weight)
-        ctx.geometry = geometry
-        return _grouped_conv(x, _factorized_weights(weight, attn_out, attn_in), geometry)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        _refuse_double_backward()
-        x, attn_out, attn_in, weight = ctx.saved_tensors
-        need_x, need_out, need_in, need_weight = ctx.needs_input_grad[:4]
-        weights = _factorized_weights(weight, attn_out, attn_in)
-        attn_out, attn_in = attn_out.unsqueeze(2), attn_in.unsqueeze(1)
-        grad_x, grad_weights = _grouped_conv_backward(
-            grad_out, x, weights, ctx.geometry, need_x, need_out or need_in or need_weight
-        )
-        grad_factor_out = grad_factor_in = grad_weight = None
-        buffer = weights  # reused for every weight-shaped temporary below
-        if need_weight:
-            grad_weight = torch.mul(grad_weights, attn_out, out=buffer).mul_(attn_in).sum(0)
-        if need_out or need_in:
-            grad_attn = grad_weights.mul_(weight)
-            if need_out:
-                grad_factor_out = torch.mul(grad_attn, attn_in, out=buffer).sum(2)
-            if need_in:
-                grad_factor_in = torch.mul(grad_attn, attn_out, out=buffer).sum(1)
-        return grad_x, grad_factor_out, grad_factor_in, grad_weight, None
-
-
-def _factorized_weights(weight: torch.Tensor, attn_out: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
-    """Per-sample weights (a_out ⊗ a_in) ⊙ W, B × C_out × C_in/groups × k × k, with one allocation."""
-    return (weight * attn_out.unsqueeze(2)).mul_(attn_in.unsqueeze(1))
 
 
 def _output_size(x: torch.Tensor, kernel: tuple[int, int], geometry: tuple) -> tuple[int, int]:
@@ -297,29 +132,23 @@ def conv_unfold(x: torch.Tensor, weights: torch.Tensor, geometry: tuple) -> torc
     return _like_input(out.view(b, c_out, ho, wo), x)
 
 
-def conv_loop(x: torch.Tensor, weights: torch.Tensor, geometry: tuple) -> torch.Tensor:
-    """conv(x_b, weights_b) for every sample b as a Python loop of plain convolutions (the slow reference form)."""
-    stride, padding, dilation, groups = geometry
-    return torch.cat([F.conv2d(xi, wi, None, stride, padding, dilation, groups) for xi, wi in zip(x.split(1), weights)])
-
-
 # under torch.compile the grouped form runs as plain ops (the fused functions' in-place gate and mark_dirty break the
 # graph at every AW layer, and nine differently shaped breaks in resnet20 exceed dynamo's recompile limit)
-_PER_SAMPLE = {"unfold": conv_unfold, "loop": conv_loop, "grouped": _grouped_conv}
+_PER_SAMPLE = {"unfold": conv_unfold, "grouped": grouped_conv}
 
 
 TAPS_MIN_WEIGHT_SHARE = 2.0
 """``"auto"`` takes ``"taps"`` where the per-sample weights hold at least this many times the values of the layer's
-input and output activations (measured by `benchmarks/aw_paths.py`, see `auto_path`)."""
+input and output activations (the crossing point `benchmarks/aw_paths.py` measured; docs/MEASUREMENTS.md)."""
 
 
 def auto_path(layer: AWConv2d, x: torch.Tensor) -> str:
-    """The implementation measured fastest for ``layer`` on input ``x`` (`benchmarks/aw_paths.py`).
+    """The implementation ``impl="auto"`` uses for ``layer`` on input ``x`` (`benchmarks/aw_paths.py` measures them).
 
-    Factorized: the grouped convolution wins while the per-sample weights (C_out·C_in/g·k² values per sample) are small
-    next to the activations; ``"taps"`` makes ~k² passes over the activations instead of building the weights, and
-    wins once the weights outweigh the activations (resnet20's 64-channel stage on 8×8 or 7×7 maps, not its 16- and
-    32-channel stages). Full: the grouped convolution (the loop and im2col + batched matmul are no faster on CPU).
+    Factorized: the grouped convolution while the per-sample weights (C_out·C_in/g·k² values per sample) are small
+    next to the activations; ``"taps"`` makes ~k² passes over the activations instead of building the weights, so it
+    wins once the weights outweigh the activations. Full: the grouped convolution, whose fused backward keeps the
+    least memory.
     """
     if layer.generator == "full":
         return "grouped"
@@ -335,7 +164,7 @@ class AWConv2d(nn.Conv2d):
     Memory: the per-sample weights cost B·C_out·(C_in/groups)·k² values per layer — linear in the batch, quadratic in
     the width, independent of H×W (a 64→64 layer on 8×8 maps holds 9× more per-sample weight values than activation
     values). The full generator keeps one such tensor per layer for backward (A); the factorized one keeps only its
-    factors, and its ``"taps"`` form never builds the weights. Measured costs: README and `benchmarks/aw_paths.py`.
+    factors, and its ``"taps"`` form never builds the weights. Measured costs: docs/MEASUREMENTS.md.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as `nn.Conv2d`
@@ -388,7 +217,7 @@ class AWConv2d(nn.Conv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, "zeros", device, dtype
         )
-        left, right, top, bottom = self._reversed_padding_repeated_twice
+        left, right, top, bottom = conv_padding(self)
         if left != right or top != bottom:
             raise AttnlabError(f"AWConv2d needs symmetric padding; padding={padding!r} pads unevenly here")
         if gate == "softmax_kernel" and self.kernel_size == (1, 1):
@@ -482,8 +311,8 @@ class AWConv2d(nn.Conv2d):
         path = self.path(x)
         if self.generator == "full":
             if path == "grouped" and not torch.compiler.is_compiling():
-                out, attn = _AWConvFunction.apply(
-                    x, logits, self.weight, _gate_spec(self.gate, self.kernel_size), geometry
+                out, attn = AWConvFunction.apply(
+                    x, logits, self.weight, gate_spec(self.gate, self.kernel_size), geometry
                 )
                 self.probe(attn.view(x.shape[0], *self.weight.shape))
             else:
@@ -494,7 +323,7 @@ class AWConv2d(nn.Conv2d):
             if path == "taps":
                 out = conv_taps(x, attn_out, attn_in, self.weight, geometry)
             elif path == "grouped" and not torch.compiler.is_compiling():
-                out = _FactorizedAWConvFunction.apply(x, attn_out, attn_in, self.weight, geometry)
+                out = FactorizedAWConvFunction.apply(x, attn_out, attn_in, self.weight, geometry)
             else:
                 out = _PER_SAMPLE[path](x, self.weight * attn_out.unsqueeze(2) * attn_in.unsqueeze(1), geometry)
             if self.probe.observed:  # the weight-shaped attention exists only for observers here: skip it otherwise
@@ -508,22 +337,6 @@ class AWConv2d(nn.Conv2d):
         )
 
 
-@contextmanager
-def twice_differentiable(model: nn.Module) -> Iterator[None]:
-    """While active, every `AWConv2d` of ``model`` that would use the once-differentiable grouped form uses a plain
-    autograd one instead (``"taps"`` when factorized, ``"unfold"`` when full): same numbers, exact second derivatives
-    (Hessian-vector products by double backward). Each layer's ``impl`` is restored on exit."""
-    layers = [m for m in model.modules() if isinstance(m, AWConv2d) and m.impl in ("auto", "grouped")]
-    saved = [m.impl for m in layers]
-    try:
-        for m in layers:
-            m.impl = "taps" if m.generator == "factorized" else "unfold"
-        yield
-    finally:
-        for m, impl in zip(layers, saved):
-            m.impl = impl
-
-
 class AWModule(nn.Module):
     """A stand-alone AW attention: x ↦ x + BN(AWConv2d(x)), shape-preserving and exactly the identity at init.
 
@@ -535,16 +348,27 @@ class AWModule(nn.Module):
         channels: input and output channels.
         kernel_size: odd size of the AW convolution (padded to keep H×W).
         depthwise: one filter per channel (``groups=channels``) instead of a full C → C convolution.
+        device, dtype: where and in what the parameters are built (as timm's layers).
         **kwargs: AW options for `AWConv2d` (``gate``, ``generator``, ``reduction``, ``min_hidden``).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, depthwise: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        depthwise: bool = True,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        **kwargs: Any,
+    ):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 != 1:
             raise AttnlabError(f"AW module kernel_size must be odd and positive, got {kernel_size}")
         groups = channels if depthwise else 1
-        self.conv = AWConv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, **kwargs)
-        self.bn = nn.BatchNorm2d(channels)
+        dd = {"device": device, "dtype": dtype}
+        self.conv = AWConv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, **dd, **kwargs)
+        self.bn = nn.BatchNorm2d(channels, **dd)
         nn.init.zeros_(self.bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -556,9 +380,22 @@ def aw_module(channels: int, **kwargs: Any) -> AWModule:
     return AWModule(channels, **kwargs)
 
 
-def _aw_training(model: nn.Module, settings) -> StepHook | None:
-    """AW-convolution's batch-folded grouped convolution is about 1.5× slower in channels-last on CPU."""
-    return StepHook(channels_last=False) if any(isinstance(m, AWConv2d) for m in model.modules()) else None
+def aw_training(model: nn.Module, *, channels_last: bool = False) -> StepHook | None:
+    """AW-convolution's training hook for ``model`` (None without AW layers): the memory layout it trains in.
+    Channels-last is off by default: the batch-folded grouped convolution runs in NCHW (docs/MEASUREMENTS.md)."""
+    return StepHook(channels_last=channels_last) if any(isinstance(m, AWConv2d) for m in model.modules()) else None
 
 
-register_training_hook("aw", _aw_training)
+__all__ = [
+    "GATES",
+    "GENERATORS",
+    "IMPLS",
+    "AWConv2d",
+    "AWModule",
+    "auto_path",
+    "aw_module",
+    "aw_training",
+    "conv_taps",
+    "conv_unfold",
+    "weight_gate",
+]

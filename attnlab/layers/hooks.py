@@ -1,9 +1,12 @@
-"""What a mechanism asks of the training loop, registered by the mechanism itself so that the engine imports none.
+"""What a mechanism asks of the training loop, registered by the mechanism so that the engine imports none.
 
-After building the model, the engine calls `training_hooks(model, settings)`: every registered factory looks at the
-model and the run's settings (a `attnlab.train.TrainConfig`, read by attribute) and returns a `StepHook` for this run,
-or None when the mechanism is not in the model. A factory may also refuse settings that need its mechanism (CRAM's
-``equivariance`` on a model without CRAM). The engine then asks each hook, in registration order:
+A mechanism registers a factory ``factory(model, **options) -> StepHook | None`` under its name. The options are the
+mechanism's training settings (CRAM's equivariance weight and transforms, AW's memory layout): keyword-only, each
+annotated and with a default, so that the schema checks a run's ``mechanisms`` mapping against them before any model
+exists (`check_mechanisms`), exactly as model and analysis options are checked. After building the model the engine
+calls `training_hooks(model, mechanisms)`: every factory looks at the model and returns a `StepHook` for this run, or
+None when its mechanism is not in the model (options given for a mechanism the model lacks are an error). The engine
+then asks each hook, in registration order:
 
 - ``channels_last``: whether the mechanism is fast in channels-last memory layout (AW-convolution is not);
 - ``before_step(progress)``: a schedule over the run (CRAM anneals its mask's sharpness), progress in [0, 1);
@@ -14,11 +17,15 @@ or None when the mechanism is not in the model. A factory may also refuse settin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import AttnlabError, lookup
+from ..schema import check_call, show
 
 
 class StepHook:
@@ -39,18 +46,76 @@ class StepHook:
         return None
 
 
-HookFactory = Callable[[nn.Module, Any], StepHook | None]
-_HOOKS: dict[str, HookFactory] = {}
+HookFactory = Callable[..., StepHook | None]
 
 
-def register_training_hook(name: str, factory: HookFactory) -> None:
-    """Register ``factory(model, settings) -> StepHook | None`` under ``name`` (a mechanism's module does, once)."""
-    _HOOKS[name] = factory
+class _Registered:
+    """A registered factory and the words its errors use for its layers."""
+
+    def __init__(self, factory: HookFactory, label: str):
+        self.factory, self.label = factory, label
 
 
-def training_hooks(model: nn.Module, settings: Any) -> list[StepHook]:
-    """The hooks of every mechanism in ``model`` for a run with ``settings``."""
-    return [hook for factory in _HOOKS.values() if (hook := factory(model, settings)) is not None]
+_HOOKS: dict[str, _Registered] = {}
 
 
-__all__ = ["StepHook", "register_training_hook", "training_hooks"]
+def register_training_hook(name: str, factory: HookFactory, *, label: str | None = None) -> None:
+    """Register ``factory(model, **options) -> StepHook | None`` under mechanism ``name``.
+
+    Every option must be keyword-only, annotated and defaulted (the schema checks values against the annotation, and
+    a run that names no option gets the defaults). ``label`` names the mechanism's layers in errors (default: ``name``
+    in capitals, "CRAM layers").
+    """
+    params = list(inspect.signature(factory).parameters.values())
+    if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        raise AttnlabError(f"training hook '{name}': the factory must take the model as its first argument")
+    for p in params[1:]:
+        if p.kind is not p.KEYWORD_ONLY or p.default is p.empty or p.annotation is p.empty:
+            raise AttnlabError(
+                f"training hook '{name}': option '{p.name}' must be keyword-only, annotated and have a default"
+            )
+    _HOOKS[name] = _Registered(factory, label or name.upper())
+
+
+def list_training_hooks() -> list[str]:
+    """Registered mechanism names, sorted."""
+    return sorted(_HOOKS)
+
+
+def check_mechanisms(mechanisms: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{mechanism: {option: value}}`` checked without a model: every name registered (close matches otherwise) and
+    every option one its factory declares, of the annotated type. Values come back converted (``a,b`` text to a
+    list, an integer to a float)."""
+    if not isinstance(mechanisms, Mapping):
+        raise AttnlabError(f"mechanisms must be a mapping of mechanism name to options, got {show(mechanisms)}")
+    checked = {}
+    for name, options in mechanisms.items():
+        registered = lookup(_HOOKS, name, "mechanism")
+        if not isinstance(options, Mapping):
+            raise AttnlabError(f"mechanisms.{name} must be a mapping of option to value, got {show(options)}")
+        checked[name] = check_call(registered.factory, options, f"mechanisms.{name}")
+    return checked
+
+
+def training_hooks(model: nn.Module, mechanisms: Mapping[str, Mapping[str, Any]] | None = None) -> list[StepHook]:
+    """The hooks of every mechanism in ``model``; ``mechanisms`` gives options by mechanism name (`check_mechanisms`).
+
+    Options for a mechanism whose factory finds none of its layers in ``model`` are an `AttnlabError`: they would
+    silently do nothing.
+    """
+    options = check_mechanisms(mechanisms or {})
+    hooks = []
+    for name, registered in _HOOKS.items():
+        given = options.get(name, {})
+        hook = registered.factory(model, **given)
+        if hook is None and given:
+            raise AttnlabError(
+                f"mechanisms.{name}.{next(iter(given))} needs a model with {registered.label} layers; "
+                "this model has none"
+            )
+        if hook is not None:
+            hooks.append(hook)
+    return hooks
+
+
+__all__ = ["StepHook", "check_mechanisms", "list_training_hooks", "register_training_hook", "training_hooks"]

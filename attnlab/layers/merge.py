@@ -5,9 +5,8 @@ and S the shortcut (the input, or a 1×1 conv + BN when the shape changes). ``ad
 FMMNet's multiplicative family (Ye et al., "Towards Understanding the Effectiveness of Attention Mechanism",
 arXiv 2106.15067): the paper replaces the residual addition with a multiplication of feature maps and claims the product
 regularises and smooths the network. The abstract does not fix the product's form. A training log of the first
-author's, which postdates the paper, found on Caltech-101 that the form decides everything: BN(F)·BN(S) 77.1% (81.4%
-with both BN biases fixed at 1), (σ(F)+1)·BN(S) 78.2%, (σ(BN(S))+0.5)·BN(F) 85.1% (87.4% with F's BN bias fixed at 1),
-against 87.6% for addition. So the form is a switch, the fixed biases are options (``residual_bias``,
+author's, which postdates the paper, found that the form decides the outcome and that fixing a factor's BN bias at 1
+helps (its numbers: docs/MEASUREMENTS.md). So the form is a switch, the fixed biases are options (``residual_bias``,
 ``shortcut_bias``), and every variant is written so the network starts at a sane scale. The block may also leave out
 its activation after the merge (``post_act=False`` on the model, as in pre-activation ResNets).
 
@@ -15,7 +14,7 @@ Two claims hide in "multiplication beats addition", and the presets keep them ap
 ``mul_bn``: the paper's literal replacement) and *gated* products (``gate``, ``gate_shortcut``, ``mul_residual``: one
 factor squashed or offset so that it acts like an attention gate on the other).
 
-Scale at initialisation (measured in tests/test_merge.py; numbers in docs/MEASUREMENTS.md): ``mul`` zeroes about half
+Scale at initialisation (tests/test_merge.py checks it; numbers in docs/MEASUREMENTS.md): ``mul`` zeroes about half
 of the live units per block and compounds heavy tails, so it is kept only as the literal baseline; ``mul_bn`` and
 ``gate_shortcut`` stay near unit scale but keep no identity path, so their gradient explodes with depth like a
 skip-less network's; ``gate`` and ``mul_residual`` start every block as the identity, like ``add``.
@@ -30,9 +29,13 @@ F, needs), and ``zero_init_residual``: whether zeroing F's last BN weight (timm'
 start. The two agree except for ``mul_bn`` with a fixed residual bias c ≠ 0, where a zeroed weight leaves F ≡ c.
 ``DEFAULT_FMM_MERGE`` is the variant the ``fmm_`` models use, chosen on validation accuracy by
 benchmarks/fmm_variants.py (the run and its table: docs/MEASUREMENTS.md).
+
+Every merge takes ``device``/``dtype`` as timm's layers do and builds its parameters there.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,28 +64,33 @@ def _downcast(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class FixedBiasBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose bias is a constant buffer, not a parameter: BN(x) with its shift fixed at ``bias``.
 
-    Used before a product, where a BN bias of 1 makes the factor start around 1 instead of 0 (the Caltech log's best
-    fixes, module docstring). A buffer, so no optimiser, weight decay or ``requires_grad_`` call can move it; the
-    state-dict key stays ``bias``.
+    Used before a product, where a BN bias of 1 makes the factor start around 1 instead of 0 (the fix the author's
+    training log found helpful, module docstring). A buffer, so no optimiser, weight decay or ``requires_grad_`` call
+    can move it; the state-dict key stays ``bias``.
     """
 
     def __init__(self, channels: int, bias: float, **kwargs):
         super().__init__(channels, **kwargs)
         del self.bias
-        self.register_buffer("bias", torch.full((channels,), float(bias)))
+        self.register_buffer(
+            "bias", torch.full((channels,), float(bias), device=self.weight.device, dtype=self.weight.dtype)
+        )
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, bias: float) -> FixedBiasBatchNorm2d:
-        """``bn`` with its bias fixed at ``bias`` (weight and running statistics copied)."""
-        fixed = cls(bn.num_features, bias, eps=bn.eps, momentum=bn.momentum)
-        fixed.weight.data.copy_(bn.weight.data)
-        fixed.running_mean.copy_(bn.running_mean)
-        fixed.running_var.copy_(bn.running_var)
-        return fixed.to(device=bn.weight.device, dtype=bn.weight.dtype)
+        """``bn`` with its bias fixed at ``bias`` (weight and running statistics copied), built on its device."""
+        fixed = cls(
+            bn.num_features, bias, eps=bn.eps, momentum=bn.momentum, device=bn.weight.device, dtype=bn.weight.dtype
+        )
+        with torch.no_grad():
+            fixed.weight.copy_(bn.weight)
+            fixed.running_mean.copy_(bn.running_mean)
+            fixed.running_var.copy_(bn.running_var)
+        return fixed
 
 
-def _shortcut_bn(channels: int, bias: float | None) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels) if bias is None else FixedBiasBatchNorm2d(channels, bias)
+def _shortcut_bn(channels: int, bias: float | None, dd: dict) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, **dd) if bias is None else FixedBiasBatchNorm2d(channels, bias, **dd)
 
 
 class AddMerge(nn.Module):
@@ -90,7 +98,7 @@ class AddMerge(nn.Module):
 
     identity_at_zero = zero_init_residual = True  # F = 0 at init makes the block the identity
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, device: Any = None, dtype: Any = None):
         super().__init__()
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
@@ -101,9 +109,9 @@ class MulMerge(nn.Module):
     """y = g · F ⊙ S, the literal FMMNet product (g = 1 by default).
 
     Zeroing F would zero the block, so F's BN keeps its default init (weight 1). The constant gain only sets the start
-    (F's BN weight can learn any scale): g = √2 would restore the second moment that ReLU halves when S ≥ 0, but
-    measured on resnet20 it only inflates the heavy-tailed later stages (logit std 10–190 vs 4–67 with g = 1, 3 seeds),
-    and no gain revives the units the product zeroes (module docstring).
+    (F's BN weight can learn any scale): g = √2 would restore the second moment that ReLU halves when S ≥ 0, but it
+    only inflates the heavy-tailed later stages (docs/MEASUREMENTS.md), and no gain revives the units the product
+    zeroes (module docstring).
 
     Args:
         channels: channels of F and S (unused; kept so every merge takes ``channels`` first).
@@ -112,7 +120,7 @@ class MulMerge(nn.Module):
 
     identity_at_zero = zero_init_residual = False
 
-    def __init__(self, channels: int, gain: float = 1.0):
+    def __init__(self, channels: int, gain: float = 1.0, device: Any = None, dtype: Any = None):
         super().__init__()
         if not gain > 0:
             raise AttnlabError(f"merge 'mul' needs gain > 0, got {gain}")
@@ -134,12 +142,10 @@ class MulBNMerge(nn.Module):
     the units an earlier ReLU zeroed, so the forward does not cascade; with no identity path the gradient does, with
     depth (module docstring). Both BNs start at weight 1, bias 0; F's BN is not zeroed (it would zero the block).
 
-    ``residual_bias=1, shortcut_bias=1`` is the Caltech log's "both BN biases fixed at 1" (81.4% vs 77.1% there). With
-    F's bias fixed at c ≠ 0 (and no second BN on F), F's BN weight *is* zeroed at init unless the model's
-    ``zero_init_last`` is off: F ≡ c, and the block starts as c·BN(S), a normalised identity (our reading; the log does
-    not say how it initialised). Measured on Fashion-MNIST (resnet20, 8,000 training images, 2 epochs, seed 0, bf16,
-    one CPU thread): both biases at 1 reach 70.8% test accuracy with the zeroed weight and stay at chance (10.5%) with
-    weight 1, against 66.7% for ``add`` and 75.8% for ``gate_shortcut`` at the same budget.
+    ``residual_bias=1, shortcut_bias=1`` is the author's log's "both BN biases fixed at 1". With F's bias fixed at
+    c ≠ 0 (and no second BN on F), F's BN weight *is* zeroed at init unless the model's ``zero_init_last`` is off:
+    F ≡ c, and the block starts as c·BN(S), a normalised identity (our reading; the log does not say how it
+    initialised). Keeping weight 1 there trained worse (docs/MEASUREMENTS.md).
 
     Args:
         channels: channels of F and S.
@@ -156,11 +162,14 @@ class MulBNMerge(nn.Module):
         bn_residual: bool = False,
         residual_bias: float | None = None,
         shortcut_bias: float | None = None,
+        device: Any = None,
+        dtype: Any = None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.residual_bias = residual_bias
-        self.bn_shortcut = _shortcut_bn(channels, shortcut_bias)
-        self.bn_residual = nn.BatchNorm2d(channels) if bn_residual else nn.Identity()
+        self.bn_shortcut = _shortcut_bn(channels, shortcut_bias, dd)
+        self.bn_residual = nn.BatchNorm2d(channels, **dd) if bn_residual else nn.Identity()
 
     @property
     def zero_init_residual(self) -> bool:
@@ -177,8 +186,9 @@ class GateMerge(nn.Module):
     """y = (σ(F) + c) ⊙ S: the residual branch as a gate in (c, c + 1) on the shortcut; c = 0.5 by default.
 
     With F's last BN zeroed, σ(0) + 0.5 = 1 and the block is the identity at init, as ResNet's (gradient still reaches
-    F, through σ'(0) = 1/4). The Caltech form (σ(F)+1)·BN(S) is ``offset=1, bn_shortcut=True``; ``offset=1`` alone would
-    scale S by 1.5 per block at init, 1.5¹⁷ ≈ 10³ across one stage of resnet110, which is why it is not the default.
+    F, through σ'(0) = 1/4). The author's log's form (σ(F)+1)·BN(S) is ``offset=1, bn_shortcut=True``; ``offset=1``
+    alone would scale S by 1.5 per block at init, 1.5¹⁷ ≈ 10³ across one stage of resnet110, which is why it is not
+    the default.
 
     Args:
         channels: channels of F and S.
@@ -188,12 +198,14 @@ class GateMerge(nn.Module):
 
     identity_at_zero = zero_init_residual = True
 
-    def __init__(self, channels: int, offset: float = 0.5, bn_shortcut: bool = False):
+    def __init__(
+        self, channels: int, offset: float = 0.5, bn_shortcut: bool = False, device: Any = None, dtype: Any = None
+    ):
         super().__init__()
         if not offset >= 0:
             raise AttnlabError(f"merge 'gate' needs offset >= 0, got {offset}")
         self.offset = float(offset)
-        self.bn_shortcut = nn.BatchNorm2d(channels) if bn_shortcut else nn.Identity()
+        self.bn_shortcut = nn.BatchNorm2d(channels, device=device, dtype=dtype) if bn_shortcut else nn.Identity()
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         f, s, dtype = _upcast(residual, self.bn_shortcut(shortcut))
@@ -206,14 +218,13 @@ class GateMerge(nn.Module):
 class GateShortcutMerge(nn.Module):
     """y = (σ(BN(S)) + c) ⊙ F: the shortcut as a gate in (c, c + 1) on the residual branch; c = 0.5 by default.
 
-    The best plain-bias product of the Caltech log ((σ(BN(S))+0.5)·BN(F), F's BN being the block's own: 85.1% there).
+    The best plain-bias product of the author's log ((σ(BN(S))+0.5)·BN(F), F's BN being the block's own).
     The gate averages ≈ 1 at init, so y has F's unit scale; F is renormalised every block, so depth does not compound
     it. There is no identity path (S reaches y only through the gate), so the gradient grows with depth as in a plain
     network (module docstring). Zeroing F would zero the block, so F's BN keeps its default init.
 
-    ``residual_bias=1`` is the Caltech log's variant with F's BN bias fixed at 1 (87.4% there, against 85.1% for the
-    form above and 87.6% for addition). F's BN keeps weight 1 then too: zeroing it (F ≡ 1, the block starting as
-    σ(BN(S)) + c) was measured worse, 59.1% against 77.6% test accuracy (the setting of `MulBNMerge`'s measurement).
+    ``residual_bias=1`` is the log's variant with F's BN bias fixed at 1, its best product. F's BN keeps weight 1
+    then too: zeroing it (F ≡ 1, the block starting as σ(BN(S)) + c) trained worse (docs/MEASUREMENTS.md).
 
     Args:
         channels: channels of F and S.
@@ -223,13 +234,20 @@ class GateShortcutMerge(nn.Module):
 
     identity_at_zero = zero_init_residual = False
 
-    def __init__(self, channels: int, offset: float = 0.5, residual_bias: float | None = None):
+    def __init__(
+        self,
+        channels: int,
+        offset: float = 0.5,
+        residual_bias: float | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ):
         super().__init__()
         if not offset >= 0:
             raise AttnlabError(f"merge 'gate_shortcut' needs offset >= 0, got {offset}")
         self.offset = float(offset)
         self.residual_bias = residual_bias
-        self.bn_shortcut = nn.BatchNorm2d(channels)
+        self.bn_shortcut = nn.BatchNorm2d(channels, device=device, dtype=dtype)
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         f, s, dtype = _upcast(residual, self.bn_shortcut(shortcut))
@@ -252,7 +270,7 @@ class MulResidualMerge(nn.Module):
 
     identity_at_zero = zero_init_residual = True
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, device: Any = None, dtype: Any = None):
         super().__init__()
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
@@ -268,13 +286,16 @@ MERGES: dict[str, type[nn.Module]] = {
     "gate_shortcut": GateShortcutMerge,
     "mul_residual": MulResidualMerge,
 }
-DEFAULT_FMM_MERGE = "gate_shortcut"  # best validation accuracy in benchmarks/fmm_variants.py (docs/MEASUREMENTS.md)
+DEFAULT_FMM_MERGE = "gate_shortcut"
+"""The merge of the ``fmm_`` models: chosen on validation accuracy by benchmarks/fmm_variants.py
+(docs/MEASUREMENTS.md)."""
 
 
-def create_merge(name: str, channels: int, **kwargs) -> nn.Module:
-    """Build merge ``name``; its ``forward(residual, shortcut)`` gives the block's pre-activation output."""
+def create_merge(name: str, channels: int, device: Any = None, dtype: Any = None, **kwargs) -> nn.Module:
+    """Build merge ``name`` on ``device`` in ``dtype``; its ``forward(residual, shortcut)`` gives the block's
+    pre-activation output."""
     cls = lookup(MERGES, name, "merge")
-    return cls(channels, **check_call(cls, kwargs, f"merge '{name}'"))
+    return cls(channels, **check_call(cls, kwargs, f"merge '{name}'"), device=device, dtype=dtype)
 
 
 def list_merges() -> list[str]:

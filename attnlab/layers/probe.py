@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torch.nn.modules import module as _module
+
+from .._compat import global_forward_hooks
 
 
 class AttentionProbe(nn.Module):
@@ -35,12 +36,7 @@ class AttentionProbe(nn.Module):
     def observed(self) -> bool:
         """Whether a forward hook (its own or a global one) would see the value: a layer may skip building a value
         that exists only for observers when nobody looks."""
-        return bool(
-            self._forward_hooks
-            or self._forward_pre_hooks
-            or _module._global_forward_hooks
-            or _module._global_forward_pre_hooks
-        )
+        return bool(self._forward_hooks or self._forward_pre_hooks or global_forward_hooks())
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

@@ -7,10 +7,13 @@ This is the "position-wise" attention that CRAM is compared against: a free per-
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.layers import register_notrace_function
 from torch import nn
 
+from ..errors import AttnlabError
 from .probe import AttentionProbe
 
 
@@ -18,10 +21,8 @@ from .probe import AttentionProbe
 def channel_pool(x: torch.Tensor) -> torch.Tensor:
     """[mean_c x; max_c x]: the two maps CBAM's spatial branch convolves, B×2×H×W.
 
-    A half-precision max is taken in fp32 and cast back, which gives the same value. Under bf16 autocast,
-    torch.compile (inductor, torch 2.14.1, CPU) made the backward of a whole compiled ``spatial_resnet20`` non-finite
-    from the second step when the max was taken in bf16, on cluttered-fashion-mnist canvases; eager, and the attention
-    compiled alone, stayed finite (tests/test_compile_training.py reproduces it).
+    A half-precision max is taken in fp32 and cast back, which gives the same value and keeps a compiled network's
+    bf16 backward finite where a bf16 max did not (docs/MEASUREMENTS.md; tests/test_compile_training.py).
     """
     if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         peak = x.float().amax(dim=1, keepdim=True).to(x.dtype)
@@ -36,14 +37,15 @@ class SpatialAttention(nn.Module):
     Args:
         channels: input channels (unused by the map itself; kept so every attention takes ``channels`` first).
         kernel_size: size of the convolution over the two pooled maps (CBAM uses 7).
+        device, dtype: where and in what the parameters are built (as timm's layers).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 7):
+    def __init__(self, channels: int, kernel_size: int = 7, device: Any = None, dtype: Any = None):
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        if kernel_size < 1 or kernel_size % 2 != 1:
+            raise AttnlabError(f"spatial attention kernel_size must be odd and positive, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(1, device=device, dtype=dtype)
         self.probe = AttentionProbe("spatial")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models import resnet as timm_resnet
 from torch import nn
 
+from .._compat import timm_resnet_cfg
 from ..errors import AttnlabError, unknown_name
 from ..layers import create_attn
 from ..layers.merge import DEFAULT_FMM_MERGE
@@ -250,7 +251,7 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
 
 def _default_cfg(arch: Arch) -> dict[str, Any]:
     if arch.imagenet:
-        return timm_resnet._cfg(url="", license=None)
+        return timm_resnet_cfg(url="", license=None)
     return dict(
         url="",
         num_classes=10,

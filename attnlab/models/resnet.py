@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from timm.layers import create_classifier, get_device_dtype
 from timm.models import checkpoint_seq
 from timm.models import resnet as timm_resnet
-from timm.models._features import feature_take_indices
 from torch import nn
 
+from .._compat import feature_take_indices
 from ..errors import AttnlabError
 from ..layers import AWConv2d, create_merge
 from ..layers.merge import FixedBiasBatchNorm2d
@@ -53,8 +53,8 @@ class _MergeAwMixin:
         outplanes = planes * self.expansion
         if aw:
             self.conv2 = AWConv2d.from_conv(self.conv2, **(aw if isinstance(aw, dict) else {}))
-        factory = {k: kwargs[k] for k in ("device", "dtype") if kwargs.get(k) is not None}
-        self.merge = create_merge(merge, outplanes, **(merge_args or {})).to(**factory)
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.merge = create_merge(merge, outplanes, **dd, **(merge_args or {}))
         if getattr(self.merge, "residual_bias", None) is not None:  # the merge fixes the bias of F's last BN
             bn = getattr(self, self.last_bn)
             setattr(self, self.last_bn, FixedBiasBatchNorm2d.from_bn(bn, self.merge.residual_bias))

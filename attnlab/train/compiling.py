@@ -6,13 +6,12 @@ calls go through the compiled graph. Where the model or the backend cannot compi
 kernels, an op inductor refuses, a double backward through a compiled graph, ...), `run_or_fall_back` retries eagerly
 and prints one warning line: the work gets done either way.
 
-Mode ``default``, chosen by measuring (`benchmarks/compile_modes.py --threads 1 --repeats 15` →
-``results/compile_modes.csv``: resnet20, batch 128 of 1×28×28, bf16, median process-CPU time per train step over 15
-round-robin repeats on the shared 2-core CPU at load ≈ 11): eager 185 ms, ``default`` 161 ms (0.87×),
-``max-autotune-no-cudagraphs`` 160 ms (0.87×), ``reduce-overhead`` 159 ms (0.86×) — the three modes are equal within
-the noise, so the cheapest to compile wins: on a cold cache max-autotune took 139 s of wall time to ``default``'s
-102 s (noisy: the machine was shared). ``reduce-overhead`` adds CUDA graphs, nothing on CPU; on CUDA they would hold
-memory for every batch shape a run sees (training, evaluation, the last partial batch), so ``default`` there too.
+Mode ``default``: the compile modes measured equal per step within the noise (`benchmarks/compile_modes.py`; the
+numbers are in docs/MEASUREMENTS.md), so the cheapest to compile wins. ``reduce-overhead`` adds CUDA graphs, nothing on
+CPU; on CUDA they would hold memory for every batch shape a run sees (training, evaluation, the last partial batch).
+
+The dynamo settings a compiled model needs (`RECOMPILE_LIMIT`, guards on module hooks) hold only during that model's
+own calls (`dynamo_settings`): compiling a model changes nothing for the rest of the process.
 """
 
 from __future__ import annotations
@@ -20,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
+
+from .._compat import compiled_call, dynamo_config, dynamo_config_patch, set_compiled_call
 
 MODE = "default"
 T = TypeVar("T")
@@ -34,29 +35,38 @@ many differently built models of one class (compare over many entries, bench, an
 torch's default of 8 and silently run the later models eagerly."""
 
 
+def dynamo_settings() -> contextlib.AbstractContextManager:
+    """The dynamo settings of a compiled model's calls, as a context: at least `RECOMPILE_LIMIT` graphs per code
+    object, and guards on module hooks (by default dynamo does not guard on them: a hook added after the first compiled
+    call, as `capture_attention` and CRAM's equivariance term add, would never be called; guarding recompiles once)."""
+    limit = max(dynamo_config().recompile_limit, RECOMPILE_LIMIT)
+    return dynamo_config_patch(recompile_limit=limit, skip_nnmodule_hook_guards=False)
+
+
 def compile_module(model: nn.Module, *, mode: str = MODE, backend: str = "inductor") -> nn.Module:
     """Compile ``model`` in place (lazily: the first call compiles; ``backend`` other than inductor is for tests);
-    returns it."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    # by default dynamo does not guard on module hooks: a hook added after the first compiled call (capture_attention,
-    # CRAM's rectangles for its equivariance term) is then never called; guarding recompiles once instead
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    returns it. Its calls run under `dynamo_settings`; nothing process-wide changes."""
     if backend == "inductor":
         model.compile(backend=backend, mode=mode)
     else:
         model.compile(backend=backend)
+    call = compiled_call(model)
+
+    def call_with_settings(*args: Any, **kwargs: Any) -> Any:
+        with dynamo_settings():
+            return call(*args, **kwargs)
+
+    set_compiled_call(model, call_with_settings)
     return model
 
 
 def is_compiled(model: nn.Module) -> bool:
-    return getattr(model, "_compiled_call_impl", None) is not None
+    return compiled_call(model) is not None
 
 
 def uncompile(model: nn.Module) -> None:
     """Undo `compile_module`: calls go to the eager module again."""
-    model._compiled_call_impl = None
+    set_compiled_call(model, None)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -70,12 +80,12 @@ def _root_cause(error: BaseException) -> str:
 @contextlib.contextmanager
 def eager(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` uncompiled for the duration (a FLOP count, a one-image latency: no graph is compiled for them)."""
-    compiled = getattr(model, "_compiled_call_impl", None)
-    model._compiled_call_impl = None
+    compiled = compiled_call(model)
+    set_compiled_call(model, None)
     try:
         yield model
     finally:
-        model._compiled_call_impl = compiled
+        set_compiled_call(model, compiled)
 
 
 def run_or_fall_back(model: nn.Module, what: str, fn: Callable[[], T]) -> T:
@@ -97,4 +107,13 @@ def run_or_fall_back(model: nn.Module, what: str, fn: Callable[[], T]) -> T:
         return result
 
 
-__all__ = ["MODE", "RECOMPILE_LIMIT", "compile_module", "eager", "is_compiled", "run_or_fall_back", "uncompile"]
+__all__ = [
+    "MODE",
+    "RECOMPILE_LIMIT",
+    "compile_module",
+    "dynamo_settings",
+    "eager",
+    "is_compiled",
+    "run_or_fall_back",
+    "uncompile",
+]

@@ -22,7 +22,7 @@ import yaml
 
 from ..errors import AttnlabError
 from ..io import read_yaml
-from ..layers.cram import DEFAULT_EQUIVARIANCE_TRANSFORMS, check_transforms
+from ..layers.cram_equivariance import DEFAULT_EQUIVARIANCE_TRANSFORMS, check_transforms
 from ..schema import check_fields, check_keys
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

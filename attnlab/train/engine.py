@@ -226,7 +226,9 @@ def setup(cfg: TrainConfig, dist, device: torch.device, folder: RunDir, resume: 
     if device.type == "cuda":
         bundle = data_on_gpu(bundle, device, free_bytes=torch.cuda.mem_get_info(device)[0])
     model = build_model(cfg, bundle).to(device)
-    hooks = training_hooks(model, cfg)
+    # adapter until the run config carries a `mechanisms` mapping (contract: ENGINE replaces these two fields)
+    mechanisms = {"cram": {"equivariance": cfg.equivariance, "transforms": cfg.equivariance_transforms}}
+    hooks = training_hooks(model, mechanisms if cfg.equivariance > 0 else None)
     channels_last = all(h.channels_last for h in hooks) if cfg.channels_last is None else cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
