@@ -61,10 +61,16 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return tuple(conv._reversed_padding_repeated_twice)
 
 
-def global_forward_hooks() -> bool:
-    """Whether any process-wide forward (pre-)hook is registered (``nn.modules.module.register_module_forward_hook``):
-    torch offers no public way to ask, and an `AttentionProbe` must know whether anyone observes it."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether a forward (pre-)hook would see ``module``'s output: one of its own or a process-wide one
+    (``nn.modules.module.register_module_forward_hook``). torch offers no public way to ask, and an `AttentionProbe`
+    must know whether anyone observes it."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
 
 
 __all__ = [
@@ -74,7 +80,7 @@ __all__ = [
     "dynamo_config",
     "dynamo_config_patch",
     "feature_take_indices",
-    "global_forward_hooks",
+    "has_forward_hooks",
     "set_compiled_call",
     "softmax_backward_data",
     "timm_resnet_cfg",

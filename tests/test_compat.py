@@ -56,14 +56,23 @@ def test_compiled_call_is_what_module_compile_installs():
     assert _compat.compiled_call(model) is None
 
 
-def test_global_forward_hooks_sees_a_process_wide_hook():
-    assert not _compat.global_forward_hooks()
-    handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
-    try:
-        assert _compat.global_forward_hooks()
-    finally:
+def test_has_forward_hooks_sees_own_and_process_wide_hooks():
+    module = nn.Identity()
+    assert not _compat.has_forward_hooks(module)
+    for register in (module.register_forward_hook, module.register_forward_pre_hook):
+        handle = register(lambda *_: None)
+        assert _compat.has_forward_hooks(module)
         handle.remove()
-    assert not _compat.global_forward_hooks()
+    for register in (
+        nn.modules.module.register_module_forward_hook,
+        nn.modules.module.register_module_forward_pre_hook,
+    ):
+        handle = register(lambda *_: None)
+        try:
+            assert _compat.has_forward_hooks(module)
+        finally:
+            handle.remove()
+    assert not _compat.has_forward_hooks(module)
 
 
 def test_conv_padding_resolves_same_and_uneven():

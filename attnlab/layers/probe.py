@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .._compat import global_forward_hooks
+from .._compat import has_forward_hooks
 
 
 class AttentionProbe(nn.Module):
@@ -36,7 +36,7 @@ class AttentionProbe(nn.Module):
     def observed(self) -> bool:
         """Whether a forward hook (its own or a global one) would see the value: a layer may skip building a value
         that exists only for observers when nobody looks."""
-        return bool(self._forward_hooks or self._forward_pre_hooks or global_forward_hooks())
+        return has_forward_hooks(self)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
