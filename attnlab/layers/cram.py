@@ -134,7 +134,7 @@ class CRAM(nn.Module):
             self.set_beta(self.beta_start * (self.beta_final / self.beta_start) ** t)
 
     def rectangle(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """center B×2, size B×2, angle B of the rectangle predicted for x (normalised units, see module doc)."""
+        """center B×2, size B×2, angle B of the rectangle predicted for x (normalised units, `cram_geometry`)."""
         if hasattr(self, "score"):  # the "moments" predictor (hasattr: TorchScript compiles only this branch)
             if self.score_kind == "pool":
                 scores = self.score(channel_pool(x))

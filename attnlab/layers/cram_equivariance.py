@@ -157,7 +157,7 @@ def equivariance_penalty(
 
     Runs ``model`` on T(x), and on x unless ``rectangles`` (what `capture_rectangles` caught during the caller's own
     forward of x) is given, in the model's current mode, without updating BatchNorm running statistics
-    (`_running_stats_frozen`), and compares each CRAM's rectangles by centre and extent matrix (see module doc). T is
+    (`_running_stats_frozen`), and compares each CRAM's rectangles by centre and extent matrix (`extent_matrix`). T is
     drawn from ``transforms`` (among ``hflip``, ``rot90``, ``shift``; default: flips and shifts, as upright images
     allow — a quarter turn is out of their distribution). A layer's stride is the rounded ratio of input size to its
     map size; translations are whole multiples of the largest stride (up to ``max_shift`` of the side), so every
