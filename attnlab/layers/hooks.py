@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -49,11 +49,11 @@ class StepHook:
 HookFactory = Callable[..., StepHook | None]
 
 
-class _Registered:
+class _Registered(NamedTuple):
     """A registered factory and the words its errors use for its layers."""
 
-    def __init__(self, factory: HookFactory, label: str):
-        self.factory, self.label = factory, label
+    factory: HookFactory
+    label: str
 
 
 _HOOKS: dict[str, _Registered] = {}
