@@ -1,7 +1,7 @@
 """CRAM (attnlab.layers.cram, cram_geometry, cram_equivariance): the mask against a slow reference and its analytic
 area, exact equivariance of the moments predictor, recovery of known rectangles, gradients everywhere (also at
 degenerate and 1×1 maps), the apply modes, β annealing, the equivariance penalty (≈0 for an exactly equivariant model,
->0 otherwise), CRAM's training-hook options, building on a device, and cram_resnet20."""
+>0 otherwise), and cram_resnet20. CRAM's training-hook options: test_hooks.py; building on a device: test_layers.py."""
 
 from __future__ import annotations
 
