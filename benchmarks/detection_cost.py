@@ -22,7 +22,7 @@ import torch
 
 from attnlab.data.detection import detection_batches
 from attnlab.detection import DetectConfig
-from attnlab.detection.engine import _for_training, build_detector, load_data
+from attnlab.detection.task import _for_training, build_detector, load_data
 from attnlab.experiment.presets import LIGHT_HEADS
 from attnlab.train.optim import make_optimizer
 

@@ -55,19 +55,32 @@ def test_cram_trains_with_the_equivariance_term(tmp_path, precision):
     """The penalty's extra forward on T(x) trains alongside the loss (and changes the weights), in fp32 and bf16."""
     for name, weight in (("plain", 0.0), ("equi", 0.5)):
         train(
-            tiny(tmp_path / name, model="cram_resnet20", epochs=1, precision=precision, equivariance=weight),
+            tiny(
+                tmp_path / name,
+                model="cram_resnet20",
+                epochs=1,
+                precision=precision,
+                mechanisms={"cram": {"equivariance": weight}},
+            ),
             log=lambda _: None,
         )
     assert numbers(tmp_path / "equi")[0]["train_loss"] > 0
     assert not same_weights(tmp_path / "plain" / "model.safetensors", tmp_path / "equi" / "model.safetensors")
 
 
-def test_eval_command_reproduces_the_summary(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_command_reproduces_the_training_evaluation_bit_for_bit(tmp_path, capsys, precision):
+    """The run's own data (subset and seed: the same normalisation), precision, memory layout and batch size: eval
+    gives summary.json's val and test numbers exactly (another --batch-size: within float rounding)."""
     out = tmp_path / "run"
-    summary = train(tiny(out), log=lambda _: None)
-    assert main(["eval", "--checkpoint", str(out)]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["acc"] == pytest.approx(summary["test_acc"]) and result["loss"] == pytest.approx(summary["test_loss"])
+    summary = train(tiny(out, subset=200, seed=3, precision=precision), log=lambda _: None)
+    for split in ("val", "test"):
+        assert main(["eval", "--checkpoint", str(out), "--split", split]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["acc"], result["loss"]) == (summary[f"{split}_acc"], summary[f"{split}_loss"])
+        assert main(["eval", "--checkpoint", str(out), "--split", split, "--batch-size", "7"]) == 0
+        result = json.loads(capsys.readouterr().out)  # another batch size: other float rounding only
+        assert result["loss"] == pytest.approx(summary[f"{split}_loss"], rel=1e-4)
     assert (
         main(
             [
@@ -83,6 +96,28 @@ def test_eval_command_reproduces_the_summary(tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_a_train_that_fails_before_any_work_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "x"
+    assert main(["train", "--dataset", "fashion_mnist", "--out", str(out)]) == 2
+    assert "unknown dataset 'fashion_mnist'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_says_how_to_continue_the_run(tmp_path, capsys, monkeypatch):
+    import attnlab.train.engine as engine
+
+    out = tmp_path / "run"
+    save = engine.save_checkpoint
+
+    def interrupted(directory, epoch, states, info):
+        save(directory, epoch, states, info)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", interrupted)
+    assert main(cli_train(out, epochs=2)[3:] + ["--no-progress"]) == 130
+    assert f"attnlab: to continue: attnlab train --out {out} --resume" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cli_reference):

@@ -275,7 +275,7 @@ def test_no_code_path_calls_torch_load_without_weights_only():
 def _poison(monkeypatch, at_step: int | None):
     """Make the model's output NaN on training step ``at_step`` of the run (counted over the whole run; None: every
     step)."""
-    import attnlab.train.engine as engine
+    import attnlab.train.classify as engine
 
     original = engine.build_model
     steps = {"n": 0}

@@ -1,12 +1,21 @@
-"""What every subcommand shares: one-line argparse errors, ``KEY=VALUE`` options, precision and compile flags."""
+"""What every subcommand shares: one-line argparse errors, ``KEY=VALUE`` options, the flags of a run configuration
+generated from its dataclass, precision and compile flags, and the hint that continues an interrupted run."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from ..errors import AttnlabError
 from ..io import key_value
+
+GROUPS = {"run": "run", "recipe": "recipe", "options": "model, data and mechanism options", "detector": "detector"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,20 +35,77 @@ def key_value_arg(text: str) -> tuple[str, Any]:
 
 def add_key_values(p, flag: str, help: str | None = None, **kwargs: Any) -> None:
     """A repeatable ``FLAG KEY=VALUE`` option, collected as a list of (key, YAML value) pairs."""
-    p.add_argument(flag, type=key_value_arg, action="append", default=[], metavar="KEY=VALUE", help=help, **kwargs)
+    kwargs.setdefault("metavar", "KEY=VALUE")
+    p.add_argument(flag, type=key_value_arg, action="append", default=[], help=help, **kwargs)
 
 
-def _legacy_amp(text: str) -> str:
-    """``--amp X``, the old name of ``--precision``: off → fp32."""
-    from ..train.config import LEGACY_AMP
+def int_list(text: str) -> list[int]:
+    """argparse type of ``1,2,3``."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
-    if text not in LEGACY_AMP:
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(LEGACY_AMP)})")
-    return LEGACY_AMP[text]
+
+def str_list(text: str) -> list[str]:
+    """argparse type of ``a,b,c``."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def add_precision_flags(g) -> None:
-    """--precision, with --amp, its old name (also `attnlab detect train`'s)."""
+def _flag_type(tp: Any) -> tuple[Any, str | None]:
+    """(argparse type, kind) of a field annotation: kind ``bool``, ``pairs`` (a mapping) or None."""
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if set(args) == {int, float}:
+            return float, None  # val_size: a count or a fraction (`given_flags` makes ≥ 1 a count)
+        tp = args[0]
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return None, "bool"
+    if origin is dict:
+        return key_value_arg, "pairs"
+    if origin is list:
+        return (int_list if typing.get_args(tp) == (int,) else str_list), None
+    return tp, None
+
+
+def add_config_flags(p: argparse.ArgumentParser, config: type, exclude: Collection[str] = ()) -> None:
+    """One flag per field of run-config dataclass ``config`` (but ``exclude``), from its annotation and metadata
+    (`attnlab.train.config.setting`): ``--batch-size`` for ``batch_size``, ``--x/--no-x`` for a bool, a repeatable
+    ``--model-arg KEY=VALUE`` for a mapping, the help text with the class's default. Every default is None (or [] for
+    the pairs): only flags given on the command line override --config (`attnlab.train.config.given_flags`)."""
+    hints = typing.get_type_hints(config)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name in exclude:
+            continue
+        meta = f.metadata
+        group_name = meta.get("group", "recipe")
+        if group_name not in groups:
+            groups[group_name] = p.add_argument_group(GROUPS.get(group_name, group_name))
+        g = groups[group_name]
+        kind, form = _flag_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = meta.get("help", "")
+        if form != "pairs" and default is not None:
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            shown = ("on" if default else "off") if isinstance(default, bool) else shown
+            help_text += f" (default {shown})"
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if form == "bool":
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif form == "pairs":
+            add_key_values(
+                g, flag, help_text, dest=f.name, **({"metavar": meta["metavar"]} if "metavar" in meta else {})
+            )
+        else:
+            g.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), help=help_text)
+
+
+def add_speed_flags(g) -> None:
+    """--precision and --compile: how fast a model runs, not what it computes."""
     from ..train.config import PRECISIONS
 
     g.add_argument(
@@ -48,20 +114,6 @@ def add_precision_flags(g) -> None:
         help="fp32, or bf16/fp16 autocast (fp16: CUDA only); default auto: bf16 where the CPU (AVX512_BF16, AMX) or "
         "GPU has native bf16, else fp32",
     )
-    g.add_argument(
-        "--amp",
-        dest="precision",
-        nargs="?",
-        const="auto",
-        type=_legacy_amp,
-        metavar="{off,auto,bf16,fp16}",
-        help="old name of --precision (off = fp32; bare --amp = auto)",
-    )
-
-
-def add_speed_flags(g) -> None:
-    """--precision (with --amp, its old name) and --compile: how fast a model runs, not what it computes."""
-    add_precision_flags(g)
     g.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -79,3 +131,16 @@ def input_size(text: str) -> tuple[int, int, int]:
     if min(c, h, w) < 1:
         raise argparse.ArgumentTypeError(f"expected C,H,W of positive integers such as 3,32,32, got {text!r}")
     return c, h, w
+
+
+@contextlib.contextmanager
+def continuable(command: str, out: str) -> Iterator[None]:
+    """Around a run: on Ctrl-C, say how to continue it (``--resume`` with its folder), where it left a folder."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from ..train.rundir import RunDir
+
+        if RunDir(out).has_run():
+            print(f"attnlab: to continue: attnlab {command} --out {out} --resume", file=sys.stderr)
+        raise

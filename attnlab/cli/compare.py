@@ -6,19 +6,18 @@ import argparse
 from typing import Any
 
 from ..errors import AttnlabError
-from .common import add_key_values
-from .run import add_train_flags
+from .common import add_config_flags, add_key_values, continuable
 
 
 def add_parsers(sub) -> None:
     from ..experiment.presets import list_presets
+    from ..train.config import TrainConfig
+    from ..train.entry import PER_RUN_FIELDS
 
     p = sub.add_parser(
-        "compare",
-        help="train models × seeds, test the differences, write results.csv, summary.csv and a report",
-        conflict_handler="resolve",
+        "compare", help="train models × seeds, test the differences, write results.csv, summary.csv and a report"
     )
-    add_train_flags(p)  # the shared recipe; --model and --seed are per run, so compare refuses them
+    add_config_flags(p, TrainConfig, exclude=PER_RUN_FIELDS)  # the shared recipe; models and seeds are compare's own
     g = p.add_argument_group("comparison")
     g.add_argument("--models", help="comma-separated entries, e.g. resnet20,fmm_resnet20[merge=gate]; first = baseline")
     g.add_argument("--dataset", help="dataset name(s), comma-separated (with --preset: some of its datasets)")
@@ -31,6 +30,14 @@ def add_parsers(sub) -> None:
     g.add_argument("--seeds", help="number of seeds (0..N-1) or a list such as 0,3,7 (default 3, or the preset's)")
     g.add_argument("--out", help="the comparison's folder (required); runs go to OUT/runs/<dataset>/<model>/seed<k>")
     g.add_argument("--resume", action="store_true", help="skip finished runs and continue unfinished ones")
+    g.add_argument("--config", help="YAML file of the shared recipe (and dataset); flags given here override it")
+    add_key_values(g, "--data-arg", "dataset option, e.g. canvas=64 for cluttered-fashion-mnist")
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
     g.add_argument(
         "--jobs",
         type=int,
@@ -88,19 +95,11 @@ def _launcher(args: argparse.Namespace):
 
 def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str] | None, dict[str, Any]]:
     """(shared recipe, datasets, dataset options) from --config and the training flags given on the command line."""
-    from ..experiment.plan import PER_RUN_FIELDS
     from ..io import read_yaml
     from ..schema import check
     from ..train.config import given_flags
+    from ..train.entry import PER_RUN_FIELDS
 
-    for flag, given, instead in (
-        ("--model", args.model, "--models"),
-        ("--seed", args.seed, "--seeds"),
-        ("--model-arg", args.model_arg, "model[key=value] in --models"),
-        ("--in-chans", args.in_chans, "model[in_chans=N] in --models"),
-    ):
-        if given not in (None, []):
-            raise AttnlabError(f"compare: {flag} is set per run; use {instead}")
     recipe: dict[str, Any] = {}
     datasets, options = None, {}
     if args.config:
@@ -140,7 +139,9 @@ def _compare_command(args: argparse.Namespace, recipe: dict[str, Any]) -> str:
         if value is not None:
             words += [flag, str(value)]
     for key, value in recipe.items():
-        if getattr(args, key, None) is not None:
+        if key == "mechanisms":
+            words += [w for k, v in args.mechanisms for w in ("--mechanism", f"{k}={v}")]
+        elif getattr(args, key, None) is not None:
             flag = key.replace("_", "-")
             words += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     for key, value in args.data_arg:
@@ -160,7 +161,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")
     launcher = _launcher(args)
     recipe, datasets, options = _compare_recipe(args)
-    analyses = None
+    analyses, plan_jobs = None, 1 if args.jobs is None else args.jobs
     if args.analyses is not None:
         analyses = [] if args.analyses == "none" else [a.strip() for a in args.analyses.split(",") if a.strip()]
     plan = make_plan(
@@ -175,13 +176,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         analysis_images=args.analysis_images,
         baseline=args.baseline,
         command=_compare_command(args, recipe),
-        jobs=1 if args.jobs is None else args.jobs,
+        jobs=plan_jobs,
         task=args.task,
     )
-    jobs, progress = 1 if args.jobs is None else args.jobs, args.progress
-    outcome = run_compare(plan, args.out, resume=args.resume, jobs=jobs, progress=progress, launcher=launcher)
+    with continuable("compare", args.out):
+        outcome = run_compare(
+            plan, args.out, resume=args.resume, jobs=plan_jobs, progress=args.progress, launcher=launcher
+        )
     files = build_report(plan, args.out)
-    print(f"compare: report written to {files.markdown} and {files.html}")
     print(f"report: {files.markdown}  (self-contained: {files.html})")
     return 1 if outcome.failed else 0
 

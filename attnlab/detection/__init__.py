@@ -4,8 +4,8 @@ evaluated with the training engine's guarantees and COCO metrics."""
 from .backbone import backbone
 from .config import DetectConfig
 from .detector import create_detector
-from .engine import evaluate_detector, train_detector
 from .load import evaluate_run, load_detector
+from .task import evaluate_detector, train_detector
 
 __all__ = [
     "DetectConfig",

@@ -21,8 +21,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from ..errors import AttnlabError, unknown_name
 from .backbone import backbone
+from .config import DETECTORS
 
-DETECTORS = ("fasterrcnn", "retinanet")
 ROI_SIZE = 7  # RoIAlign output side of Faster R-CNN's box head, as in torchvision
 
 

@@ -15,7 +15,7 @@ from ..train.config import autocast_dtype
 from ..train.engine import resolve_device
 from ..train.load import _weights_path, read_metadata
 from .config import DetectConfig
-from .engine import build_detector, evaluate_detector
+from .task import build_detector, evaluate_detector
 
 
 def load_detector(path: str | Path, device: str = "cpu") -> tuple[nn.Module, DetectConfig, DetectionData]:

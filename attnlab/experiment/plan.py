@@ -2,13 +2,8 @@
 and the analyses to run afterwards. The plan is stored as ``OUT/compare.json``; results and reports are rebuilt
 from it and the run folders, never from memory.
 
-An entry is written ``model[key=value,key=value]``: ``fmm_resnet20[merge=gate]`` is the model ``fmm_resnet20`` built
-with ``merge="gate"``; ``cram_resnet20[equivariance=0.1]`` trains ``cram_resnet20`` with the training setting
-``equivariance=0.1``. A key that is a field of the run configuration (`TrainConfig`, or `DetectConfig` in a
-detection comparison) changes the recipe of that entry only; any other key is a model option. Values are read as
-YAML (``0.1`` a number, ``[1,2]`` a list, ``gate`` a string); a dotted key sets one key of a dict option
-(``merge_args.residual_bias=1``). The whole text is the entry's display name, so several entries of one model can be
-compared side by side.
+Entries are written in the entry grammar of `attnlab.train.entry` (``model[key=value,...]``); a key that is a field
+of the task's run configuration changes the recipe of that entry only.
 
 Run folders: ``OUT/runs/<dataset>/<entry>/seed<k>/``, folder names made shell-safe (``fmm_resnet20[merge=gate]`` →
 ``fmm_resnet20-merge=gate``). Analyses of seed k: ``OUT/analyses/<dataset>/seed<k>/``.
@@ -24,117 +19,39 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnlabError, unknown_name
-from ..io import write_json_atomic, yaml_scalar
+from ..io import write_json_atomic
+from ..train.config import merged
+from ..train.entry import PER_RUN_FIELDS, Entry, split_top
+from ..train.entry import parse_entry as parse_any_entry
 from .tasks import Task, get_task
-
-PER_RUN_FIELDS = ("model", "dataset", "seed", "out", "model_kwargs", "dataset_options")
-"""Run configuration fields a comparison sets per run; an entry's options may not name them."""
 
 PLAN_FILE = "compare.json"
 FAILURE_FILE = "failure.txt"
 """Written into a run folder whose training failed (the error's first line is what the report shows)."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One compared network: display ``name``, registered ``model``, its ``model_kwargs`` and recipe overrides."""
-
-    name: str
-    model: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def slug(self) -> str:
-        """The entry's folder name: brackets and commas become dashes, anything unusual an underscore."""
-        text = self.name.replace("[", "-").replace(",", "-").replace("]", "")
-        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
-
-
-def _split_top(text: str) -> list[str]:
-    """Split on commas that are not inside brackets or braces: ``"a[x=1,y=2],b"`` → ``["a[x=1,y=2]", "b"]``."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-            if depth < 0:
-                raise AttnlabError(f"unbalanced ']' in {text!r}")
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth:
-        raise AttnlabError(f"unbalanced '[' in {text!r}")
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
 def parse_entry(text: str, task: str = "classify") -> Entry:
-    """``"name[key=value,...]"`` → `Entry` (see the module docstring); a key that is a field of ``task``'s run
-    configuration is a training setting."""
-    from ..models import list_models
-
-    text = text.strip()
-    match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[(.*)\])?", text, flags=re.S)
-    if not match:
-        raise AttnlabError(f"model entry {text!r}: expected NAME or NAME[key=value,...]")
-    model, options = match.group(1), match.group(2)
-    if model not in list_models():
-        raise unknown_name("model", model, list_models())
-    config_fields = {f.name for f in dataclasses.fields(get_task(task).config)}
-    model_kwargs: dict[str, Any] = {}
-    train: dict[str, Any] = {}
-    for item in _split_top(options or ""):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise AttnlabError(f"model entry {text!r}: option {item!r} is not key=value")
-        parsed = yaml_scalar(value)
-        if key in PER_RUN_FIELDS:
-            raise AttnlabError(f"model entry {text!r}: '{key}' is set by the comparison, not per entry")
-        head, _, rest = key.partition(".")
-        if rest:  # merge_args.residual_bias=1 → merge_args={"residual_bias": 1}
-            target = model_kwargs.setdefault(head, {})
-            if head in config_fields or not isinstance(target, dict) or not rest.isidentifier():
-                raise AttnlabError(f"model entry {text!r}: '{key}' is not an option of a model option")
-            target[rest] = parsed
-            continue
-        (train if key in config_fields else model_kwargs)[key] = parsed
-    if options is not None and not (model_kwargs or train):
-        raise AttnlabError(f"model entry {text!r}: empty brackets")
-    return Entry(name=text, model=model, model_kwargs=model_kwargs, train=train)
-
-
-def unfold_model_entry(args: Any, task: str, model_kwargs_dest: str) -> None:
-    """Let a command line's ``--model`` be an entry as `compare` and its reports write it (``attnlab train --model
-    'fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1]'``): ``args.model`` becomes the model, the entry's model
-    options go before the ``--model-arg`` pairs in ``args.<model_kwargs_dest>`` (so those win), and its training
-    settings fill the flags not given."""
-    if not args.model or "[" not in args.model:
-        return
-    entry = parse_entry(args.model, task)
-    args.model = entry.model
-    setattr(args, model_kwargs_dest, [*entry.model_kwargs.items(), *(getattr(args, model_kwargs_dest) or [])])
-    for key, value in entry.train.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    """``"name[key=value,...]"`` → `Entry`, with the settings of ``task``'s run configuration as training settings
+    (`attnlab.train.entry.parse_entry`)."""
+    return parse_any_entry(text, get_task(task).config)
 
 
 def check_buildable(entries: list[Entry]) -> None:
     """Build each entry's model once, so a bad option fails now, in one line, not hours later when its run starts."""
+    from ..layers import check_mechanisms
     from ..models.options import check_buildable as check_model
 
     for e in entries:
         try:
             check_model(e.model, e.model_kwargs)
+            check_mechanisms(e.train.get("mechanisms", {}))
         except AttnlabError as err:
             raise AttnlabError(f"model entry {e.name!r}: {err}") from None
 
 
 def parse_entries(text: str | list[str], task: str = "classify") -> list[Entry]:
     """A comma-separated list (or a list) of entries; display names and folder names must be unique."""
-    items = _split_top(text) if isinstance(text, str) else [t.strip() for t in text if t.strip()]
+    items = split_top(text) if isinstance(text, str) else [t.strip() for t in text if t.strip()]
     if not items:
         raise AttnlabError("--models: no model given")
     entries = [parse_entry(t, task) for t in items]
@@ -277,10 +194,11 @@ class Plan:
 
     def run_config(self, dataset: str, entry: Entry, seed: int, out: Path) -> Any:
         """The run configuration of one run (the task's: `TrainConfig`, `DetectConfig`)."""
+        values: dict[str, Any] = {}
+        for layer in (self.recipe, self.dataset_recipe.get(dataset, {}), entry.train):
+            values.update({key: merged(values.get(key), value) for key, value in layer.items()})
         values = {
-            **self.recipe,
-            **self.dataset_recipe.get(dataset, {}),
-            **entry.train,
+            **values,
             "model": entry.model,
             "dataset": dataset,
             "seed": seed,

@@ -98,7 +98,7 @@ TASKS: dict[str, Task] = {
     "detect": Task(
         name="detect",
         config=DetectConfig,
-        trainer="attnlab.detection.engine:train_detector",
+        trainer="attnlab.detection.task:train_detector",
         neutral=DETECT_NEUTRAL,
         score="ap",
         score_name="AP",

@@ -1,12 +1,19 @@
-"""Training configuration: one dataclass, the single source of the defaults, written to ``OUT/config.yaml``.
+"""Run configuration: one dataclass per kind of run, the single source of the defaults and of the command-line flags,
+written to ``OUT/config.yaml``.
 
-Default recipe (chosen for small images on a CPU; `benchmarks/train_speed.py` measures it): SGD with Nesterov momentum
-0.9, batch 128, peak lr 0.1 reached by a one-epoch linear warm-up and then cosine-decayed to zero, weight decay 5e-4
-on conv/linear weights only (none on BN and biases), label smoothing 0.1, random crop with padding and horizontal flips
-where the data suits them, channels-last memory format (faster convolutions on CPU and on tensor-core GPUs; not for
-AW models, whose batch-folded grouped convolution is 1.5× slower in it on CPU), bf16 autocast where the device has
-native bf16 and fp32 elsewhere (`resolve_precision`). ``amp``, the old name of ``precision``, is still read
-(`upgrade_settings`), so old config.yaml files load, resume and compare equal.
+`RunConfig` holds what every run shares (model, data, optimiser, schedule, precision, mechanisms' options, the
+non-finite policy); `TrainConfig` (classifiers) and `attnlab.detection.DetectConfig` add their own fields. Each field's
+metadata carries its help text, so that ``attnlab train`` and ``attnlab detect train`` generate their flags from the
+dataclass (`attnlab.cli.common.add_config_flags`) and cannot drift from it. This module imports no torch and no layer:
+a mechanism's options are checked against the mechanism's own declaration by the engine, before any work
+(`attnlab.layers.hooks.check_mechanisms`).
+
+Default recipe for classifiers (chosen for small images on a CPU; `benchmarks/train_speed.py` measures it): SGD with
+Nesterov momentum 0.9, batch 128, peak lr 0.1 reached by a one-epoch linear warm-up and then cosine-decayed to zero,
+weight decay 5e-4 on conv/linear weights only (none on BN and biases), label smoothing 0.1, random crop with padding
+and horizontal flips where the data suits them, channels-last memory format (not for AW models, whose batch-folded
+grouped convolution is slower in it on CPU), bf16 autocast where the device has native bf16 and fp32 elsewhere
+(`resolve_precision`).
 """
 
 from __future__ import annotations
@@ -15,27 +22,39 @@ import dataclasses
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 import yaml
 
 from ..errors import AttnlabError
 from ..io import read_yaml
-from ..layers.cram_equivariance import DEFAULT_EQUIVARIANCE_TRANSFORMS, check_transforms
 from ..schema import check_fields, check_keys
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LEGACY_AMP = {"off": "fp32", "auto": "auto", "bf16": "bf16", "fp16": "fp16"}
-"""``amp`` (the setting ``precision`` replaced) → ``precision``: old config.yaml files and ``--amp`` still work (an old
-file's ``amp: auto`` means what it meant then: bf16 on CPU, bf16 or else fp16 on CUDA)."""
 SCHEDULES = ("cosine", "onecycle")
 NONFINITE = ("stop", "skip")
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, group: str = "recipe", **meta: Any) -> Any:
+    """A config field with what its command-line flag needs: ``help``, the flag's ``group``, and optionally
+    ``choices``, ``flag`` (another flag name, e.g. ``--model-arg`` for ``model_kwargs``) and ``metavar``. A list or
+    dict default is copied for every instance."""
+    metadata = {"help": help, "group": group, **meta}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def redefault(base: type, name: str, default: Any) -> Any:
+    """Field ``name`` of config class ``base`` with another default (a subclass's recipe), its flag metadata kept."""
+    return setting(default, **base.__dataclass_fields__[name].metadata)
 
 
 def native_bf16(device: str) -> bool:
     """Whether ``device`` computes in bf16 natively: a CPU with AVX512_BF16 or AMX-BF16 (x86) or the BF16 extension
     (Arm), as cpuinfo reports it; a CUDA device that supports bf16."""
+    import torch
+
     if device.split(":")[0] == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
@@ -43,9 +62,8 @@ def native_bf16(device: str) -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` → ``bf16`` autocast where ``device`` has native bf16, else ``fp32``. bf16 trains about 1.4× faster than
-    fp32 on this project's AVX-512/AMX CPU at the same validation accuracy (README, "Default recipe"); without native
-    support it is emulated and slower, so fp32 there. ``fp16`` needs CUDA (with a gradient scaler)."""
+    """``auto`` → ``bf16`` autocast where ``device`` has native bf16, else ``fp32`` (emulated bf16 is slower than
+    fp32; docs/MEASUREMENTS.md has the numbers). ``fp16`` needs CUDA (with a gradient scaler)."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.split(":")[0] != "cuda":
@@ -53,147 +71,195 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a resolved precision (None: full fp32)."""
+def autocast_dtype(precision: str):
+    """The autocast dtype (a ``torch.dtype``) of a resolved precision (None: full fp32)."""
+    import torch
+
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def upgrade_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """Settings as this version names them: ``amp`` (off, auto, bf16, fp16; before ``precision`` replaced it) becomes
-    ``precision``. Old config.yaml files load, resume and count as the same settings through this."""
-    if "amp" not in values:
-        return values
-    values = dict(values)
-    amp = values.pop("amp")
-    if not isinstance(amp, str) or amp not in LEGACY_AMP:
-        raise AttnlabError(f"amp must be one of {', '.join(LEGACY_AMP)}, got {amp!r} (amp is now called precision)")
-    precision = LEGACY_AMP[amp]
-    if amp == "auto":
-        device = str(values.get("device") or "cpu")
-        precision = "bf16" if device.split(":")[0] != "cuda" or native_bf16(device) else "fp16"
-    if values.setdefault("precision", precision) != precision:
-        raise AttnlabError(f"amp: {amp} and precision: {values['precision']} disagree; give precision only")
-    return values
-
-
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run. Field names are the CLI flags (``--batch-size`` → ``batch_size``)."""
+class RunConfig:
+    """What every kind of run shares. Field names are the CLI flags (``--batch-size`` → ``batch_size``)."""
 
-    model: str = "resnet20"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    out: str = "runs/latest"
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    augment: bool = True
-    seed: int = 0
-    subset: int | None = None
-    val_size: int | float | None = None
-    device: str = "cpu"
-    precision: str = "auto"  # "auto" becomes bf16 where the device has native bf16, else fp32 (`resolve_precision`)
-    compile: bool = False  # torch.compile (inductor) of the model; neutral: same numbers within float tolerance
-    channels_last: bool | None = None  # None: channels-last unless the model has AW convolutions (slower there)
-    equivariance: float = 0.0
-    equivariance_transforms: list[str] = field(default_factory=lambda: list(DEFAULT_EQUIVARIANCE_TRANSFORMS))
-    grad_clip: float | None = None
-    nonfinite: str = "stop"
-    detect_anomaly: bool = False
-    eval_batch_size: int = 512
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model: str = setting(
+        "resnet20",
+        group="run",
+        help="model name (see `attnlab models`) or an entry as compare writes it, NAME[key=value,...]",
+    )
+    dataset: str = setting("fashion-mnist", group="run", help="dataset name (see `attnlab data`)")
+    data_dir: str | None = setting(
+        None, group="run", help="folder holding the dataset files (else $ATTNLAB_DATA, then system paths)"
+    )
+    out: str = setting("runs/latest", group="run", help="run folder; an existing run is never overwritten")
+    seed: int = setting(0, group="run", help="seed of the initialisation, batch order and augmentation")
+    subset: int | None = setting(None, group="run", help="train on the first N images of a seeded shuffle (quick runs)")
+    val_size: int | float | None = setting(
+        None, group="run", help="validation images carved from train (a count, or a fraction if < 1)"
+    )
+    device: str = setting("cpu", group="run", help="cpu or cuda[:N]")
+    precision: str = setting(
+        "auto",
+        group="run",
+        choices=PRECISIONS,
+        help="fp32, or bf16/fp16 autocast (fp16: CUDA only); auto: bf16 where the CPU (AVX512_BF16, AMX) or GPU has "
+        "native bf16, else fp32",
+    )
+    epochs: int = setting(15, help="epochs to train")
+    batch_size: int = setting(128, help="training batch size (over every process together)")
+    eval_batch_size: int = setting(512, help="batch size of validation and test (does not change the numbers)")
+    lr: float = setting(0.1, help="peak learning rate")
+    momentum: float = setting(0.9, help="SGD momentum")
+    nesterov: bool = setting(True, help="Nesterov momentum")
+    weight_decay: float = setting(5e-4, help="weight decay, on conv/linear weights only (never on BN or biases)")
+    schedule: str = setting("cosine", choices=SCHEDULES, help="learning-rate schedule after the warm-up")
+    warmup_epochs: float = setting(1.0, help="epochs of linear learning-rate warm-up")
+    grad_clip: float | None = setting(None, help="clip the global gradient norm to this")
+    nonfinite: str = setting(
+        "stop", choices=NONFINITE, help="on a NaN/Inf loss or gradients: stop the run, or skip the step"
+    )
+    detect_anomaly: bool = setting(False, group="run", help="autograd anomaly mode: names the op of a NaN (slow)")
+    model_kwargs: dict[str, Any] = setting(
+        {}, group="options", flag="--model-arg", help="model option, e.g. merge=gate, attn_layer=se"
+    )
+    dataset_options: dict[str, Any] = setting(
+        {}, group="options", flag="--data-arg", help="dataset option, e.g. canvas=64 for cluttered-fashion-mnist"
+    )
+    mechanisms: dict[str, dict[str, Any]] = setting(
+        {},
+        group="options",
+        flag="--mechanism",
+        metavar="MECH.OPTION=VALUE",
+        help="a mechanism's training option, e.g. cram.equivariance=0.1 (see `attnlab.layers.hooks`)",
+    )
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "eval_batch_size", "lr")
 
     def __post_init__(self) -> None:
         check_fields(self)  # every field against its annotation: types, finite floats, 64-bit integers
-        checks = [
-            (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
-            (self.eval_batch_size >= 1, f"eval_batch_size must be ≥ 1, got {self.eval_batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+        for ok, message in self.checks():
+            if not ok:
+                raise AttnlabError(message)
+        self.precision = resolve_precision(self.precision, self.device)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) range checks beyond the annotations; a subclass adds its own."""
+        split_ok = self.val_size is None or (
+            0 <= self.val_size < 1 if isinstance(self.val_size, float) else self.val_size >= 0
+        )
+        return [
+            *[(getattr(self, n) > 0, f"{n} must be > 0, got {getattr(self, n)}") for n in self.POSITIVE],
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0"),
             (self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be ≥ 0, got {self.warmup_epochs}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (
-                self.precision in PRECISIONS,
-                f"precision must be one of {', '.join(PRECISIONS[1:])}, got {self.precision!r}",
-            ),
-            (self.nonfinite in NONFINITE, f"nonfinite must be one of {', '.join(NONFINITE)}, got {self.nonfinite!r}"),
-            (self.equivariance >= 0, f"equivariance must be ≥ 0, got {self.equivariance}"),
+            *[
+                (getattr(self, n) in allowed, f"{n} must be one of {', '.join(shown)}, got {getattr(self, n)!r}")
+                for n, allowed, shown in (
+                    ("schedule", SCHEDULES, SCHEDULES),
+                    ("precision", PRECISIONS, PRECISIONS[1:]),
+                    ("nonfinite", NONFINITE, NONFINITE),
+                )
+            ],
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
             (self.subset is None or self.subset > 0, f"subset must be > 0, got {self.subset}"),
-            *seed_and_split_checks(self.seed, self.val_size),
+            (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
+            (split_ok, f"val_size must be a count ≥ 0 or a fraction in [0, 1), got {self.val_size}"),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {self.device!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise AttnlabError(message)
-        try:
-            self.equivariance_transforms = list(check_transforms(self.equivariance_transforms))
-        except AttnlabError as e:
-            raise AttnlabError(f"equivariance_transforms: {e}") from None
-        self.precision = resolve_precision(self.precision, self.device)
-        if self.equivariance > 0 and not self.equivariance_transforms:
-            raise AttnlabError("equivariance > 0 needs at least one of equivariance_transforms: hflip, rot90, shift")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str | None = "config") -> TrainConfig:
-        """The config of ``values`` (setting → value; old names such as ``amp`` upgraded); a bad key or value is one
-        line, prefixed with ``source``."""
+    def from_dict(cls, values: dict[str, Any], source: str | None = "config"):
+        """The config of ``values`` (setting → value); a bad key or value is one line, prefixed with ``source``."""
         try:
-            values = upgrade_settings(values)
             check_keys(values, [f.name for f in fields(cls)])
             return cls(**values)
         except AttnlabError as e:
             raise AttnlabError(f"{source}: {e}" if source else str(e)) from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
+    def from_yaml(cls, path: str | Path):
         return cls.from_dict(read_yaml(path), source=str(path))
 
     @classmethod
-    def from_flags(cls, flags: Any, saved: str | Path | None = None) -> TrainConfig:
+    def from_flags(cls, flags: Any, saved: str | Path | None = None):
         """Defaults ← ``flags.config`` (a YAML file) or else ``saved`` (a run's own config.yaml, when resuming) ←
-        the flags given on the command line (`given_flags`), with ``flags.model_arg``/``data_arg`` (KEY=VALUE pairs)
-        and ``flags.in_chans`` merged into the model and dataset options."""
+        the flags given on the command line (`given_flags`): a flag left out changes nothing, and KEY=VALUE pairs of
+        a mapping field are merged into the file's mapping."""
         values: dict[str, Any] = {}
         if getattr(flags, "config", None):
             values = read_yaml(flags.config)
         elif saved is not None and Path(saved).exists():
             values = read_yaml(saved)
-        values.update(given_flags(flags))
-        model_args = dict(getattr(flags, "model_arg", None) or [])
-        if getattr(flags, "in_chans", None) is not None:
-            model_args["in_chans"] = flags.in_chans
-        for key, extra in (("model_kwargs", model_args), ("dataset_options", getattr(flags, "data_arg", None))):
-            given = values.get(key, {})
-            values[key] = {**given, **dict(extra or [])} if isinstance(given, dict) else given  # else: the check says
+        for key, given in given_flags(flags, config=cls).items():
+            values[key] = merged(values.get(key), given)
         return cls.from_dict(values, source=getattr(flags, "config", None))
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+def merged(base: Any, given: Any) -> Any:
+    """``given`` over ``base``: mappings merged key by key (a mechanism's options one by one), anything else
+    replaced. A ``base`` that is not a mapping is kept for the config's check to name."""
+    if not (isinstance(base, dict) and isinstance(given, dict)):
+        return base if isinstance(given, dict) and base is not None else given
+    return {**base, **{k: merged(base.get(k), v) if isinstance(base.get(k), dict) else v for k, v in given.items()}}
 
 
-def seed_and_split_checks(seed: int, val_size: int | float | None) -> list[tuple[bool, str]]:
-    """(holds, message) checks every run config shares (`TrainConfig`, the detection config): the ranges of the
-    seed and of the validation split, whose types the schema has checked already."""
-    split_ok = val_size is None or (0 <= val_size < 1 if isinstance(val_size, float) else val_size >= 0)
-    return [
-        (seed >= 0, f"seed must be ≥ 0, got {seed}"),
-        (split_ok, f"val_size must be a count ≥ 0 or a fraction in [0, 1), got {val_size}"),
-    ]
+@dataclass
+class TrainConfig(RunConfig):
+    """Everything that defines a classifier's training run."""
+
+    label_smoothing: float = setting(0.1, help="label smoothing of the cross-entropy")
+    augment: bool = setting(True, help="random crop with padding and horizontal flips, where the data suits them")
+    compile: bool = setting(
+        False,
+        group="run",
+        help="torch.compile the model (inductor); falls back to eager, with one warning, where it cannot compile",
+    )
+    channels_last: bool | None = setting(
+        None, group="run", help="channels-last memory format (default: unless a mechanism is slower in it)"
+    )
+
+    def checks(self) -> list[tuple[bool, str]]:
+        ok = 0 <= self.label_smoothing < 1
+        return [*super().checks(), (ok, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")]
+
+
+def mapping_pairs(pairs: list[tuple[str, Any]], nested: bool) -> dict[str, Any]:
+    """KEY=VALUE pairs of a flag as the mapping they set; ``nested``: keys are ``NAME.OPTION`` (``--mechanism
+    cram.equivariance=0.1`` → ``{"cram": {"equivariance": 0.1}}``)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not nested:
+            out[key] = value
+            continue
+        name, dot, option = key.partition(".")
+        if not dot or not name or not option:
+            raise AttnlabError(f"{key}={value}: expected MECHANISM.OPTION=VALUE, e.g. cram.equivariance=0.1")
+        out.setdefault(name, {})[option] = value
+    return out
+
+
+def given_flags(flags: Any, exclude: Collection[str] = (), config: type = TrainConfig) -> dict[str, Any]:
+    """The settings given on a command line: the attributes of ``flags`` (an argparse namespace whose every default is
+    None, or [] for KEY=VALUE flags) that name a field of ``config`` and are not None or empty, the KEY=VALUE pairs as
+    mappings; ``--val-size`` ≥ 1 is a count."""
+    values = {}
+    for f in fields(config):
+        given = getattr(flags, f.name, None)
+        if f.name in exclude or given is None or given == []:
+            continue
+        if isinstance(given, list) and f.metadata.get("flag"):
+            given = mapping_pairs(given, nested=f.name == "mechanisms")
+        values[f.name] = given
+    if isinstance(values.get("val_size"), float) and values["val_size"] >= 1 and values["val_size"].is_integer():
+        values["val_size"] = int(values["val_size"])  # a count; 32.5 stays a float, which the check refuses
+    return values
 
 
 NEUTRAL = frozenset({"out", "device", "data_dir", "eval_batch_size", "detect_anomaly", "compile"})
@@ -216,27 +282,10 @@ SAME_RECIPE = NEUTRAL | NEUTRAL_WITHOUT_SKIPS | {"epochs", "seed"}
 non-finite policy too, since a finished run under ``stop`` met no non-finite step: what a ``skip`` run's seeds differ
 in is their luck, as with any seed."""
 
-ENTRY_SETTINGS = ("model_kwargs", "dataset_options")
-"""Settings given as KEY=VALUE options (``--model-arg``, ``--data-arg``), not as flags of their own."""
-
-
-def given_flags(flags: Any, exclude: Collection[str] = ()) -> dict[str, Any]:
-    """The settings given on a command line: the attributes of ``flags`` (an argparse namespace whose every default is
-    None) that name a `TrainConfig` field and are not None; ``--val-size`` ≥ 1 is a count."""
-    values = {}
-    for f in fields(TrainConfig):
-        given = getattr(flags, f.name, None)
-        if given is not None and f.name not in exclude and f.name not in ENTRY_SETTINGS:
-            values[f.name] = given
-    if isinstance(values.get("val_size"), float) and values["val_size"] >= 1 and values["val_size"].is_integer():
-        values["val_size"] = int(values["val_size"])  # a count; 32.5 stays a float, which the check refuses
-    return values
-
 
 def first_difference(saved: dict[str, Any], wanted: dict[str, Any], may_differ: frozenset[str]) -> tuple | None:
     """The first setting on which two configs differ, as ``(key, saved value, wanted value)``, ignoring the keys in
     ``may_differ``; None when they agree. Resuming a run and reusing a finished one both ask this."""
-    saved, wanted = upgrade_settings(saved), upgrade_settings(wanted)
     for key in dict.fromkeys([*saved, *wanted]):
         if key not in may_differ and saved.get(key) != wanted.get(key):
             return key, saved.get(key), wanted.get(key)

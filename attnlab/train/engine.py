@@ -1,11 +1,15 @@
-"""The training loop: reads top to bottom — `setup` (data, model, optimiser, resume), then `train_epoch` and
-`end_epoch` (validate, checkpoint, log) for each epoch, then `finish` (test, weights, summary).
+"""The run engine, one for every kind of run: reads top to bottom — `setup` (data, model, hooks, optimiser, resume),
+then `train_epoch` and `end_epoch` (validate, checkpoint, log) for each epoch, then `finish` (test, weights,
+summary). What differs between kinds of run (the data and its batches, the model, the loss of a batch, the
+evaluation metric, the summary's own fields) is a `RunTask`: `attnlab.train.classify.Classification`,
+`attnlab.detection.task.Detection`.
 
 Same config and seed on the same machine give the same metrics; a run killed at any moment and resumed with
 ``resume=True`` ends with bit-identical weights (CPU), because every source of randomness after the model's
 initialisation (batch order, augmentation, the random draws of a mechanism's loss term) is a function of (seed, epoch)
 and the rest (weights, optimiser, scheduler, RNG) is in the checkpoint. Mechanisms take part through the hooks they
-register (`attnlab.layers.hooks`): the engine imports none of them.
+register (`attnlab.layers.hooks`), for every kind of run: the engine imports none of them. A non-finite loss or
+gradient stops the run, or (``nonfinite: skip``) is undone and skipped, whatever the task.
 """
 
 from __future__ import annotations
@@ -15,31 +19,27 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import DataBundle, batches, load_dataset, num_batches
 from ..errors import AttnlabError
 from ..io import read_yaml, remove_stale_temporaries, write_text_atomic
-from ..layers import StepHook, training_hooks
-from ..models import create_model
+from ..layers import StepHook, check_mechanisms, training_hooks
 from ..models.options import check_buildable
 from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
-from .compiling import compile_module, eager, is_compiled, run_or_fall_back
-from .config import RESUMABLE_CHANGES, TrainConfig, autocast_dtype, first_difference
-from .cost import count_flops, measure_latency
-from .evaluate import Tally, check_labels, evaluate
+from .config import RunConfig, autocast_dtype, first_difference
 from .optim import make_optimizer, make_scheduler, schedule_for
 from .rundir import RunDir, wall_time_before
 
@@ -58,38 +58,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-GPU_DATA_SHARE = 0.25
-"""Largest share of the GPU's free memory a dataset may take to be kept there for the whole run."""
-
-
-def data_on_gpu(bundle: DataBundle, device: torch.device, free_bytes: int) -> DataBundle:
-    """``bundle`` moved to the GPU when it takes at most `GPU_DATA_SHARE` of its free memory (Fashion-MNIST: 55 MB), so
-    a step indexes, crops and flips its batch there without a host copy, and many runs can share one GPU; a larger
-    dataset stays in host memory and each batch is copied over."""
-    return bundle.to(device) if bundle.nbytes <= GPU_DATA_SHARE * free_bytes else bundle
-
-
-def build_model(cfg: TrainConfig, bundle: DataBundle) -> nn.Module:
-    """The configured model, checked against the data's channels, classes and image size."""
-    kwargs = dict(cfg.model_kwargs)
-    in_chans = kwargs.pop("in_chans", bundle.in_chans)
-    if in_chans != bundle.in_chans:
-        raise AttnlabError(f"in_chans={in_chans} but {bundle.name} images have {bundle.in_chans} channel(s)")
-    num_classes = kwargs.pop("num_classes", bundle.num_classes)
-    if num_classes != bundle.num_classes:
-        raise AttnlabError(f"num_classes={num_classes} but {bundle.name} has {bundle.num_classes} classes")
-    for split_name in ("train", "val", "test"):
-        check_labels(getattr(bundle, split_name).labels, num_classes, f"{bundle.name}: {split_name} ")
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    if min(bundle.image_size) < model.min_input_size:
-        h, w = bundle.image_size
-        raise AttnlabError(
-            f"{bundle.name} images are {h}×{w}: too small for {cfg.model} (needs ≥ {model.min_input_size} px)"
-        )
-    return model
-
-
-def _epoch_generator(seed: int, epoch: int, salt: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 7919 + salt) % (2**63))
 
 
@@ -112,27 +81,97 @@ def device_name(device: torch.device) -> str:
 
 
 @dataclass
+class StepResult:
+    """What a task's forward of one training batch gives the engine: the ``loss`` to minimise, the per-batch
+    ``sums`` the epoch's record averages (each already multiplied by the batch's size where it is a mean), and the
+    tensor the mechanisms' hooks compute their extra loss on (the model's input; a detector's backbone input)."""
+
+    loss: torch.Tensor
+    sums: dict[str, torch.Tensor]
+    hook_input: torch.Tensor | None
+
+
+class RunTask:
+    """What one kind of run does its own way; the engine calls these and does everything else."""
+
+    resumable: frozenset[str] = frozenset()
+    """Settings that may change when a run is resumed."""
+
+    def load_data(self, cfg: RunConfig, device: torch.device) -> Any:
+        """The run's data: train, val and test splits, with a ``name``."""
+        raise NotImplementedError
+
+    def build_model(self, cfg: RunConfig, data: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def hooked(self, model: nn.Module) -> nn.Module:
+        """The module the mechanisms' training hooks look at and run (the model itself by default)."""
+        return model
+
+    def prepare(self, run: Run) -> None:
+        """Adjust the fresh model before its optimiser exists (e.g. its memory layout)."""
+
+    def before_training(self, run: Run) -> None:
+        """A last step after resuming and wrapping in DDP (e.g. compiling)."""
+
+    def train_terms(self, cfg: RunConfig) -> tuple[str, ...]:
+        """The keys of `StepResult.sums`: the record's ``train_<key>`` (sum over the epoch / images)."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self, run: Run) -> int:
+        raise NotImplementedError
+
+    def batches(self, run: Run, epoch: int) -> Iterable[tuple[Any, Any]]:
+        """The epoch's training batches on this rank, as (inputs, targets)."""
+        raise NotImplementedError
+
+    def forward(self, run: Run, inputs: Any, targets: Any) -> StepResult:
+        """The training forward and loss of one batch (called under autocast and the hooks' ``watch``)."""
+        raise NotImplementedError
+
+    def evaluate(self, run: Run, split: Any) -> dict[str, float | None]:
+        """The evaluation metrics of ``split`` (the record's ``val_<key>``, the summary's ``test_<key>``)."""
+        raise NotImplementedError
+
+    def epoch_text(self, record: dict[str, Any]) -> str:
+        """What the epoch's log line says of its losses and metrics."""
+        raise NotImplementedError
+
+    def done_text(self, summary: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def weights_metadata(self, run: Run) -> dict[str, str]:
+        """What ``model.safetensors`` carries to rebuild the model without its data."""
+        raise NotImplementedError
+
+    def summary_fields(self, run: Run) -> dict[str, Any]:
+        """The task's own fields of ``summary.json`` (costs, sizes)."""
+        return {}
+
+
+@dataclass
 class Run:
     """Everything a run holds from `setup` to `finish`."""
 
-    cfg: TrainConfig
+    task: RunTask
+    cfg: RunConfig
     dist: distributed.Dist
     device: torch.device
     folder: RunDir
     log: Callable[[str], None]
     show_bar: bool
-    bundle: DataBundle
+    data: Any
     model: nn.Module
-    net: nn.Module  # the model, wrapped in DDP when distributed
     hooks: list[StepHook]
-    channels_last: bool
     autocast_dtype: torch.dtype | None
     per_rank_batch: int
-    steps_per_epoch: int
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
     started: float
+    net: nn.Module | None = None  # the model, wrapped in DDP when distributed
+    channels_last: bool = False
+    steps_per_epoch: int = 0
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    scaler: torch.amp.GradScaler | None = None
     start_epoch: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train_images: float = 0.0
@@ -141,64 +180,75 @@ class Run:
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
-    def evaluate(self, split) -> dict[str, float]:
-        return run_or_fall_back(
-            self.model,
-            f"{self.cfg.model} (evaluation)",
-            lambda: evaluate(
-                self.net,
-                split,
-                self.bundle,
-                batch_size=self.cfg.eval_batch_size,
-                device=self.device,
-                dist=self.dist,
-                autocast_dtype=self.autocast_dtype,
-                channels_last=self.channels_last,
-            ),
-        )
+    def evaluate(self, split) -> dict[str, float | None]:
+        return self.task.evaluate(self, split)
+
+
+def _new_folders(root: Path) -> list[Path]:
+    """The folders that making ``root`` creates, deepest first."""
+    made = []
+    for place in (root, *root.parents):
+        if place.exists():
+            break
+        made.append(place)
+    return made
 
 
 @contextlib.contextmanager
 def opened_run(
-    cfg, resume: bool, may_change: frozenset[str]
+    cfg: RunConfig, resume: bool, may_change: frozenset[str]
 ) -> Iterator[tuple[distributed.Dist, torch.device, RunDir]]:
-    """What every training command does around its loop: start the processes (torchrun), let rank 0 refuse a bad model
-    option or a resume with settings outside ``may_change`` before anything is written, prepare and lock the run
-    folder, and tear the processes down at the end. Yields (processes, device, run folder)."""
+    """What every run does around its loop: start the processes (torchrun), let rank 0 refuse a bad model or
+    mechanism option or a resume with settings outside ``may_change`` before anything is written, prepare and lock
+    the run folder, and tear the processes down at the end. A run that fails before writing any file leaves no folder
+    behind. Yields (processes, device, run folder)."""
     dist, device = distributed.setup(cfg.device)
+    folder = RunDir(cfg.out)
+    made = _new_folders(folder.root) if dist.is_main else []
     try:
-        folder = RunDir(cfg.out)
         if dist.is_main:
             check_buildable(cfg.model, cfg.model_kwargs)  # a bad model option fails before anything is written
+            check_mechanisms(cfg.mechanisms)
             folder.prepare(resume)
             if resume and folder.config.exists():
                 check_resumable(cfg, folder, may_change)
         dist.barrier()
         with folder.locked() if dist.is_main else contextlib.nullcontext():
             yield dist, resolve_device(str(device)), folder
+    except BaseException:
+        for place in made:  # nothing written: the folders this run made go again
+            if place.is_dir() and not any(place.iterdir()):
+                shutil.rmtree(place, ignore_errors=True)
+        raise
     finally:
         distributed.teardown()
 
 
-def train(
-    cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, log: Callable[[str], None] | None = None
+def run_task(
+    task: RunTask,
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.dataset`` and write the run's files under ``cfg.out``; returns the summary.
+    """Train ``task``'s model as ``cfg`` says and write the run's files under ``cfg.out``; returns the summary.
 
     Args:
+        task: the kind of run.
         cfg: the run's configuration.
         resume: continue the run in ``cfg.out`` from its newest intact checkpoint (or from scratch if it has none).
         progress: show a tqdm bar per epoch (default: when stderr is a terminal); otherwise one line per epoch.
         log: where the per-epoch lines go (default: print to stdout).
     """
-    with opened_run(cfg, resume, RESUMABLE_CHANGES) as (dist, device, folder):
-        run = setup(cfg, dist, device, folder, resume, progress, log or print)
+    with opened_run(cfg, resume, task.resumable) as (dist, device, folder):
+        run = setup(task, cfg, dist, device, folder, resume, progress, log or print)
         for epoch in range(run.start_epoch, cfg.epochs):
             end_epoch(run, epoch, *train_epoch(run, epoch))
         return finish(run)
 
 
-def check_resumable(cfg, folder: RunDir, may_change: frozenset[str]) -> None:
+def check_resumable(cfg: RunConfig, folder: RunDir, may_change: frozenset[str]) -> None:
     """Refuse to resume a run with settings that would change its numbers (any outside ``may_change``)."""
     differs = first_difference(read_yaml(folder.config), cfg.to_dict(), may_change)
     if differs:
@@ -209,7 +259,7 @@ def check_resumable(cfg, folder: RunDir, may_change: frozenset[str]) -> None:
         )
 
 
-def setup(cfg: TrainConfig, dist, device: torch.device, folder: RunDir, resume: bool, progress, log) -> Run:
+def setup(task: RunTask, cfg: RunConfig, dist, device: torch.device, folder: RunDir, resume: bool, progress, log):
     """Data, model, hooks, optimiser and schedule of a run; its checkpoint when resuming; its first files."""
     started = time.time()
     if dist.is_main:
@@ -218,80 +268,37 @@ def setup(cfg: TrainConfig, dist, device: torch.device, folder: RunDir, resume: 
     torch.manual_seed(cfg.seed)
     if cfg.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)  # slow: names the op that produced a NaN in backward
-    bundle = load_dataset(
-        cfg.dataset, cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=cfg.seed, **cfg.dataset_options
-    )
-    if not cfg.augment:
-        bundle = dataclasses.replace(bundle, crop_padding=0, hflip=False)
-    if device.type == "cuda":
-        bundle = data_on_gpu(bundle, device, free_bytes=torch.cuda.mem_get_info(device)[0])
-    model = build_model(cfg, bundle).to(device)
-    # adapter until the run config carries a `mechanisms` mapping (contract: ENGINE replaces these two fields)
-    mechanisms = {"cram": {"equivariance": cfg.equivariance, "transforms": cfg.equivariance_transforms}}
-    hooks = training_hooks(model, mechanisms if cfg.equivariance > 0 else None)
-    channels_last = all(h.channels_last for h in hooks) if cfg.channels_last is None else cfg.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    data = task.load_data(cfg, device)
+    model = task.build_model(cfg, data).to(device)
     autocast = autocast_dtype(cfg.precision)
-    per_rank_batch = max(1, cfg.batch_size // dist.world_size)
-    steps_per_epoch = num_batches(len(bundle.train), per_rank_batch, train=True, world_size=dist.world_size)
-    if steps_per_epoch == 0:
-        raise AttnlabError(f"{bundle.name}: {len(bundle.train)} training images make no full batch of {cfg.batch_size}")
-    optimizer = make_optimizer(model, cfg)
     run = Run(
+        task,
         cfg,
         dist,
         device,
         folder,
         log,
         show_bar=(sys.stderr.isatty() if progress is None else progress) and dist.is_main,
-        bundle=bundle,
+        data=data,
         model=model,
-        net=model,
-        hooks=hooks,
-        channels_last=channels_last,
+        hooks=training_hooks(task.hooked(model), cfg.mechanisms),
         autocast_dtype=autocast,
-        per_rank_batch=per_rank_batch,
-        steps_per_epoch=steps_per_epoch,
-        optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, cfg, steps_per_epoch),
-        scaler=torch.amp.GradScaler(device.type, enabled=autocast == torch.float16),
+        per_rank_batch=max(1, cfg.batch_size // dist.world_size),
         started=started,
     )
+    task.prepare(run)
+    run.steps_per_epoch = task.steps_per_epoch(run)
+    run.optimizer = make_optimizer(model, cfg)
+    run.scheduler = make_scheduler(run.optimizer, cfg, run.steps_per_epoch)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     if resume:
         _resume(run)
-    if dist.enabled:
-        run.net = DistributedDataParallel(model)
-    if cfg.compile:
-        _compile(run)
+    run.net = DistributedDataParallel(model) if dist.enabled else model
+    task.before_training(run)
     if dist.is_main:
         write_text_atomic(folder.config, cfg.to_yaml())
         folder.write_history(run.history)
     return run
-
-
-def _compile(run: Run) -> None:
-    """Compile the model in place (the data pipeline stays eager) and compile its training graph now, on one batch of
-    zeros, so that a model that cannot compile falls back to eager (one warning) before training starts. The probe's
-    forward and backward leave no trace: the model's state (BN statistics), its gradients and the RNG are restored."""
-    model, bundle = run.model, run.bundle
-    compile_module(model)
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    rng = torch.get_rng_state()
-    x = torch.zeros(run.per_rank_batch, bundle.in_chans, *bundle.image_size, device=run.device)
-    if run.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def probe() -> None:
-        model.train()
-        with run.autocast():
-            out = run.net(x)
-        out.float().sum().backward()
-
-    run_or_fall_back(model, run.cfg.model, probe)
-    model.zero_grad(set_to_none=True)
-    model.load_state_dict(saved)
-    torch.set_rng_state(rng)
 
 
 def _resume(run: Run) -> None:
@@ -316,52 +323,42 @@ def _resume(run: Run) -> None:
         run.log(f"resuming {run.folder.root} after epoch {run.start_epoch}")
 
 
-def train_epoch(run: Run, epoch: int) -> tuple[Tally, int, int, float]:
-    """One pass over the training split; returns the tally of the steps taken, the steps skipped, the images seen (by
-    every step, skipped or not: the work done) and the seconds."""
+def train_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], int, int, int, float]:
+    """One pass over the training split; returns the sums of the steps taken, the images they saw, the steps
+    skipped, the images seen by every step (skipped or not: the work done) and the seconds."""
     cfg = run.cfg
     run.net.train()
     t0 = time.perf_counter()
-    generator = _epoch_generator(cfg.seed, epoch, salt=2)
-    tally, skipped, seen = Tally(run.device), 0, 0
-    stream = batches(
-        run.bundle.train,
-        run.bundle,
-        run.per_rank_batch,
-        train=True,
-        epoch=epoch,
-        seed=cfg.seed,
-        rank=run.dist.rank,
-        world_size=run.dist.world_size,
-        device=run.device,
-        channels_last=run.channels_last,
-    )
+    generator = epoch_generator(cfg.seed, epoch, salt=2)
+    sums: dict[str, torch.Tensor] = {}
+    counted, skipped, seen = 0, 0, 0
     bar = tqdm(
-        stream,
+        run.task.batches(run, epoch),
         total=run.steps_per_epoch,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         leave=False,
         disable=not run.show_bar,
         dynamic_ncols=True,
     )
-    for step, (x, y) in enumerate(bar):
+    for step, (inputs, targets) in enumerate(bar):
         progress = (epoch * run.steps_per_epoch + step) / (cfg.epochs * run.steps_per_epoch)
-        loss, logits = _step(run, x, y, generator, progress, epoch)
-        seen += len(y)
-        if loss is None:
+        result = _step(run, inputs, targets, generator, progress, epoch)
+        seen += len(targets)
+        if result is None:
             skipped += 1
             continue
-        with torch.no_grad():
-            tally.add(loss.detach().double() * len(y), logits, y)
+        counted += len(targets)
+        for key, value in result.sums.items():
+            sums[key] = sums.get(key, 0) + value.detach().double()
         if run.show_bar:
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.set_postfix(loss=f"{result.loss.item():.3f}", refresh=False)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    return tally, skipped, seen, time.perf_counter() - t0
+    return sums, counted, skipped, seen, time.perf_counter() - t0
 
 
-def _step(run: Run, x, y, generator, progress: float, epoch: int):
-    """One optimiser step on batch (x, y): (loss, logits), or (None, None) when a non-finite step was skipped."""
+def _step(run: Run, inputs, targets, generator, progress: float, epoch: int) -> StepResult | None:
+    """One optimiser step on a batch; None when a non-finite step was skipped."""
     cfg, model = run.cfg, run.model
     # "skip" must also undo what a bad forward did to BN running statistics
     saved_buffers = [b.clone() for b in model.buffers()] if cfg.nonfinite == "skip" else None
@@ -371,12 +368,10 @@ def _step(run: Run, x, y, generator, progress: float, epoch: int):
         with contextlib.ExitStack() as watching:
             for hook in run.hooks:
                 watching.enter_context(hook.watch())
-            # a compiled graph may meet a new shape mid-run (the last, partial batch) and fail to recompile
-            logits = run_or_fall_back(model, cfg.model, lambda: run.net(x))
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        total = loss
+            result = run.task.forward(run, inputs, targets)
+        total = result.loss
         for hook in run.hooks:
-            if (term := hook.extra_loss(x, generator)) is not None:
+            if (term := hook.extra_loss(result.hook_input, generator)) is not None:
                 total = total + term
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(total).backward()
@@ -385,11 +380,11 @@ def _step(run: Run, x, y, generator, progress: float, epoch: int):
     # with fp16 the GradScaler itself skips steps with inf/NaN gradients and lowers its scale
     if not run.scaler.is_enabled() and not (torch.isfinite(grad_norm) and torch.isfinite(total)):
         _skip_step(run, saved_buffers, "loss" if not torch.isfinite(total) else "gradients", epoch)
-        return None, None
+        return None
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
-    return loss, logits
+    return result
 
 
 def _skip_step(run: Run, saved_buffers, what: str, epoch: int) -> None:
@@ -408,29 +403,33 @@ def _skip_step(run: Run, saved_buffers, what: str, epoch: int) -> None:
         run.scheduler.step()
 
 
-def end_epoch(run: Run, epoch: int, tally: Tally, skipped: int, seen: int, seconds: float) -> None:
+def end_epoch(
+    run: Run, epoch: int, sums: dict[str, torch.Tensor], counted: int, skipped: int, seen: int, seconds: float
+) -> None:
     """Validate, record the epoch in the history, write a checkpoint and the metrics, log one line."""
     dist = run.dist
-    loss_sum, correct, count = tally.total(dist)  # count: images of the steps not skipped
-    skipped, seen = dist.all_sum(torch.tensor([skipped, seen], device=run.device)).tolist()
+    keys = run.task.train_terms(run.cfg)
+    zero = torch.zeros((), dtype=torch.float64, device=run.device)
+    counts = torch.tensor([counted, skipped, seen], dtype=torch.float64, device=run.device)
+    totals = dist.all_sum(torch.cat([torch.stack([sums.get(k, zero) for k in keys]), counts])).tolist()
+    counted, skipped, seen = totals[len(keys) :]
     run.train_images += seen  # throughput counts the skipped steps' work too
     run.train_seconds += seconds
-    val = run.evaluate(run.bundle.val)
-    record = {
-        "epoch": epoch + 1,
-        "train_loss": loss_sum / count if count else math.nan,  # NaN: every step of the epoch was skipped
-        "train_acc": correct / count if count else math.nan,
-        "val_loss": val["loss"],
-        "val_acc": val["acc"],
-        "lr": run.scheduler.get_last_lr()[0],
-        "epoch_time": seconds,
-        "img_per_s": seen / seconds,
-        "skipped_steps": int(skipped),
-        "wall_time": time.time() - run.started,  # since the run began, every process that trained it together
-    }
+    val = run.evaluate(run.data.val)
+    record: dict[str, Any] = {"epoch": epoch + 1}
+    # NaN: every step of the epoch was skipped (not a loss of 0 nobody had)
+    record.update({f"train_{k}": (total / counted if counted else math.nan) for k, total in zip(keys, totals)})
+    record.update({f"val_{k}": v for k, v in val.items()})
+    record.update(
+        lr=run.scheduler.get_last_lr()[0],
+        epoch_time=seconds,
+        img_per_s=seen / seconds,
+        skipped_steps=int(skipped),
+        wall_time=time.time() - run.started,  # since the run began, every process that trained it together
+    )
     run.history.append(record)
     if dist.is_main:
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state()}  # Faster R-CNN's proposal and RoI sampling draw from it too
         if run.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(run.device)
         states = {
@@ -443,62 +442,42 @@ def end_epoch(run: Run, epoch: int, tally: Tally, skipped: int, seen: int, secon
         save_checkpoint(run.folder.checkpoints, epoch + 1, states, {"history": run.history})
         run.folder.write_history(run.history)
         run.log(
-            f"epoch {epoch + 1}/{run.cfg.epochs}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}  "
-            f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}  lr {record['lr']:.4f}  "
-            f"{record['img_per_s']:.0f} img/s  {seconds:.1f}s"
+            f"epoch {epoch + 1}/{run.cfg.epochs}  {run.task.epoch_text(record)}  lr {record['lr']:.4f}  "
+            f"{record['img_per_s']:.1f} img/s  {seconds:.1f}s"
         )
     dist.barrier()
 
 
 def finish(run: Run) -> dict[str, Any]:
     """Test once, write the final weights and ``summary.json``; returns the summary (on every rank)."""
-    test = run.evaluate(run.bundle.test)
+    test = run.evaluate(run.data.test)
     summary = None
     if run.dist.is_main:
-        cfg, bundle = run.cfg, run.bundle
-        metadata = {
-            "attnlab_model": cfg.model,
-            "num_classes": str(bundle.num_classes),
-            "in_chans": str(bundle.in_chans),
-            "model_kwargs": json.dumps(cfg.model_kwargs),
-        }
-        save_tensors_atomic(run.folder.weights, run.model.state_dict(), metadata)
+        save_tensors_atomic(run.folder.weights, run.model.state_dict(), run.task.weights_metadata(run))
         summary = _summary(run, test)
         write_text_atomic(run.folder.summary, json.dumps(summary, indent=2))
-        run.log(
-            f"done: val acc {summary['val_acc']:.2%}  test acc {summary['test_acc']:.2%}  "
-            f"{summary['train_img_per_s']:.0f} img/s  → {run.folder.root}"
-        )
+        run.log(f"done: {run.task.done_text(summary)}  → {run.folder.root}")
     return run.dist.broadcast_object(summary)
 
 
-def _summary(run: Run, test: dict[str, float]) -> dict[str, Any]:
-    cfg, bundle, history, device = run.cfg, run.bundle, run.history, run.device
-    last = history[-1]
-    with eager(run.model) as model:  # FLOPs and the one-image latency of the plain module
-        flops = count_flops(model, bundle.in_chans, bundle.image_size, device)
-        latency_ms = measure_latency(model, bundle.in_chans, bundle.image_size, device)
+def _summary(run: Run, test: dict[str, float | None]) -> dict[str, Any]:
+    cfg, history = run.cfg, run.history
     return {
         "model": cfg.model,
-        "dataset": bundle.name,
+        "dataset": run.data.name,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
-        "val_acc": last["val_acc"],
-        "val_loss": last["val_loss"],
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
+        **{k: v for k, v in history[-1].items() if k.startswith("val_")},
+        **{f"test_{k}": v for k, v in test.items()},
         "params": sum(p.numel() for p in run.model.parameters()),
-        "flops": flops,
-        "latency_ms": latency_ms,
+        **run.task.summary_fields(run),
         "train_img_per_s": (run.train_images / run.train_seconds)
         if run.train_seconds
         else sum(h["img_per_s"] for h in history) / len(history),
         "wall_time_s": time.time() - run.started,
         "train_time_s": sum(h["epoch_time"] for h in history),
-        "image_size": list(bundle.image_size),
         "world_size": run.dist.world_size,
-        "device": device_name(device),
+        "device": device_name(run.device),
         "precision": cfg.precision,
-        "compile": is_compiled(run.model),  # False where --compile fell back to eager
         "versions": versions(),
     }

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..data import DataBundle, load_dataset
+from ..data import DataBundle
 from ..errors import AttnlabError
 from ..models import create_model
 from .checkpoint import load_state_strict, load_tensors
@@ -57,18 +59,6 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Trai
     return model.to(device).eval(), cfg
 
 
-def run_data(cfg: TrainConfig, dataset: str | None = None, data_dir: str | None = None, **options) -> DataBundle:
-    """The data of the run configured by ``cfg``: its dataset with its options, folder and validation split; or
-    ``dataset`` instead (then without the run's options and split). ``options`` are added to the dataset's."""
-    same = dataset is None or dataset == cfg.dataset
-    return load_dataset(
-        cfg.dataset if same else dataset,
-        data_dir or (cfg.data_dir if same else None),
-        val_size=cfg.val_size if same else None,
-        **{**(cfg.dataset_options if same else {}), **options},
-    )
-
-
 def check_fits(model: nn.Module, bundle: DataBundle, where: str) -> None:
     """Refuse data whose channels or classes are not the ones ``model`` takes, in one line starting with ``where``."""
     if bundle.in_chans != model.in_chans or bundle.num_classes != model.num_classes:
@@ -76,3 +66,59 @@ def check_fits(model: nn.Module, bundle: DataBundle, where: str) -> None:
             f"{where} has {bundle.in_chans} channel(s) and {bundle.num_classes} classes; the model takes "
             f"{model.in_chans} and {model.num_classes}"
         )
+
+
+def evaluate_trained(
+    path: str | Path,
+    *,
+    split: str = "test",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    data_options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Loss and accuracy of the model stored at ``path`` on a split, computed as its training's own evaluation was:
+    the run's data (options, seed, subset and split, so the same normalisation), precision (fp16 on a CPU: fp32),
+    memory layout, evaluation batch size and compile state, so that a run's own split gives its ``summary.json``'s
+    numbers bit for bit on the machine that trained it. A bare weights file needs ``dataset``."""
+    from ..data import load_dataset
+    from ..layers import training_hooks
+    from .classify import memory_layout, run_data
+    from .compiling import compile_module, run_or_fall_back
+    from .config import autocast_dtype
+    from .evaluate import evaluate
+
+    model, cfg = load_trained(path, device=device)
+    name = dataset or (cfg.dataset if cfg else None)
+    if name is None:
+        raise AttnlabError(f"{path}: no config.yaml beside the weights; pass --dataset")
+    options = dict(data_options or {})
+    bundle = load_dataset(name, data_dir, **options) if cfg is None else run_data(cfg, name, data_dir, **options)
+    check_fits(model, bundle, name)
+    precision, channels_last, compiled = "fp32", False, False
+    if cfg is not None:
+        precision = cfg.precision if cfg.precision != "fp16" or device.startswith("cuda") else "fp32"
+        channels_last = memory_layout(cfg, training_hooks(model, cfg.mechanisms))
+        summary = RunDir(Path(path) if Path(path).is_dir() else Path(path).parent).summary
+        compiled = summary.is_file() and json.loads(summary.read_text()).get("compile", False)
+        batch_size = batch_size or cfg.eval_batch_size
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compiled:
+        compile_module(model)
+    chosen = getattr(bundle, split)
+    result = run_or_fall_back(
+        model,
+        f"{model.__class__.__name__} (evaluation)",
+        lambda: evaluate(
+            model,
+            chosen,
+            bundle,
+            batch_size=batch_size or 512,
+            device=device,
+            autocast_dtype=autocast_dtype(precision),
+            channels_last=channels_last,
+        ),
+    )
+    return {"checkpoint": str(path), "dataset": name, "split": split, "images": len(chosen), **result}
