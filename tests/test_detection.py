@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import attnlab
-import attnlab.detection.engine as engine_module
+import attnlab.detection.task as task_module
+import attnlab.train.engine as engine_module
 from attnlab.cli import main
 from attnlab.data.detection import choose_places, detection_batches, load_detection_dataset
 from attnlab.detection import DetectConfig, backbone, create_detector, train_detector
@@ -391,7 +393,7 @@ def test_detect_train_eval_and_exact_resume(garments, tmp_path, monkeypatch, cap
     assert {"val_ap", "val_ap50", "val_ap75", "val_ar100", "train_loss_objectness"} <= set(records[-1])
     assert all(0 <= summary[f"test_{k}"] <= 1 for k in ("ap", "ap50", "ap75", "ar100"))
     cfg = tiny_detect(garments, whole)  # backbone + FPN FLOPs at the canvas (32×32: the transform keeps it)
-    detector = engine_module.build_detector(cfg, engine_module.load_data(cfg))
+    detector = task_module.build_detector(cfg, task_module.load_data(cfg))
     assert summary["backbone_flops"] == count_flops(detector.backbone, 1, (32, 32), torch.device("cpu")) > 0
     assert summary["latency_ms"] > 0
     capsys.readouterr()
@@ -449,13 +451,57 @@ def test_detect_bad_input_is_one_line_and_exit_2(garments, tmp_path, capsys):
     assert "not an attnlab detector" in capsys.readouterr().err
 
 
-def test_detect_precision_replaces_amp_and_old_configs_still_load(garments, tmp_path):
-    old = tiny_detect(garments, tmp_path / "old").to_dict()
-    old.pop("precision")
-    assert DetectConfig.from_dict({**old, "amp": "off"}).precision == "fp32"
-    assert DetectConfig.from_dict({**old, "amp": "bf16"}).precision == "bf16"
+def test_detect_summary_says_precision_and_fp16_needs_cuda(garments, tmp_path):
+    cfg = tiny_detect(garments, tmp_path / "run").to_dict()
     with pytest.raises(AttnlabError, match="precision fp16 needs CUDA"):
-        DetectConfig.from_dict({**old, "precision": "fp16"})
+        DetectConfig.from_dict({**cfg, "precision": "fp16"})
+    with pytest.raises(AttnlabError, match="unknown setting 'amp'"):
+        DetectConfig.from_dict({**cfg, "amp": "bf16"})
+
+
+def test_a_cram_backbones_hooks_run_in_detection(garments, tmp_path, monkeypatch):
+    """The one engine calls the mechanisms' hooks for a detector too: CRAM's β anneals over the run and, when
+    configured, the equivariance term (computed on the batch the backbone saw) joins the loss and moves the weights."""
+    import attnlab.layers.cram as cram
+
+    progress, penalties = [], []
+    anneal, penalty = cram.anneal_beta, cram.equivariance_penalty
+    monkeypatch.setattr(cram, "anneal_beta", lambda model, p: (progress.append(p), anneal(model, p))[1])
+
+    def counted(model, x, *args, **kwargs):
+        value = penalty(model, x, *args, **kwargs)
+        penalties.append((tuple(x.shape), float(value.detach())))
+        return value
+
+    monkeypatch.setattr(cram, "equivariance_penalty", counted)
+    runs = {}
+    for name, mechanisms in (("plain", {}), ("equi", {"cram": {"equivariance": 0.5}})):
+        cfg = tiny_detect(garments, tmp_path / name, model="cram_resnet20", epochs=1, mechanisms=mechanisms)
+        train_detector(cfg, log=lambda _: None)
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    steps = 2  # 16 training images, batch 8
+    assert progress == [0.0, 0.5] * 2  # both runs anneal, step by step
+    assert len(penalties) == steps and all(shape[0] == 8 and value >= 0 for shape, value in penalties)
+    assert any(not torch.equal(runs["plain"][k], runs["equi"][k]) for k in runs["plain"])
+    with pytest.raises(AttnlabError, match="mechanisms.cram.equivariance needs a model with CRAM layers"):
+        train_detector(tiny_detect(garments, tmp_path / "plain_backbone", mechanisms={"cram": {"equivariance": 0.1}}))
+
+
+def test_the_non_finite_policy_applies_to_detection(garments, tmp_path, monkeypatch):
+    """A NaN loss stops a detection run with the classifier's message, or (nonfinite: skip) is skipped and counted."""
+    build = task_module.build_detector
+
+    def poisoned(cfg, data):
+        model = build(cfg, data)
+        model.rpn.register_forward_hook(lambda m, args, out: (out[0], {k: v * float("nan") for k, v in out[1].items()}))
+        return model
+
+    monkeypatch.setattr(task_module, "build_detector", poisoned)
+    with pytest.raises(AttnlabError, match="non-finite loss at epoch 1; no epoch finished"):
+        train_detector(tiny_detect(garments, tmp_path / "stop", epochs=1), log=lambda _: None)
+    train_detector(tiny_detect(garments, tmp_path / "skip", epochs=1, nonfinite="skip"), log=lambda _: None)
+    (record,) = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert record["skipped_steps"] == 2 and math.isnan(record["train_loss"])
 
 
 def test_compare_detection_preset_trains_reports_and_decides_on_ap(garments, tmp_path, capsys):

@@ -5,6 +5,7 @@ jobs give the same numbers, and the report is rebuilt byte for byte."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -93,8 +94,12 @@ def test_entries_parse_options_and_names():
         {},
     )
     assert e.slug == "fmm_resnet20-merge=gate"
-    e = parse_entry("cram_resnet20[equivariance=0.1,attn_where=last]")
-    assert e.train == {"equivariance": 0.1} and e.model_kwargs == {"attn_where": "last"}
+    e = parse_entry("cram_resnet20[cram.equivariance=0.1,attn_where=last,epochs=3]")
+    assert e.train == {"mechanisms": {"cram": {"equivariance": 0.1}}, "epochs": 3}
+    assert (
+        e.model_kwargs == {"attn_where": "last"}
+        and e.slug == "cram_resnet20-cram.equivariance=0.1-attn_where=last-epochs=3"
+    )
     names = [x.name for x in parse_entries("resnet20, fmm_resnet20[merge=gate,zero_init_last=false],se_resnet20")]
     assert names == ["resnet20", "fmm_resnet20[merge=gate,zero_init_last=false]", "se_resnet20"]
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds(2) == [0, 1]
@@ -131,16 +136,17 @@ def test_train_and_detect_take_an_entry_as_their_model(tmp_path, capsys):
     from attnlab.cli.run import config_from_args
 
     parse = build_parser().parse_args
-    entry = "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,equivariance=0.1]"
+    entry = "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,cram.equivariance=0.1]"
     cfg = config_from_args(parse(["train", "--model", entry, "--model-arg", "post_act=false"]))
-    assert cfg.model == "fmm_resnet20" and cfg.equivariance == 0.1
+    assert cfg.model == "fmm_resnet20" and cfg.mechanisms == {"cram": {"equivariance": 0.1}}
     assert cfg.model_kwargs == {
         "merge": "mul_bn",
         "merge_args": {"residual_bias": 1, "shortcut_bias": 1},
         "post_act": False,
     }
-    cfg = config_from_args(parse(["train", "--model", entry, "--equivariance", "0", "--model-arg", "merge=gate"]))
-    assert cfg.equivariance == 0 and cfg.model_kwargs["merge"] == "gate"  # what the command line says wins
+    argv = ["train", "--model", entry, "--mechanism", "cram.equivariance=0", "--model-arg", "merge=gate"]
+    cfg = config_from_args(parse(argv))
+    assert cfg.mechanisms == {"cram": {"equivariance": 0}} and cfg.model_kwargs["merge"] == "gate"  # the flags win
     cfg = detect_config_from_args(parse(["detect", "train", "--model", "se_resnet20[attn_where=last,epochs=2]"]))
     assert (cfg.model, cfg.model_kwargs, cfg.epochs) == ("se_resnet20", {"attn_where": "last"}, 2)
     assert main(["train", "--model", "resnet20[merge", "--out", str(tmp_path / "run")]) != 0
@@ -420,10 +426,41 @@ def test_cli_compare_records_the_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in printed
     plan = json.loads((out / "compare.json").read_text())
-    assert plan["command"].startswith("attnlab compare --models resnet20 --dataset synthetic --seeds 1 --epochs 1")
-    assert plan["recipe"] == {"epochs": 1, "batch_size": 64, "val_size": 64}
-    assert main([*args, "--model", "se_resnet20"]) == 2
-    assert "compare: --model is set per run; use --models" in capsys.readouterr().err
+    assert plan["command"].startswith("attnlab compare --models resnet20 --dataset synthetic --seeds 1 --val-size 64 --epochs 1")
+    assert plan["recipe"] == {"val_size": 64, "epochs": 1, "batch_size": 64}
+    for refused in (["--model", "se_resnet20"], ["--seed", "1"], ["--model-arg", "merge=gate"], ["--in-chans", "1"]):
+        assert main([*args, *refused]) == 2
+        assert f"unrecognized arguments: {' '.join(refused)}" in capsys.readouterr().err
+
+
+def _flags(parser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def _subparser(parser, *path: str):
+    for name in path:
+        parser = next(a for a in parser._actions if a.choices and name in a.choices).choices[name]
+    return parser
+
+
+def test_train_and_detect_train_have_a_flag_for_every_config_field_and_compare_lists_only_what_it_takes():
+    from attnlab.cli import build_parser
+    from attnlab.detection import DetectConfig
+    from attnlab.train import TrainConfig
+    from attnlab.train.entry import PER_RUN_FIELDS
+
+    parser = build_parser()
+    for path, config in ((["train"], TrainConfig), (["detect", "train"], DetectConfig)):
+        sub = _subparser(parser, *path)
+        dests = {a.dest for a in sub._actions}
+        assert {f.name for f in dataclasses.fields(config)} <= dests, path
+    assert {"--eval-batch-size", "--nesterov", "--no-nesterov", "--mechanism"} <= _flags(_subparser(parser, "train"))
+    assert {"--nesterov", "--nonfinite", "--mechanism"} <= _flags(_subparser(parser, "detect", "train"))
+    compare = _subparser(parser, "compare")
+    assert not {"--model", "--seed", "--model-arg", "--in-chans", "--amp"} & _flags(compare)
+    assert not {a.dest for a in compare._actions} & (set(PER_RUN_FIELDS) - {"dataset", "out"})
+    help_text = compare.format_help()
+    assert "--models" in help_text and "--model " not in help_text and "--seed " not in help_text
 
 
 # -------------------------------------------------------------------------------------------------------------- presets

@@ -15,7 +15,9 @@ def add_parsers(sub) -> None:
     from ..train.entry import PER_RUN_FIELDS
 
     p = sub.add_parser(
-        "compare", help="train models × seeds, test the differences, write results.csv, summary.csv and a report"
+        "compare",
+        help="train models × seeds, test the differences, write results.csv, summary.csv and a report",
+        allow_abbrev=False,  # --model is not --models
     )
     add_config_flags(p, TrainConfig, exclude=PER_RUN_FIELDS)  # the shared recipe; models and seeds are compare's own
     g = p.add_argument_group("comparison")

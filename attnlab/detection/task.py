@@ -232,9 +232,7 @@ class Detection(RunTask):
         return f"train loss {record['train_loss']:.4f}  val AP {_pct(record['val_ap'])} AP50 {_pct(record['val_ap50'])}"
 
     def done_text(self, summary: dict[str, Any]) -> str:
-        return (
-            f"val AP {_pct(summary['val_ap'])}  test AP {_pct(summary['test_ap'])} AP50 {_pct(summary['test_ap50'])}"
-        )
+        return f"val AP {_pct(summary['val_ap'])}  test AP {_pct(summary['test_ap'])} AP50 {_pct(summary['test_ap50'])}"
 
     def weights_metadata(self, run: Run) -> dict[str, str]:
         return {"attnlab_detection": json.dumps(detector_record(run.cfg, run.data))}

@@ -78,6 +78,10 @@ def autocast_dtype(precision: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _positive(value: float) -> str:
+    return f"{'≥ 1' if isinstance(value, int) else '> 0'}, got {value}"
+
+
 @dataclass
 class RunConfig:
     """What every kind of run shares. Field names are the CLI flags (``--batch-size`` → ``batch_size``)."""
@@ -148,7 +152,7 @@ class RunConfig:
             0 <= self.val_size < 1 if isinstance(self.val_size, float) else self.val_size >= 0
         )
         return [
-            *[(getattr(self, n) > 0, f"{n} must be > 0, got {getattr(self, n)}") for n in self.POSITIVE],
+            *[(getattr(self, n) > 0, f"{n} must be {_positive(getattr(self, n))}") for n in self.POSITIVE],
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0"),
             (self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay}"),
