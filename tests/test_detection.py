@@ -330,6 +330,29 @@ def test_coco_layouts_and_errors(tmp_path):
     one_line(e, "test.json: not a readable COCO annotation file")
 
 
+def test_coco_training_set_without_annotations_is_refused_before_training(tmp_path, capsys):
+    sets = write_coco(tmp_path)
+    (tmp_path / "train.json").write_text(json.dumps({**sets["train"], "annotations": []}))
+    with pytest.raises(AttnlabError) as e:
+        load_detection_dataset(f"coco:{tmp_path}")
+    one_line(e, "train.json: the training set has images but no annotations")
+    out = tmp_path / "run"
+    assert main(["detect", "train", "--dataset", f"coco:{tmp_path}", "--out", str(out), "--epochs", "1"]) == 2
+    assert "no annotations" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_nan_inside_a_coco_box_is_a_notice_naming_the_image(tmp_path):
+    sets = write_coco(tmp_path)
+    sets["train"]["annotations"][2]["bbox"][1] = float("nan")  # image train/1.png's real box
+    sets["train"]["annotations"][4]["bbox"][2] = float("inf")
+    (tmp_path / "train.json").write_text(json.dumps(sets["train"]))  # JSON as Python writes it: NaN, Infinity
+    with pytest.warns(UserWarning, match=r"annotation 3 on image train/1\.png is not finite .*left out \(and 1 more\)"):
+        data = load_detection_dataset(f"coco:{tmp_path}", val_size=0)
+    boxes = {i: data.train[i][1]["boxes"] for i in range(len(data.train))}
+    assert all(torch.isfinite(b).all() for b in boxes.values())
+    assert sorted(len(b) for b in boxes.values()) == [0, 0, 1, 1, 1, 1]  # the two broken boxes are gone, said
+
+
 # -------------------------------------------------------------------------------------------------------------- engine
 
 

@@ -11,7 +11,8 @@ Layouts of ``PATH`` (the first that fits):
 Without a test set, one is carved from the training pool with the fixed split seed (option ``test_size``), as
 ``imagefolder:PATH`` does. Categories are renumbered 0..K-1 in the order of their ids in the training JSON; every other
 JSON must name the same ones. Boxes ([x, y, w, h] in COCO) become (x0, y0, x1, y1); a box of zero width or height is
-left out (torchvision's detectors refuse degenerate boxes). Crowd annotations are kept with ``iscrowd=1`` for the
+left out (torchvision's detectors refuse degenerate boxes), and so is a box holding a NaN or an infinity, with a
+notice naming its image. A training set without any annotation is refused. Crowd annotations are kept with ``iscrowd=1`` for the
 metric, and the training loop leaves them out. Images are decoded on every access, not held in memory.
 """
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,7 +53,7 @@ class CocoSplit:
         except OSError as e:
             name = self.dataset.coco.loadImgs(self.dataset.ids[index])[0]["file_name"]
             raise AttnlabError(f"{self.dataset.root}: cannot read image {name} ({e.strerror or e})") from None
-        kept = [a for a in annotations if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        kept = [a for a in annotations if _finite(a["bbox"]) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
         boxes = torch.tensor([a["bbox"] for a in kept], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor([self.categories[a["category_id"]] for a in kept], dtype=torch.int64)
@@ -77,7 +80,27 @@ def _open(annotations: Path, images: Path) -> CocoDetection:
         raise AttnlabError(f"{annotations}: image {missing} not found under {images}")
     if bad is not None:
         raise AttnlabError(f"{annotations}: annotation {bad.get('id')} has an unknown category_id or a bad bbox")
+    _warn_non_finite(annotations, coco)
     return dataset
+
+
+def _finite(box: list[float]) -> bool:
+    return all(math.isfinite(v) for v in box)
+
+
+def _warn_non_finite(annotations: Path, coco) -> None:
+    """One notice naming the first image whose box holds a NaN or an infinity (JSON allows them): such a box is
+    left out, like a degenerate one, but said, since it is a fault of the file rather than of the object."""
+    broken = [a for a in coco.dataset.get("annotations", []) if not _finite(a["bbox"])]
+    if broken:
+        first = broken[0]
+        image = coco.imgs.get(first.get("image_id"), {}).get("file_name", f"id {first.get('image_id')}")
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        warnings.warn(
+            f"{annotations}: the box of annotation {first.get('id')} on image {image} is not finite "
+            f"({first['bbox']}); left out{more}",
+            stacklevel=3,
+        )
 
 
 def _bad_annotation(annotation: dict, categories: dict) -> bool:
@@ -127,6 +150,11 @@ def load_coco(path: str | os.PathLike, *, test_size: int | float = 0.1) -> Detec
     for split, dataset in sets.items():
         if {i: c["name"] for i, c in dataset.coco.cats.items()} != {i: cats[i]["name"] for i in ids}:
             raise AttnlabError(f"coco:{path}: the {split} set's categories differ from the train set's")
+    if not sets["train"].coco.dataset.get("annotations"):
+        raise AttnlabError(
+            f"{_layout(root)['train'][0]}: the training set has images but no annotations; a detector cannot learn "
+            "from images without boxes"
+        )
     index = {cat_id: k for k, cat_id in enumerate(ids)}
     splits = {split: CocoSplit(dataset, index) for split, dataset in sets.items()}
     train = splits["train"]
