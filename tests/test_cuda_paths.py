@@ -13,7 +13,8 @@ from tiny_runs import SYNTH, cli_resume, cli_train, kill_when, metrics, subproce
 
 from attnlab.data import batches, load_dataset
 from attnlab.train import train
-from attnlab.train.engine import data_on_gpu, device_name
+from attnlab.train.classify import data_on_gpu
+from attnlab.train.engine import device_name
 
 
 def test_device_name_of_a_gpu_is_torchs_name_for_it(monkeypatch):

@@ -426,7 +426,8 @@ def test_cli_compare_records_the_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in printed
     plan = json.loads((out / "compare.json").read_text())
-    assert plan["command"].startswith("attnlab compare --models resnet20 --dataset synthetic --seeds 1 --val-size 64 --epochs 1")
+    expected = "attnlab compare --models resnet20 --dataset synthetic --seeds 1 --val-size 64 --epochs 1"
+    assert plan["command"].startswith(expected)
     assert plan["recipe"] == {"val_size": 64, "epochs": 1, "batch_size": 64}
     for refused in (["--model", "se_resnet20"], ["--seed", "1"], ["--model-arg", "merge=gate"], ["--in-chans", "1"]):
         assert main([*args, *refused]) == 2
