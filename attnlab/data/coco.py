@@ -13,7 +13,8 @@ Without a test set, one is carved from the training pool with the fixed split se
 JSON must name the same ones. Boxes ([x, y, w, h] in COCO) become (x0, y0, x1, y1); a box of zero width or height is
 left out (torchvision's detectors refuse degenerate boxes), and so is a box holding a NaN or an infinity, with a
 notice naming its image; a training set without any annotation is refused. Crowd annotations are kept with
-``iscrowd=1`` for the metric, and the training loop leaves them out. Images are decoded on every access, not held in memory.
+``iscrowd=1`` for the metric, and the training loop leaves them out. Images are decoded on every access, not held in
+memory.
 """
 
 from __future__ import annotations
