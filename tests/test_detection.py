@@ -23,7 +23,8 @@ import attnlab.detection.task as task_module
 import attnlab.train.engine as engine_module
 from attnlab.cli import main
 from attnlab.data.detection import choose_places, detection_batches, load_detection_dataset
-from attnlab.detection import DetectConfig, backbone, create_detector, train_detector
+from attnlab.detection import DetectConfig, create_detector, train_detector
+from attnlab.detection.backbone import backbone
 from attnlab.errors import AttnlabError
 from attnlab.models import VARIANTS
 from attnlab.train.checkpoint import save_tensors_atomic

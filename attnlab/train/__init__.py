@@ -1,25 +1,42 @@
 """Training: settings (`config`), the entry grammar (`entry`), the run folder (`rundir`), the one run engine
 (`engine`) and classification as its task (`classify`), evaluation (`evaluate`), checkpoints (`checkpoint`), loading
-finished runs (`load`), and what a model costs (`cost`); DDP under torchrun."""
+finished runs (`load`), and what a model costs (`cost`); DDP under torchrun.
 
-from .classify import build_model, run_data, train
-from .config import RunConfig, TrainConfig
-from .cost import benchmark_models, count_flops, measure_latency
-from .engine import TrainingDiverged
-from .evaluate import evaluate
-from .load import check_fits, load_trained
+The names below load on first use (PEP 562), so ``attnlab.train.config`` is read without importing the engine (and
+torch) with it: the command line builds its flags from it. `evaluate` is the module; its function is
+``attnlab.train.evaluate.evaluate`` (a lazy name would be shadowed by the submodule of that name).
+"""
 
-__all__ = [
-    "RunConfig",
-    "TrainConfig",
-    "TrainingDiverged",
-    "benchmark_models",
-    "build_model",
-    "check_fits",
-    "count_flops",
-    "evaluate",
-    "load_trained",
-    "measure_latency",
-    "run_data",
-    "train",
-]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "RunConfig": "config",
+    "TrainConfig": "config",
+    "benchmark_models": "cost",
+    "count_flops": "cost",
+    "measure_latency": "cost",
+    "TrainingDiverged": "engine",
+    "build_model": "classify",
+    "run_data": "classify",
+    "train": "classify",
+    "check_fits": "load",
+    "evaluate_trained": "load",
+    "load_trained": "load",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'attnlab.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = sorted(_LAZY)
