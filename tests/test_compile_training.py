@@ -127,7 +127,7 @@ def test_a_compiled_call_that_fails_mid_epoch_falls_back_and_the_run_finishes(tm
     """The probe before epoch 1 compiles a full batch; a training split smaller than one batch makes dynamo recompile
     for its size, and that may fail (an op inductor refuses with symbolic sizes): the step reruns eagerly and the run
     goes on. (A larger split drops its ragged last batch, so training sees one shape.)"""
-    import attnlab.train.engine as engine
+    import attnlab.train.classify as engine
 
     def compiled_but_failing_on_other_batches(model, **_):
         compile_module(model, backend="eager")

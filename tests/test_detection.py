@@ -420,6 +420,7 @@ def test_detect_train_eval_and_exact_resume(garments, tmp_path, monkeypatch, cap
     detector = task_module.build_detector(cfg, task_module.load_data(cfg))
     assert summary["backbone_flops"] == count_flops(detector.backbone, 1, (32, 32), torch.device("cpu")) > 0
     assert summary["latency_ms"] > 0
+    assert summary["precision"] == cfg.precision and "amp" not in summary  # the classifier's key, from one engine
     capsys.readouterr()
     assert main(["detect", "eval", "--checkpoint", str(whole), "--batch-size", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
