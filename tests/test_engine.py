@@ -117,7 +117,7 @@ def test_ctrl_c_says_how_to_continue_the_run(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(engine, "save_checkpoint", interrupted)
     assert main(cli_train(out, epochs=2)[3:] + ["--no-progress"]) == 130
-    assert f"attnlab: to continue: attnlab train --out {out} --resume" in capsys.readouterr().err
+    assert f"attnlab: interrupted; to continue: attnlab train --out {out} --resume" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cli_reference):

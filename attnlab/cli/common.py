@@ -135,12 +135,14 @@ def input_size(text: str) -> tuple[int, int, int]:
 
 @contextlib.contextmanager
 def continuable(command: str, out: str) -> Iterator[None]:
-    """Around a run: on Ctrl-C, say how to continue it (``--resume`` with its folder), where it left a folder."""
+    """Around a run (or a comparison) writing into ``out``: on Ctrl-C, say how to continue it, ``command`` with
+    ``--resume``, where it left anything to continue."""
     try:
         yield
     except KeyboardInterrupt:
-        from ..train.rundir import RunDir
+        from pathlib import Path
 
-        if RunDir(out).has_run():
-            print(f"attnlab: to continue: attnlab {command} --out {out} --resume", file=sys.stderr)
+        if Path(out).is_dir() and any(Path(out).iterdir()):
+            resume = command if command.endswith(" --resume") else f"{command} --resume"
+            print(f"attnlab: interrupted; to continue: {resume}", file=sys.stderr)
         raise

@@ -163,6 +163,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")
     launcher = _launcher(args)
     recipe, datasets, options = _compare_recipe(args)
+    command = _compare_command(args, recipe)
     analyses, plan_jobs = None, 1 if args.jobs is None else args.jobs
     if args.analyses is not None:
         analyses = [] if args.analyses == "none" else [a.strip() for a in args.analyses.split(",") if a.strip()]
@@ -177,11 +178,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         analyses=analyses,
         analysis_images=args.analysis_images,
         baseline=args.baseline,
-        command=_compare_command(args, recipe),
+        command=command,
         jobs=plan_jobs,
         task=args.task,
     )
-    with continuable("compare", args.out):
+    with continuable(command, args.out):
         outcome = run_compare(
             plan, args.out, resume=args.resume, jobs=plan_jobs, progress=args.progress, launcher=launcher
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from ..errors import AttnlabError
 from .common import add_config_flags, add_key_values, continuable
@@ -46,7 +47,7 @@ def cmd_detect_train(args: argparse.Namespace) -> int:
     from ..detection.task import train_detector
 
     cfg = config_from_args(args)
-    with continuable("detect train", cfg.out):
+    with continuable(f"attnlab detect train --out {shlex.quote(cfg.out)}", cfg.out):
         train_detector(cfg, resume=args.resume, progress=args.progress)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from .common import add_config_flags, add_key_values, continuable
 
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import train
 
     cfg = config_from_args(args)
-    with continuable("train", cfg.out):
+    with continuable(f"attnlab train --out {shlex.quote(cfg.out)}", cfg.out):
         train(cfg, resume=args.resume, progress=args.progress)
     return 0
 
