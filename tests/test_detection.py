@@ -487,7 +487,7 @@ def test_detect_summary_says_precision_and_fp16_needs_cuda(garments, tmp_path):
 def test_a_cram_backbones_hooks_run_in_detection(garments, tmp_path, monkeypatch):
     """The one engine calls the mechanisms' hooks for a detector too: CRAM's β anneals over the run and, when
     configured, the equivariance term (computed on the batch the backbone saw) joins the loss and moves the weights."""
-    import attnlab.layers.cram as cram
+    import attnlab.layers.cram_equivariance as cram
 
     progress, penalties = [], []
     anneal, penalty = cram.anneal_beta, cram.equivariance_penalty
