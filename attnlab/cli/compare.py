@@ -99,7 +99,7 @@ def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
     """(shared recipe, datasets, dataset options) from --config and the training flags given on the command line."""
     from ..io import read_yaml
     from ..schema import check
-    from ..train.config import given_flags
+    from ..train.config import given_flags, merged
     from ..train.entry import PER_RUN_FIELDS
 
     recipe: dict[str, Any] = {}
@@ -114,7 +114,8 @@ def _compare_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
         bad = sorted(set(recipe) & set(PER_RUN_FIELDS), key=str)
         if bad:
             raise AttnlabError(f"{args.config}: '{bad[0]}' is set per run by compare; remove it")
-    recipe.update(given_flags(args, exclude=PER_RUN_FIELDS))
+    for key, given in given_flags(args, exclude=PER_RUN_FIELDS).items():
+        recipe[key] = merged(recipe.get(key), given)  # --mechanism pairs over the file's mechanisms
     if args.dataset:
         datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
     options.update(dict(args.data_arg))
