@@ -243,7 +243,8 @@ def load_preset(path_or_name: str | Path) -> Preset:
         return PRESETS[text]
     if Path(text).suffix in STUDY_SUFFIXES:
         return read_study(text)
-    raise unknown_name("preset (a name, or a study file ending .yaml)", text, PRESETS)
+    error = unknown_name("preset", text, PRESETS)
+    raise AttnlabError(f"{error} (or a study file ending .yaml)")
 
 
 def preset_of(plan: Plan) -> Preset | None:
