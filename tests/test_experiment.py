@@ -694,7 +694,7 @@ def test_a_bad_study_file_is_one_line(tmp_path, change, message):
 
 
 def test_a_preset_is_a_name_or_a_study_file(tmp_path):
-    with pytest.raises(AttnlabError, match=r"unknown preset \(a name, or a study file ending .yaml\) 'fmn'; did you"):
+    with pytest.raises(AttnlabError, match=r"unknown preset 'fmn'; did you mean fmm\?.*study file ending .yaml"):
         load_preset("fmn")
     with pytest.raises(AttnlabError, match="study file .*nowhere.yaml: not found"):
         make_plan(preset=str(tmp_path / "nowhere.yaml"))
