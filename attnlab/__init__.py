@@ -3,7 +3,7 @@ with a training engine, honest comparisons and the analyses that test what the p
 
 from .errors import AttnlabError
 from .layers import create_attn, get_attn, list_attn, register_attn
-from .models import capture_attention, create_model, list_models
+from .models import capture_attention, create_model, list_models, register_attention
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "list_attn",
     "list_models",
     "register_attn",
+    "register_attention",
 ]

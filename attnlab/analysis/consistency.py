@@ -180,6 +180,7 @@ def _layer_statistics(
     layer: dict[str, Any] = {
         "path": site.path,
         "kind": site.kind,
+        "mechanism": site.mechanism,
         "units": site.units,
         "n_units": units,
         "k": k,

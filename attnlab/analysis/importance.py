@@ -49,10 +49,30 @@ def _enclosing_merge(model: nn.Module, site: GateSite) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def _expanded_at(model: nn.Module, site: GateSite, masks: torch.Tensor, batch: int) -> Iterator[None]:
+def _expanded_at(
+    model: nn.Module, site: GateSite, masks: torch.Tensor, batch: int, from_input: bool = False
+) -> Iterator[None]:
     """While active, ``site``'s output (``batch`` samples) is replaced by batch·U rows, row (n, u) = sample n with
-    ``masks[u]`` applied; the enclosing block's shortcut is repeated to match."""
+    ``masks[u]`` applied; the enclosing block's shortcut is repeated to match. ``from_input``: the model's input is
+    repeated instead (every row computed from the start), for networks whose residual blocks have no ``merge``
+    module to repeat the shortcut at (timm's and torchvision's own blocks)."""
     units = masks.shape[0]
+    if from_input:
+
+        def mask_rows(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+            rows = out.view(batch, units, *out.shape[1:]) * masks.to(out.dtype).unsqueeze(0)
+            return rows.flatten(0, 1)
+
+        def repeat_input(_module: nn.Module, args: tuple) -> tuple:
+            return (args[0].repeat_interleave(units, 0), *args[1:])
+
+        handles = [model.register_forward_pre_hook(repeat_input), site.module.register_forward_hook(mask_rows)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        return
 
     def expand_output(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
         return (out.unsqueeze(1) * masks.to(out.dtype).unsqueeze(0)).flatten(0, 1)
@@ -147,16 +167,21 @@ def ablation_importance(
         base_loss = true_class_loss(model, x, y)
     step = max(1, max_rows // units)
     rises = []
+    from_input = False  # expanding at the site needs the shortcut repeated: where it cannot be, expand the input
     with torch.inference_mode():
         for xb, yb, lb in zip(x.split(step), y.split(step), base_loss.split(step)):
-            with _expanded_at(model, site, masks, len(xb)):
-                try:
-                    logits = model(xb)
-                except RuntimeError as e:
-                    raise AttnlabError(
-                        f"cannot ablate {site.path}: its output does not reach the loss as one batch "
-                        f"({str(e).splitlines()[0]})"
-                    ) from None
+            for attempt in (from_input, True):
+                with _expanded_at(model, site, masks, len(xb), from_input=attempt):
+                    try:
+                        logits = model(xb)
+                        from_input = attempt
+                        break
+                    except RuntimeError as e:
+                        if attempt:
+                            raise AttnlabError(
+                                f"cannot ablate {site.path}: its output does not reach the loss as one batch "
+                                f"({str(e).splitlines()[0]})"
+                            ) from None
             if logits.shape[0] != len(xb) * units:
                 raise AttnlabError(f"cannot ablate {site.path}: expected {len(xb) * units} rows, got {logits.shape[0]}")
             loss = F.cross_entropy(logits.float(), yb.repeat_interleave(units), reduction="none")

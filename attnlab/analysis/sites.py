@@ -5,7 +5,9 @@ map (timm's SE/ECA module, CBAM's ``.channel`` and ``.spatial`` parts, `SpatialA
 analyses read the gate from the capture record and act on the module's output, so "zero unit u after the gate" is
 "zero unit u of this module's output". Units:
 
-- channel gates (SE, ECA, CBAM channel) and AW weight attention: one unit per output channel. AW attention
+- channel gates (SE, ECA, CBAM channel) and AW weight attention: one unit per output channel. A gate that varies
+  over positions too (``"element"``: coordinate attention's row and column gates, GatherExcite with a local extent)
+  is one unit per channel as well, its gate the mean over positions. AW attention
   (B×C_out×C_in×k×k) becomes one value per output channel — *our reading* of "AW maps reduced to channels":
   ``aw_reduce="mean"`` (default) averages A over C_in×k×k, the mean re-weighting a filter receives;
   ``"effective"`` takes ‖A ⊙ W‖ / ‖W‖ per filter, how much the attention scales the filter that is actually applied.
@@ -27,7 +29,13 @@ from ..layers.awconv import AWConv2d
 from ..models.capture import attention_points
 
 AW_REDUCTIONS = ("mean", "effective")
-UNIT_OF_KIND = {"channel": "channel", "weight": "channel", "spatial": "position", "rectangle": "position"}
+UNIT_OF_KIND = {
+    "channel": "channel",
+    "element": "channel",
+    "weight": "channel",
+    "spatial": "position",
+    "rectangle": "position",
+}
 
 
 @dataclass(frozen=True)
@@ -35,14 +43,16 @@ class GateSite:
     """One attention of a model.
 
     Attributes:
-        path: its name in the capture record (a module path).
-        kind: ``"channel"``, ``"spatial"``, ``"rectangle"`` or ``"weight"``.
+        path: its name in the capture record (a module path; ``path[h]`` for a gate run several times per forward).
+        kind: ``"channel"``, ``"element"``, ``"spatial"``, ``"rectangle"`` or ``"weight"``.
         module: the module whose output carries the gate.
+        mechanism: what computes the gate (the attention module's class name: ``"SEModule"``, ``"CRAM"``, ...).
     """
 
     path: str
     kind: str
     module: nn.Module
+    mechanism: str = ""
 
     @property
     def units(self) -> str:
@@ -53,11 +63,11 @@ class GateSite:
 def gate_sites(model: nn.Module, kinds: tuple[str, ...] | None = None) -> list[GateSite]:
     """Every attention site of ``model`` in forward order of definition, optionally only of the given kinds."""
     sites = []
-    for path, _, kind in attention_points(model):
-        if kind not in UNIT_OF_KIND:
-            raise AttnlabError(f"{path}: unknown attention kind {kind!r}")
-        if kinds is None or kind in kinds:
-            sites.append(GateSite(path, kind, model.get_submodule(path)))
+    for site in attention_points(model):
+        if site.kind not in UNIT_OF_KIND:
+            raise AttnlabError(f"{site.path}: unknown attention kind {site.kind!r}")
+        if kinds is None or site.kind in kinds:
+            sites.append(GateSite(site.path, site.kind, site.module, site.mechanism))
     return sites
 
 
@@ -103,6 +113,8 @@ def gate_values(site: GateSite, value: Any, grid: int | None, aw_reduce: str = "
     """The gate of every unit, B×U, from the site's entry in a capture record."""
     if site.kind == "channel":
         return value.flatten(1).float()
+    if site.kind == "element":
+        return value.float().mean((2, 3))
     if site.kind == "weight":
         if aw_reduce not in AW_REDUCTIONS:
             raise unknown_name("AW reduction", aw_reduce, AW_REDUCTIONS)

@@ -28,6 +28,7 @@ from ..errors import AttnlabError, unknown_name
 from ..layers import create_attn
 from ..layers.merge import DEFAULT_FMM_MERGE
 from .capture import capture_attention
+from .gates import register_attention
 from .options import check_model_options
 from .resnet import BasicBlock, Bottleneck, CifarResNet, restrict_attention
 
@@ -288,4 +289,4 @@ def _register_with_timm() -> None:
 
 _register_with_timm()
 
-__all__ = ["ARCHS", "VARIANTS", "capture_attention", "create_model", "list_models"]
+__all__ = ["ARCHS", "VARIANTS", "capture_attention", "create_model", "list_models", "register_attention"]
