@@ -6,6 +6,9 @@ A name is ``[variant_]architecture``. Architectures: CIFAR-style ``resnet20/32/5
 ``aw_se_ aw_cbam_`` (both), ``fmm_`` (residual addition replaced by the default FMM product). Plain ImageNet depths
 stay timm's own models; we register only prefixed ImageNet names, which timm does not have (``se_resnet50`` is ours,
 ``seresnet50`` is timm's).
+
+`create_model` also builds any other name of timm's registry and torchvision's classification models as
+``torchvision:NAME`` (`external`), and loads weights files (`weights`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import list_models as timm_list_models
 from timm.models import resnet as timm_resnet
 from torch import nn
 
@@ -28,9 +33,11 @@ from ..errors import AttnlabError, unknown_name
 from ..layers import create_attn
 from ..layers.merge import DEFAULT_FMM_MERGE
 from .capture import capture_attention
+from .external import TORCHVISION, check_image_size, external_model, is_external, torchvision_names
 from .gates import register_attention
 from .options import check_model_options
 from .resnet import BasicBlock, Bottleneck, CifarResNet, restrict_attention
+from .weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,10 @@ def _construct(
 def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """Build model ``name``; keyword arguments override the variant (``attn_layer``, ``merge``, ``aw``, ...)."""
     if pretrained:
-        raise AttnlabError(f"{name}: attnlab has no pretrained weights (weights are never downloaded)")
+        raise AttnlabError(
+            f"{name}: attnlab has no weights of its own; attnlab.create_model({name!r}, pretrained=True) starts an "
+            "ImageNet variant from its base network's weights"
+        )
     if name not in MODEL_NAMES:
         raise unknown_name("model", name, MODEL_NAMES)
     variant_name, arch_name = _split_name(name) if name not in ARCHS else ("", name)
@@ -233,21 +243,66 @@ def _check_options(name: str, kwargs: dict[str, Any], model_cls: type) -> None:
             raise UnknownModelOption(str(error))
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
-    """Build an attnlab model by name.
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a network by name: attnlab's own, any of timm's registry, or torchvision's as ``torchvision:NAME``.
 
     Args:
-        name: a name from `list_models`, e.g. ``"se_resnet20"``, ``"fmm_resnet56"``, ``"aw_resnet50"``.
+        name: an attnlab name from `list_models` (``"se_resnet20"``, ``"fmm_resnet56"``, ``"aw_resnet50"``), a timm
+            name (``"efficientnet_b0"``, ``"seresnet18"``, ``"regnety_002"``, a ``.tag`` allowed) or
+            ``"torchvision:NAME"`` (``"torchvision:mobilenet_v3_small"``).
         num_classes: classifier outputs.
-        in_chans: input channels.
-        **kwargs: ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it), ``attn_where`` (``"all"``,
-            ``"last"`` or stage numbers), ``merge`` (a merge name), ``merge_args`` (dict of its options), ``post_act``
-            (False: no activation after the merge), ``aw``
-            (bool, or a dict of AWConv2d options),
-            ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``, ``check_finite`` (refuse inputs
-            holding NaN/Inf: one reduction per forward, off by default).
+        in_chans: input channels (timm's and torchvision's input convolutions are adapted as timm does).
+        pretrained: the network's own downloaded weights (timm's or torchvision's; an attnlab ImageNet variant gets
+            its base network's). Offline this is one clear error: pass ``weights`` instead.
+        weights: a weights file (`attnlab.models.weights.load_weights`: safetensors or a state dict).
+        image_size: check, by one dry forward, that the network takes images of this size.
+        **kwargs: for attnlab names, ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it),
+            ``attn_where`` (``"all"``, ``"last"`` or stage numbers), ``merge`` (a merge name), ``merge_args`` (dict of
+            its options), ``post_act`` (False: no activation after the merge), ``aw`` (bool, or a dict of AWConv2d
+            options), ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``, ``check_finite``
+            (refuse inputs holding NaN/Inf: one reduction per forward, off by default); for the others, their
+            builder's own arguments.
     """
-    return _build(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if name in MODEL_NAMES:
+        model = _build(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        if pretrained:
+            _load_base_pretrained(name, model, num_classes, in_chans)
+    else:
+        check_model_name(name)
+        model = external_model(name, num_classes, in_chans, pretrained=pretrained, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    if image_size is not None:
+        check_image_size(model, image_size, name)
+    return model
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, with close matches, a name that is neither attnlab's, nor timm's, nor ``torchvision:NAME``."""
+    if name.startswith(TORCHVISION) and name not in torchvision_names():
+        tv_names = [n.removeprefix(TORCHVISION) for n in torchvision_names()]
+        raise unknown_name("torchvision model", name.removeprefix(TORCHVISION), tv_names)
+    if name not in MODEL_NAMES and not is_external(name):
+        raise unknown_name("model", name, [*MODEL_NAMES, *timm_list_models(), *torchvision_names()])
+
+
+def _load_base_pretrained(name: str, model: nn.Module, num_classes: int, in_chans: int) -> None:
+    """An attnlab ImageNet variant starts from its base network's downloaded weights (``se_resnet50``: timm's
+    ``resnet50``); CIFAR names have none."""
+    variant, arch = _split_name(name) if name not in ARCHS else ("", name)
+    if not ARCHS[arch].imagenet:
+        raise AttnlabError(f"{name}: attnlab's CIFAR networks have no pretrained weights (pass a weights file)")
+    base = external_model(arch, num_classes, in_chans, pretrained=True)
+    load_weights(model, base.state_dict())
 
 
 def _default_cfg(arch: Arch) -> dict[str, Any]:
@@ -289,4 +344,14 @@ def _register_with_timm() -> None:
 
 _register_with_timm()
 
-__all__ = ["ARCHS", "VARIANTS", "capture_attention", "create_model", "list_models", "register_attention"]
+__all__ = [
+    "ARCHS",
+    "VARIANTS",
+    "capture_attention",
+    "check_image_size",
+    "check_model_name",
+    "create_model",
+    "list_models",
+    "load_weights",
+    "register_attention",
+]
