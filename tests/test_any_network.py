@@ -40,6 +40,7 @@ def test_timm_and_torchvision_networks_take_num_classes_and_in_chans(name, class
     model = _seeded(name, num_classes=7, in_chans=1)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
     assert model.get_submodule(classifier).out_features == 7
+    assert (model.num_classes, model.in_chans) == (7, 1)
 
 
 def test_torchvision_input_convolution_is_adapted_as_timm_adapts_it():

@@ -133,14 +133,23 @@ def _torchvision(name: str, num_classes: int, in_chans: int, pretrained: bool, k
     return model
 
 
+def _conventions(model: nn.Module, num_classes: int, in_chans: int) -> nn.Module:
+    for attr, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if not hasattr(model, attr):
+            setattr(model, attr, value)
+    return model
+
+
 def external_model(name: str, num_classes: int, in_chans: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a timm registry network or ``torchvision:NAME`` (see the module docstring)."""
+    """Build a timm registry network or ``torchvision:NAME`` (see the module docstring). Like attnlab's own, the
+    network carries ``num_classes`` and ``in_chans`` attributes."""
     if name.startswith(TORCHVISION):
-        return _torchvision(name, num_classes, in_chans, pretrained, kwargs)
+        return _conventions(_torchvision(name, num_classes, in_chans, pretrained, kwargs), num_classes, in_chans)
     if not timm.is_model(name):
         raise unknown_name("model", name, timm.list_models())
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return _conventions(model, num_classes, in_chans)
     except TypeError as e:
         raise AttnlabError(f"{name}: {e}") from None
     except Exception as e:
