@@ -33,6 +33,7 @@ from ..errors import AttnlabError, unknown_name
 from ..layers import create_attn
 from ..layers.merge import DEFAULT_FMM_MERGE
 from .capture import capture_attention
+from .convert import convert
 from .external import TORCHVISION, check_image_size, external_model, is_external, torchvision_names
 from .gates import register_attention
 from .options import check_model_options
@@ -349,6 +350,7 @@ __all__ = [
     "VARIANTS",
     "capture_attention",
     "check_image_size",
+    "convert",
     "check_model_name",
     "create_model",
     "list_models",
