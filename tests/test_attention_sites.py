@@ -383,3 +383,16 @@ def test_ablation_importance_on_a_network_without_merge_modules_equals_zeroing_e
             expected.append(F.cross_entropy(model(x), y, reduction="none") - base)
         handle.remove()
     torch.testing.assert_close(found, torch.stack(expected, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_fmm_merges_are_known_and_not_attention_sites():
+    model = attnlab.create_model("fmm_resnet20")  # its default merge gates the residual branch by the shortcut
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with capture_attention(model) as record:
+            pass
+    assert record.unread == [] and not record.kinds
+    assert [str(w.message) for w in seen] == [
+        "capture_attention: no attention found in CifarResNet "
+        "(attnlab.register_attention makes your own attention class readable)"
+    ]

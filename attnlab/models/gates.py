@@ -43,6 +43,7 @@ from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 from ..errors import AttnlabError
+from ..layers.merge import MERGES
 from ..layers.probe import AttentionProbe
 
 KINDS = ("channel", "element", "spatial", "rectangle", "weight")
@@ -115,7 +116,8 @@ def _check_reading(cls: type, reading: Reading) -> None:
 
 
 def readings_for(module: nn.Module) -> list[Reading] | str | None:
-    """The readings of ``module`` (a reason string if its class is known to have no readable gate; None if unknown)."""
+    """The readings of ``module`` (a reason string if its class is known to have no readable gate; an empty list if
+    it is known and not an attention; None if unknown)."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls](module)
@@ -238,5 +240,7 @@ def _gather_excite(module: GatherExcite) -> list[Reading]:
 
 _register_resolver(GlobalContext, _global_context)
 _register_resolver(GatherExcite, _gather_excite)
+for _merge in MERGES.values():  # residual merges (FMM's products, some gated): a mechanism of their own, no site
+    _register_resolver(_merge, lambda module: [])
 
 __all__ = ["KINDS", "Reading", "Site", "attention_sites", "readings_for", "register_attention"]
