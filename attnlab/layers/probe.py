@@ -1,6 +1,6 @@
 """A no-op module through which attention layers pass what they attend with, so it can be observed.
 
-`capture_attention` (in `attnlab.capture`) hooks every `AttentionProbe`; an attention module calls
+`capture_attention` (in `attnlab.models.capture`) hooks every `AttentionProbe`; an attention module calls
 ``self.probe(value)`` on its gate, map, rectangle dict or weight-attention tensor and gets the value back unchanged.
 A probe scripts (``torch.jit.script``), but its value has no static type, so scripted layers skip it
 (``if not torch.jit.is_scripting()``): hooks on scripted modules are not what `capture_attention` observes anyway.
