@@ -17,6 +17,7 @@ from timm.layers import CecaModule, EcaModule, EffectiveSEModule, GatherExcite, 
 from timm.layers.cbam import CbamModule, LightCbamModule
 from timm.layers.coord_attn import CoordAttn
 from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models.hgnet import EseModule as HGNetEseModule
 from timm.models.senet import SEModule as LegacySEModule
 from torch import nn
 from torchvision.ops import SqueezeExcitation
@@ -160,6 +161,10 @@ CASES = {
         lambda: LegacySEModule(C, 4),
         lambda m, x: {"": torch.sigmoid(_conv(F.relu(_conv(x.mean((2, 3), keepdim=True), m.fc1)), m.fc2))},
     ),
+    "timm hgnet EseModule": (
+        lambda: HGNetEseModule(C),
+        lambda m, x: {"": torch.sigmoid(_conv(x.mean((2, 3), keepdim=True), m.conv))},
+    ),
     "torchvision SqueezeExcitation": (
         lambda: SqueezeExcitation(C, 4, scale_activation=nn.Hardsigmoid),
         lambda m, x: {"": F.hardsigmoid(_conv(F.relu(_conv(x.mean((2, 3), keepdim=True), m.fc1)), m.fc2))},
@@ -237,9 +242,13 @@ FAMILIES = {
     "legacy_seresnet18": ("timm", lambda: timm.create_model("legacy_seresnet18", num_classes=10)),
     "eca_resnext26ts": ("timm (ByobNet)", lambda: timm.create_model("eca_resnext26ts", num_classes=10)),
     "gcresnext26ts": ("timm (ByobNet)", lambda: timm.create_model("gcresnext26ts", num_classes=10)),
+    "gc_efficientnetv2_rw_t": ("timm", lambda: timm.create_model("gc_efficientnetv2_rw_t", num_classes=10)),
+    "skresnet18": ("timm", lambda: timm.create_model("skresnet18", num_classes=10)),
+    "botnet26t_256": ("timm (ByobNet)", lambda: timm.create_model("botnet26t_256", num_classes=10, img_size=64)),
     "mobilenet_v3_small": ("torchvision", lambda: torchvision.models.mobilenet_v3_small(num_classes=10)),
     "efficientnet_b0 ": ("torchvision", lambda: torchvision.models.efficientnet_b0(num_classes=10)),
     "regnet_y_400mf": ("torchvision", lambda: torchvision.models.regnet_y_400mf(num_classes=10)),
+    "squeezenet1_0": ("torchvision", lambda: torchvision.models.squeezenet1_0(num_classes=10)),
     "cbam_resnet20": ("attnlab", lambda: attnlab.create_model("cbam_resnet20")),
     "cram_resnet20": ("attnlab", lambda: attnlab.create_model("cram_resnet20")),
     "aw_se_resnet20": ("attnlab", lambda: attnlab.create_model("aw_se_resnet20")),
@@ -395,4 +404,11 @@ def test_fmm_merges_are_known_and_not_attention_sites():
     assert [str(w.message) for w in seen] == [
         "capture_attention: no attention found in CifarResNet "
         "(attnlab.register_attention makes your own attention class readable)"
+    ]
+
+
+def test_unread_attention_is_named_once_at_the_innermost_module():
+    _, unread = attnlab.models.gates.attention_sites(timm.create_model("botnet26t_256", num_classes=2))
+    assert unread == [
+        f"stages.{s}.{b}.self_attn (BottleneckAttn: no registered reading)" for s, b in [(2, 1), (3, 0), (3, 1)]
     ]

@@ -38,6 +38,7 @@ from timm.layers.cbam import ChannelAttn, LightChannelAttn, LightSpatialAttn, Sp
 from timm.layers.coord_attn import CoordAttn, EfficientLocalAttn, SimpleCoordAttn, StripAttn
 from timm.layers.squeeze_excite import SqueezeExciteCl
 from timm.models._efficientnet_blocks import SqueezeExcite as EfficientNetSqueezeExcite
+from timm.models.hgnet import EseModule as HGNetEseModule
 from timm.models.senet import SEModule as LegacySEModule
 from torch import nn
 from torchvision.ops import SqueezeExcitation
@@ -182,12 +183,16 @@ def attention_sites(model: nn.Module) -> tuple[list[Site], list[str]]:
                     key = f"{path}[{call}]" if len(reading.calls) > 1 else path
                     sites.append(Site(key, reading.kind, type(module).__name__, module, reading))
             covered.add(path)
+    looks = []
     for path, module in named:
-        if path in covered or not _looks_like_attention(module) or isinstance(module, AttentionProbe):
-            continue
-        related = [c for c in covered if _is_within(c, path) or _is_within(path, c)]
-        if not related:
-            unread.append((path, f"{type(module).__name__}: no registered reading"))
+        if not path or path in covered or isinstance(module, AttentionProbe) or not _looks_like_attention(module):
+            continue  # the network itself is not one of its attention modules (torchvision's SqueezeNet)
+        if not any(_is_within(c, path) or _is_within(path, c) for c in covered):
+            looks.append(path)
+    # the innermost look-alike names the attention (timm's SelfAttnBlock holds a BottleneckAttn: the latter)
+    for path in looks:
+        if not any(other != path and _is_within(other, path) for other in looks):
+            unread.append((path, f"{type(model.get_submodule(path)).__name__}: no registered reading"))
     return sites, [f"{p or '<model>'} ({why})" for p, why in unread]
 
 
@@ -208,6 +213,7 @@ for _cls in (
 ):
     register_attention(_cls, kind="channel", gate="gate")
 register_attention(LegacySEModule, kind="channel", gate="sigmoid")  # timm's legacy_seresnet*
+register_attention(HGNetEseModule, kind="channel", gate="sigmoid")  # timm's hgnet (v1)
 register_attention(SqueezeExcitation, kind="channel", gate="scale_activation")  # torchvision
 register_attention(SpatialAttn, kind="spatial", gate="gate")
 register_attention(LightSpatialAttn, kind="spatial", gate="gate")
