@@ -69,3 +69,12 @@ def test_cbam_is_swapped_whole_and_coordinate_attention_once():
 def test_convert_refuses_in_one_line(build, kwargs, message):
     with pytest.raises(AttnlabError, match=message):
         convert(build(), **kwargs)
+
+
+def test_training_hooks_find_the_mechanisms_put_in_by_convert():
+    from attnlab.layers import training_hooks
+
+    model = create_model("torchvision:mobilenet_v3_small", num_classes=3)
+    assert training_hooks(model, {}) == []
+    convert(model, attention="cram")
+    assert len(training_hooks(model, {"cram": {"equivariance": 0.1}})) == 1
