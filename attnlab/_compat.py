@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 from timm.models import resnet as _timm_resnet
+
+# the SE of timm's EfficientNet / MobileNetV3 / GhostNet blocks, whose gate capture_attention reads: timm defines it
+# in a private module only
+from timm.models._efficientnet_blocks import SqueezeExcite as EfficientNetSqueezeExcite
 from timm.models._features import feature_take_indices  # CifarResNet resolves ``indices`` exactly as timm's models do
 from torch import nn
 from torch.nn.modules import module as _module
@@ -74,6 +78,7 @@ def has_forward_hooks(module: nn.Module) -> bool:
 
 
 __all__ = [
+    "EfficientNetSqueezeExcite",
     "compiled_call",
     "conv_padding",
     "convolution_backward",

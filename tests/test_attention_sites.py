@@ -16,7 +16,6 @@ import torchvision
 from timm.layers import CecaModule, EcaModule, EffectiveSEModule, GatherExcite, GlobalContext, SEModule
 from timm.layers.cbam import CbamModule, LightCbamModule
 from timm.layers.coord_attn import CoordAttn
-from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule as HGNetEseModule
 from timm.models.senet import SEModule as LegacySEModule
 from torch import nn
@@ -24,6 +23,7 @@ from torchvision.ops import SqueezeExcitation
 
 import attnlab
 from attnlab import AttnlabError, capture_attention, register_attention
+from attnlab._compat import EfficientNetSqueezeExcite as SqueezeExcite
 from attnlab.analysis.importance import ablation_importance
 from attnlab.analysis.sites import gate_sites, gate_values
 from attnlab.models.capture import AttentionWarning

@@ -78,3 +78,10 @@ def test_has_forward_hooks_sees_own_and_process_wide_hooks():
 def test_conv_padding_resolves_same_and_uneven():
     assert _compat.conv_padding(nn.Conv2d(1, 1, 3, padding=1)) == (1, 1, 1, 1)
     assert _compat.conv_padding(nn.Conv2d(1, 1, (2, 3), padding="same")) == (1, 1, 0, 1)
+
+
+def test_efficientnet_squeeze_excite_is_the_se_of_timms_efficientnet_blocks():
+    import timm
+
+    model = timm.create_model("efficientnet_b0", num_classes=2)
+    assert type(model.blocks[1][0].se) is _compat.EfficientNetSqueezeExcite

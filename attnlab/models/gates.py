@@ -37,12 +37,12 @@ from timm.layers import (
 from timm.layers.cbam import ChannelAttn, LightChannelAttn, LightSpatialAttn, SpatialAttn
 from timm.layers.coord_attn import CoordAttn, EfficientLocalAttn, SimpleCoordAttn, StripAttn
 from timm.layers.squeeze_excite import SqueezeExciteCl
-from timm.models._efficientnet_blocks import SqueezeExcite as EfficientNetSqueezeExcite
 from timm.models.hgnet import EseModule as HGNetEseModule
 from timm.models.senet import SEModule as LegacySEModule
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
+from .._compat import EfficientNetSqueezeExcite
 from ..errors import AttnlabError
 from ..layers.merge import MERGES
 from ..layers.probe import AttentionProbe
