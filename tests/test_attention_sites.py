@@ -376,22 +376,38 @@ def test_register_attention_refuses_bad_readings(kwargs, message):
         register_attention(MyGate, **kwargs)
 
 
-def test_ablation_importance_on_a_network_without_merge_modules_equals_zeroing_each_channel():
-    """timm's inverted residuals add their shortcut inline: the ablation repeats the input instead of the shortcut,
-    and must equal the loss rise of zeroing each channel of the SE's output, one forward per channel."""
+@pytest.mark.parametrize(
+    "build, path",
+    [
+        (lambda: timm.create_model("mobilenetv3_small_050", num_classes=5), "blocks.2.1.se"),
+        (lambda: torchvision.models.mobilenet_v3_small(num_classes=5), "features.5.block.2"),
+    ],
+)
+def test_ablation_importance_on_a_network_without_merge_modules_equals_zeroing_each_channel(build, path):
+    """timm's and torchvision's inverted residuals add their shortcut inline: the ablation repeats the input of the
+    enclosing block instead of the shortcut, and must equal the loss rise of zeroing each channel of the SE's output,
+    one forward per channel."""
     torch.manual_seed(0)
-    model = timm.create_model("mobilenetv3_small_050", num_classes=5).eval()
-    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 4])
-    site = next(s for s in gate_sites(model) if s.path == "blocks.2.1.se")
+    model = build()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    with torch.no_grad():  # BN statistics of this batch: a fresh network's activations otherwise vanish with depth
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 1.0
+        model.train()(torch.randn(16, 3, 32, 32))
+    model.eval().double()  # float64: the expanded batch and the per-channel forwards round alike
+    x = x.double()
+    site = next(s for s in gate_sites(model) if s.path == path)
     found = ablation_importance(model, x, y, site, grid=None)
     base = F.cross_entropy(model(x), y, reduction="none")
     expected = []
-    for u in range(found.shape[1]):
+    for u in range(24):  # the first channels, one forward each
         handle = site.module.register_forward_hook(lambda m, i, out, u=u: out.index_fill(1, torch.tensor([u]), 0))
         with torch.no_grad():
             expected.append(F.cross_entropy(model(x), y, reduction="none") - base)
         handle.remove()
-    torch.testing.assert_close(found, torch.stack(expected, 1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(found[:, :24], torch.stack(expected, 1), rtol=1e-4, atol=1e-5)
+    assert found[:, :24].abs().max() > 1e-3  # the channels matter: the comparison is not between zeros
 
 
 def test_fmm_merges_are_known_and_not_attention_sites():

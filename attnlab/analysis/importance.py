@@ -48,25 +48,35 @@ def _enclosing_merge(model: nn.Module, site: GateSite) -> nn.Module | None:
     return None
 
 
+def _enclosing(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """The modules enclosing ``module`` (its parent first), ending with ``model``."""
+    path = next(p for p, m in model.named_modules() if m is module)
+    parts = path.split(".") if path else []
+    return [model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts) - 1, -1, -1)]
+
+
 @contextlib.contextmanager
 def _expanded_at(
-    model: nn.Module, site: GateSite, masks: torch.Tensor, batch: int, from_input: bool = False
+    model: nn.Module, site: GateSite, masks: torch.Tensor, batch: int, at: nn.Module | None = None
 ) -> Iterator[None]:
     """While active, ``site``'s output (``batch`` samples) is replaced by batch·U rows, row (n, u) = sample n with
-    ``masks[u]`` applied; the enclosing block's shortcut is repeated to match. ``from_input``: the model's input is
-    repeated instead (every row computed from the start), for networks whose residual blocks have no ``merge``
-    module to repeat the shortcut at (timm's and torchvision's own blocks)."""
+    ``masks[u]`` applied; the enclosing block's shortcut is repeated to match. ``at``: an enclosing module (or the
+    model) whose input is repeated instead, every row computed from there, for blocks with no ``merge`` module to
+    repeat the shortcut at (timm's and torchvision's own blocks)."""
     units = masks.shape[0]
-    if from_input:
+    if at is not None:
 
         def mask_rows(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
             rows = out.view(batch, units, *out.shape[1:]) * masks.to(out.dtype).unsqueeze(0)
             return rows.flatten(0, 1)
 
         def repeat_input(_module: nn.Module, args: tuple) -> tuple:
-            return (args[0].repeat_interleave(units, 0), *args[1:])
+            return tuple(
+                a.repeat_interleave(units, 0) if isinstance(a, torch.Tensor) and a.shape[0] == batch else a
+                for a in args
+            )
 
-        handles = [model.register_forward_pre_hook(repeat_input), site.module.register_forward_hook(mask_rows)]
+        handles = [at.register_forward_pre_hook(repeat_input), site.module.register_forward_hook(mask_rows)]
         try:
             yield
         finally:
@@ -167,21 +177,23 @@ def ablation_importance(
         base_loss = true_class_loss(model, x, y)
     step = max(1, max_rows // units)
     rises = []
-    from_input = False  # expanding at the site needs the shortcut repeated: where it cannot be, expand the input
+    # where the expanded rows start: at the site (its block's merge repeats the shortcut), else at the input of the
+    # nearest enclosing module that runs (a shortcut taken outside it fails on the batch size), up to the model's
+    levels, level = [None, *_enclosing(model, site.module)], 0
     with torch.inference_mode():
         for xb, yb, lb in zip(x.split(step), y.split(step), base_loss.split(step)):
-            for attempt in (from_input, True):
-                with _expanded_at(model, site, masks, len(xb), from_input=attempt):
+            while True:
+                with _expanded_at(model, site, masks, len(xb), at=levels[level]):
                     try:
                         logits = model(xb)
-                        from_input = attempt
                         break
                     except RuntimeError as e:
-                        if attempt:
+                        if level == len(levels) - 1:
                             raise AttnlabError(
                                 f"cannot ablate {site.path}: its output does not reach the loss as one batch "
                                 f"({str(e).splitlines()[0]})"
                             ) from None
+                        level += 1
             if logits.shape[0] != len(xb) * units:
                 raise AttnlabError(f"cannot ablate {site.path}: expected {len(xb) * units} rows, got {logits.shape[0]}")
             loss = F.cross_entropy(logits.float(), yb.repeat_interleave(units), reduction="none")
