@@ -9,10 +9,17 @@ from .common import add_key_values, add_speed_flags, input_size
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("models", help="list models with parameters and FLOPs")
+    p = sub.add_parser("models", help="list model names (--flops: with parameters and FLOPs)")
     p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'cram_*'")
-    p.add_argument("--input-size", type=input_size, default=(3, 32, 32), metavar="C,H,W")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="also build each model and count its parameters and FLOPs (seconds per model on a CPU)",
+    )
+    p.add_argument(
+        "--input-size", type=input_size, default=(3, 32, 32), metavar="C,H,W", help="with --flops (default 3,32,32)"
+    )
+    p.add_argument("--num-classes", type=int, default=10, help="with --flops (default 10)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("bench", help="params, FLOPs, latency and train-step throughput of models, side by side")
@@ -40,14 +47,18 @@ def add_parsers(sub) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    import torch
-
     from ..models import create_model, list_models
-    from ..train import count_flops
 
     names = list_models(args.pattern)
     if not names:
         raise AttnlabError(f"no model matches {args.pattern!r}")
+    if not args.flops:
+        print("\n".join(names))
+        return 0
+    import torch
+
+    from ..train import count_flops
+
     chans, h, w = args.input_size
     print(
         f"{'model':<22} {'params':>12} {'MFLOPs':>10}   (input {chans}×{h}×{w}, {args.num_classes} classes)", flush=True
