@@ -17,7 +17,7 @@ MODELS = "attnlab.models"
 
 
 def _busy() -> bool:
-    """Whether an attnlab module is being executed right now (importing `attnlab.models` then could see it half-made)."""
+    """Whether an attnlab module is being executed now (`attnlab.models` imported then could see it half-made)."""
     return any(
         getattr(getattr(m, "__spec__", None), "_initializing", False)
         for name, m in list(sys.modules.items())
@@ -26,7 +26,7 @@ def _busy() -> bool:
 
 
 def register() -> None:
-    """Import `attnlab.models` (registering its names with timm) if timm is loaded and no attnlab import is under way."""
+    """Import `attnlab.models` (it registers its names with timm) if timm is loaded and no attnlab import is under way."""
     if MODELS in sys.modules:  # imported (or being imported): it registers the names itself
         uninstall()
     elif "timm" in sys.modules and not _busy():
