@@ -26,7 +26,7 @@ def _busy() -> bool:
 
 
 def register() -> None:
-    """Import `attnlab.models` (it registers its names with timm) if timm is loaded and no attnlab import is under way."""
+    """Import `attnlab.models` (it registers its names with timm) once timm is loaded and no attnlab import runs."""
     if MODELS in sys.modules:  # imported (or being imported): it registers the names itself
         uninstall()
     elif "timm" in sys.modules and not _busy():
