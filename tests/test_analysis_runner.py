@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -204,3 +205,97 @@ def test_every_analysis_lists_its_options():
         options = analysis_options(name)
         assert options and "seed" not in options
     assert analysis_options("consistency")["grid"] == 8
+
+
+def test_each_analysis_has_its_own_help_with_options_defaults_and_meanings(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["analyze", "consistency", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--control-images CONTROL_IMAGES samples the random-gate control runs on (default 256)" in text
+    assert "--null, --no-null add the shuffled-importance control (default on)" in text
+    assert "--methods A,B,..." in text and "--hessian-iters" not in text  # its own options only
+    for name in ANALYSES:
+        meanings = ANALYSES[name].option_meanings()
+        assert all(meanings.values()), f"{name}: undocumented options {[k for k, v in meanings.items() if not v]}"
+
+
+def test_option_flags_set_what_option_key_values_set(runs, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--points", "3", "--grid", "2", "--hessian-iters", "2", "--trace-samples", "0", "--no-ignore-bn-bias"]
+    assert _run(["landscape", "--checkpoint", str(runs / "se0"), "--out", str(out), "--images", "8", *flags]) == 0
+    options = json.loads((out / "landscape.json").read_text())["options"]
+    assert options == {"points": 3, "grid": 2, "hessian_iters": 2, "trace_samples": 0, "ignore_bn_bias": False}
+    sigmas = ["--sigmas", "0.1,0.3", "--pairs", "2", "--steps", "3", "--jacobian-images", "2"]
+    assert _run(["smoothness", "--checkpoint", str(runs / "se0"), "--out", str(out), "--images", "8", *sigmas]) == 0
+    assert json.loads((out / "smoothness.json").read_text())["options"]["sigmas"] == [0.1, 0.3]
+
+
+def test_an_interrupted_analysis_keeps_its_finished_parts(runs, tmp_path, monkeypatch):
+    landscape = sys.modules["attnlab.analysis.landscape"]  # the module (the package's `landscape` is the function)
+    real, calls = landscape.hessian_top_eigenvalue, []
+
+    def interrupted_in_the_second_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(landscape, "hessian_top_eigenvalue", interrupted_in_the_second_checkpoint)
+    out = tmp_path / "out"
+    options = dict(points=3, grid=2, hessian_iters=2, trace_samples=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis("landscape", [runs / "se0", runs / "cbam"], out, images=8, **options)
+    saved = json.loads((out / "landscape.json").read_text())
+    assert saved["complete"] is False and saved["plots"] == []
+    assert set(saved["results"]) == {"se0"} and "hessian_top_eig" in headlines(saved)["se0"]  # a whole checkpoint
+    unfinished = saved["unfinished"]["cbam"]  # and the finished parts of the next
+    assert len(unfinished["surface_1d"]["loss"]) == 3 and "surface_2d" in unfinished and "hessian_top" not in unfinished
+
+
+def test_the_printout_explains_every_headline_metric(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["consistency", "--checkpoint", str(runs / "se0"), "--out", str(out), "--images", "8"]
+    assert _run([*argv, "--control-images", "4", "--methods", "ablation,grad_x_act"]) == 0
+    printed = capsys.readouterr().out
+    legend = printed.split("\nwhere\n")[1]
+    for metric in headlines(json.loads((out / "consistency.json").read_text()))["se0"]:
+        assert f"  {metric} " in legend
+    assert "(see the docs)" not in legend
+    assert "Spearman ρ between each gate and the grad_x_act importance" in legend
+
+
+@pytest.mark.parametrize(
+    ("name", "metric", "meaning"),
+    [
+        ("smoothness", "noise_acc_at_0.05", "accuracy under Gaussian input noise of σ = 0.05 data standard deviations"),
+        ("landscape", "hessian_top_eig_layer2", "largest Hessian eigenvalue of the parameters of layer2 alone"),
+        ("localization", "iou_map_rectangle", "IoU of the thresholded rectangle maps' box with the true box"),
+    ],
+)
+def test_templated_metric_meanings(name, metric, meaning):
+    assert ANALYSES[name].meaning(metric).startswith(meaning)
+
+
+def test_a_model_at_chance_level_is_warned_about(runs, tmp_path, monkeypatch, capsys):
+    from attnlab.analysis import runner
+
+    assert runner.chance_margin(10, 1000) == pytest.approx(0.1 + 3 * (0.09 / 1000) ** 0.5)
+    monkeypatch.setattr(runner, "_accuracy", lambda model, x, y: 0.25)  # 4 classes: chance
+    out = tmp_path / "out"
+    argv = ["smoothness", "--checkpoint", str(runs / "se0"), "--out", str(out), "--images", "8", "--pairs", "2"]
+    assert _run([*argv, "--steps", "3", "--jacobian-images", "2"]) == 0
+    (warning,) = json.loads((out / "smoothness.json").read_text())["warnings"]
+    assert warning.startswith("se0 is at chance level on the analysed images (25.0% correct; chance 25.0% for 4")
+    assert f"attnlab: WARNING: {warning}" in capsys.readouterr().err
+
+
+def test_localization_says_how_its_best_layer_was_chosen(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(["localization", "--checkpoint", str(runs / "cram"), "--out", str(out), "--images", "8"]) == 0
+    printed = capsys.readouterr().out
+    chosen = json.loads((out / "localization.json").read_text())["results"]["cram"]["selected_layer"]
+    assert (
+        f"best layer: {chosen['path']} ({chosen['index'] + 1} of" in printed
+        and "chosen by mean map IoU on 8 held-out validation images, not the scored test images" in printed
+    )

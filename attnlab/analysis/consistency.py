@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,8 +123,10 @@ def _importances(
     methods: list[str],
     notes: dict[str, str],
     opts: dict[str, Any],
+    done: Callable[[str, str, dict[str, torch.Tensor]], None],
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{method: {site path: N×U importances}} (captum on the first ``captum_images`` images only)."""
+    """{method: {site path: N×U importances}} (captum on the first ``captum_images`` images only); each method's
+    importances are handed to ``done(part, method, {path: importances})`` as they are finished (ablation: per layer)."""
     importances: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
     grid = opts["grid"]
     if "ablation" in methods:
@@ -131,6 +134,7 @@ def _importances(
             importances["ablation"][site.path] = ablation_importance(
                 work, x, labels, site, grid=grid, max_rows=opts["max_rows"], base_loss=base_loss
             )
+            done(f"ablation {site.path}", "ablation", {site.path: importances["ablation"][site.path]})
     if {"grad_x_act", "captum"} & set(methods):  # gradients in the default layout (AW's backward needs it)
         backward_work = inference_copy(model, fold_bn=opts["fast"], channels_last=False)
         backward_sites = gate_sites(backward_work)
@@ -141,8 +145,10 @@ def _importances(
                 backward_work, images[:n], labels[:n], twin, grid=grid, steps=opts["captum_steps"]
             )
         notes["captum"] = f"LayerIntegratedGradients of log p_y, {opts['captum_steps']} steps, first {n} images"
+        done("captum", "captum", importances["captum"])
     if "grad_x_act" in methods:
         importances["grad_x_act"] = gradient_x_activation(backward_work, images, labels, backward_sites, grid=grid)
+        done("grad_x_act", "grad_x_act", importances["grad_x_act"])
     return importances
 
 
@@ -234,6 +240,7 @@ def consistency(
     fast: bool = True,
     seed: int = 0,
     keep_values: bool = False,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Agreement between every gate of ``model`` and the importance of what it gates, on ``images``/``labels``.
 
@@ -253,6 +260,8 @@ def consistency(
         fast: run on a BN-folded channels-last copy (`inference_copy`; same function up to float rounding).
         seed: seed of the controls' permutations.
         keep_values: also return the gates and ablation importances per layer under ``"values"`` (for plots).
+        progress: called as ``progress(part, finished)`` after each part (a layer's ablation, a method, the
+            control): ``finished`` holds ``{method: {layer: Spearman ρ mean and interval}}`` of what is done.
 
     Returns:
         ``{"layers": [per-layer statistics], "summary": {statistic: {mean, ci_low, ci_high, n}}, ...}``; a summary
@@ -268,8 +277,21 @@ def consistency(
         raise AttnlabError("consistency: the model has no attention gates (SE, ECA, CBAM, spatial, CRAM or AW)")
     generator = torch.Generator().manual_seed(seed)
     gates, base_loss = gates_and_losses(work, x, labels, sites, grid=grid, aw_reduce=aw_reduce)
-    importances = _importances(model, work, sites, images, x, labels, base_loss, methods, notes, opts)
+    finished: dict[str, Any] = {"images": len(x), "spearman": {}}
+
+    def done(part: str, method: str, by_site: dict[str, torch.Tensor]) -> None:
+        for path, importance in by_site.items():
+            rho = mean_ci(spearman_rows(gates[path][: len(importance)], importance))
+            finished["spearman"].setdefault(method, {})[path] = rho
+        if progress is not None:
+            progress(part, finished)
+
+    importances = _importances(model, work, sites, images, x, labels, base_loss, methods, notes, opts, done)
     controls = _random_gate_spearman(work, x, labels, generator, opts) if random_gate else {}
+    if random_gate:
+        finished["random_gate_spearman"] = {path: mean_ci(values) for path, values in controls.items()}
+        if progress is not None:
+            progress("random_gate", finished)
     if random_gate:
         n = min(control_images, len(x))
         notes["random_gate"] = f"attention parameters shuffled (seed {seed}), first {n} images, ablation importance"
@@ -304,6 +326,21 @@ NULL_SPEARMAN = "null_spearman"
 RANDOM_GATE_SPEARMAN = "random_gate_spearman"
 """Headline: ρ of a model whose attention parameters were randomly permuted (a gate that knows nothing)."""
 METRICS = (SPEARMAN_ABLATION, NULL_SPEARMAN, RANDOM_GATE_SPEARMAN)
+
+METRIC_MEANINGS = {
+    "spearman_{method}": "Spearman ρ between each gate and the {method} importance of what it gates (1 = same order, "
+    "0 = unrelated), mean over layers, then samples",
+    "kendall_{method}": "Kendall τ-b between gate and {method} importance (like ρ, counted over pairs of units)",
+    "topk_{method}": "share of the top-k gated units that are also among the k most important by {method} "
+    "(chance ≈ k/U)",
+    "spearman_{method}_ci_low": "lower end of the 95% Student-t interval of spearman_{method} over samples",
+    "spearman_{method}_ci_high": "upper end of the 95% Student-t interval of spearman_{method} over samples",
+    NULL_SPEARMAN: "the same ρ against importances shuffled within each sample: what chance gives (≈ 0)",
+    RANDOM_GATE_SPEARMAN: "ρ of the same network with its attention parameters shuffled: what the architecture "
+    "alone gives",
+}
+"""One line per headline metric (``{method}`` stands for an importance method): the legend of ``attnlab analyze``
+and of the docs."""
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

@@ -396,22 +396,26 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, n: int, batch_size: int
 
 
 def _hessian_estimates(
-    model, batches, iters: int, trace_samples: int, per_block: bool, generator, hvp: str, which: str
-):
-    """(top eigenvalue, Hutchinson trace or None, {block: top eigenvalue}) of the loss Hessian on ``batches``."""
+    model, batches, iters: int, trace_samples: int, per_block: bool, generator, hvp: str, which: str, done
+) -> None:
+    """The top eigenvalue, Hutchinson trace (or None) and {block: top eigenvalue} of the loss Hessian on ``batches``,
+    each handed to ``done(key, value)`` as soon as it is known."""
     kw = dict(generator=generator, hvp=hvp)
     with _eval_mode(model):
-        top = hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=iters, which=which, **kw)
+        done("hessian_top", hessian_top_eigenvalue(model, F.cross_entropy, batches, iters=iters, which=which, **kw))
         trace = None
         if trace_samples > 0:
             trace = hessian_trace(model, F.cross_entropy, batches, samples=trace_samples, **kw)
-        blocks = {
-            name: hessian_top_eigenvalue(
+        done("hessian_trace", trace)
+        blocks = {}
+        for name, pattern in _stage_filters(model).items() if per_block else ():
+            r = hessian_top_eigenvalue(
                 model, F.cross_entropy, batches, params_filter=pattern, iters=iters, which=which, **kw
             )
-            for name, pattern in (_stage_filters(model).items() if per_block else ())
-        }
-    return top, trace, blocks
+            blocks[name] = {"eigenvalue": r["eigenvalue"], "dominant": r["dominant"], "params": r["params"]}
+            done("hessian_blocks", dict(blocks))
+        if not blocks:
+            done("hessian_blocks", {})
 
 
 def landscape(
@@ -434,48 +438,34 @@ def landscape(
     hvp: str = "auto",
     batch_size: int = 250,
     seed: int = 0,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Loss surfaces and Hessian estimates of ``model`` on ``images``/``labels`` (module docstring); weights are left
     bit-identical.
 
     Args:
         points: α values of the 1-D surface, evenly spaced in [−span, span] (over all images).
+        span: the surfaces reach α, β = ±span (1 = each filter moved by its own norm).
         grid: α and β values per side of the 2-D surface (on the first ``surface_images`` images).
+        surface_images: images of the 2-D surface (the first ones).
         hessian_images: images of the Hessian estimates (all by default).
         hessian_iters: power-iteration steps; eigenvalue: which one is the top (``which`` of `hessian_top_eigenvalue`);
             trace_samples: Hutchinson probes (0 skips the trace).
         per_block: also the top eigenvalue of each block's Hessian (stem, each stage, head).
         sharpness_step: the loss rise sharpness_1d is the mean of L(w ± step·d) − L(w) along the 1-D direction.
-        ignore_bn_bias, norm: see `filter_normalized_direction`.
-        hvp: how Hessian-vector products are computed (`HessianVectorProduct`).
+        ignore_bn_bias: leave the 1-D parameters (biases, BatchNorm) out of the directions, as the paper does.
+        norm: the directions' normalisation: ``filter`` (each filter to its weights' norm) or ``layer``.
+        hvp: how Hessian-vector products are computed: auto, double_backward (exact) or finite_difference
+            (`HessianVectorProduct`).
+        batch_size: images per forward pass.
+        progress: called as ``progress(part, result so far)`` after each part (a surface, an estimate) is finished.
     """
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(images, labels, len(images), batch_size)
     n_surface = min(surface_images, len(images))
     n_hessian = len(images) if hessian_images is None else min(hessian_images, len(images))
-    kw = dict(generator=generator, ignore_bn_bias=ignore_bn_bias, norm=norm)
-    d1, d2, d3 = (filter_normalized_direction(model, **kw) for _ in range(3))
-    alphas = torch.linspace(-span, span, points).tolist()
-    one = loss_surface_1d(model, batches, d1, alphas)
-    rise = loss_surface_1d(model, batches, d1, [0.0, sharpness_step, -sharpness_step])
-    steps = torch.linspace(-span, span, grid).tolist()
-    two = loss_surface_2d(model, _batches(images, labels, n_surface, batch_size), (d2, d3), steps, steps)
-    hessian_batches = _batches(images, labels, n_hessian, batch_size)
-    top, trace, blocks = _hessian_estimates(
-        model, hessian_batches, hessian_iters, trace_samples, per_block, generator, hvp, eigenvalue
-    )
-    return {
+    result: dict[str, Any] = {
         "images": len(images),
-        "surface_1d": one,
-        "surface_2d": two,
-        "sharpness_1d": (rise["loss"][1] + rise["loss"][2]) / 2 - rise["loss"][0],
-        "loss": rise["loss"][0],
-        "hessian_top": top,
-        "hessian_trace": trace,
-        "hessian_blocks": {
-            name: {"eigenvalue": r["eigenvalue"], "dominant": r["dominant"], "params": r["params"]}
-            for name, r in blocks.items()
-        },
         "settings": {
             "points": points,
             "span": span,
@@ -493,12 +483,42 @@ def landscape(
         },
     }
 
+    def done(key: str, value: Any) -> None:
+        result[key] = value
+        if progress is not None:
+            progress(key, result)
+
+    kw = dict(generator=generator, ignore_bn_bias=ignore_bn_bias, norm=norm)
+    d1, d2, d3 = (filter_normalized_direction(model, **kw) for _ in range(3))
+    alphas = torch.linspace(-span, span, points).tolist()
+    done("surface_1d", loss_surface_1d(model, batches, d1, alphas))
+    rise = loss_surface_1d(model, batches, d1, [0.0, sharpness_step, -sharpness_step])
+    result["loss"] = rise["loss"][0]
+    done("sharpness_1d", (rise["loss"][1] + rise["loss"][2]) / 2 - rise["loss"][0])
+    steps = torch.linspace(-span, span, grid).tolist()
+    done("surface_2d", loss_surface_2d(model, _batches(images, labels, n_surface, batch_size), (d2, d3), steps, steps))
+    hessian_batches = _batches(images, labels, n_hessian, batch_size)
+    _hessian_estimates(
+        model, hessian_batches, hessian_iters, trace_samples, per_block, generator, hvp, eigenvalue, done
+    )
+    return result
+
 
 HESSIAN_TOP_EIG = "hessian_top_eig"
 """Headline: the largest Hessian eigenvalue of the loss (sharpness; lower is flatter)."""
 SHARPNESS_1D = "sharpness_1d"
 LOSS = "loss"
 METRICS = (HESSIAN_TOP_EIG, SHARPNESS_1D, LOSS)
+
+METRIC_MEANINGS = {
+    HESSIAN_TOP_EIG: "largest eigenvalue of the loss Hessian (curvature in the sharpest direction; lower is flatter)",
+    SHARPNESS_1D: "mean loss rise one half-step (sharpness_step) along a random filter-normalised direction, both "
+    "ways (lower is flatter)",
+    LOSS: "the loss at the trained weights on the analysed images",
+    "hessian_trace": "Hutchinson estimate of the Hessian's trace (total curvature; lower is flatter)",
+    "hessian_top_eig_{block}": "largest Hessian eigenvalue of the parameters of {block} alone",
+}
+"""One line per headline metric: the legend of ``attnlab analyze`` and of the docs."""
 
 
 def _largest(estimate: dict[str, Any]) -> float:

@@ -290,6 +290,7 @@ def localization(
     Args:
         threshold, threshold_mode: how position-wise maps become regions.
         transforms: for the equivariance error, among ``hflip``, ``rot90``, ``shift``.
+        batch_size: images per forward pass.
         keep_examples: also return the attention of the first few images under ``"examples"`` (for plots).
         select_images, select_boxes: held-out images (validation) on which the best layer is chosen, by the
             thresholded-map IoU that every model has; without them it is chosen on ``images`` themselves (optimistic,
@@ -314,6 +315,8 @@ def localization(
             "selected_layer": {
                 "index": int(np.nanargmax(selection)) if not np.all(np.isnan(selection)) else 0,
                 "on": "validation" if select_images is not None else "scored images",
+                "path": sites[int(np.nanargmax(selection)) if not np.all(np.isnan(selection)) else 0].path,
+                "images": len(select_images) if select_images is not None else len(images),
                 "iou_map_on_selection": selection,
             },
             "cross_layer_iou": _cross_layer_iou(sites, masks),
@@ -402,6 +405,19 @@ EQUIVARIANCE_ERROR = "equivariance_error"
 """Headline: 1 − IoU between the transformed region and the region of the transformed image, mean over layers."""
 METRICS = (IOU_BEST_LAYER, CROSS_LAYER_IOU, EQUIVARIANCE_ERROR)
 
+METRIC_MEANINGS = {
+    "iou_map_{kind}": "IoU of the thresholded {kind} maps' box with the true box, mean over those layers (1 = exact)",
+    "iou_rect": "exact IoU of CRAM's rectangle with the true box, mean over CRAM layers",
+    "equivariance_error_{kind}": "1 − IoU between the moved region and the region of the moved image, {kind} layers "
+    "(0 = the attention moves with the object)",
+    IOU_BEST_LAYER: "IoU with the true box of the layer that localises best on held-out validation images",
+    "iou_rect_best_layer": "CRAM's exact-rectangle IoU in that same layer",
+    CROSS_LAYER_IOU: "IoU between the regions of different layers (1 = every layer looks at the same place)",
+    EQUIVARIANCE_ERROR: "1 − IoU between the moved region and the region of the moved image, mean over layers "
+    "(0 = equivariant)",
+}
+"""One line per headline metric: the legend of ``attnlab analyze`` and of the docs."""
+
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
     """The few numbers a report quotes from a `localization` result."""
@@ -422,6 +438,18 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     out["cross_layer_iou"] = result["cross_layer_iou"]["mean"]
     out["equivariance_error"] = _nanmean([layer["equivariance_error_mean"] for layer in result["layers"]])
     return out
+
+
+def selection_note(result: dict[str, Any]) -> list[str]:
+    """How the best layer of ``iou_best_layer`` was chosen, and on which images: printed beside the headline."""
+    chosen = result["selected_layer"]
+    where = (
+        f"{chosen['images']} held-out validation images, not the scored test images"
+        if chosen["on"] == "validation"
+        else "the scored images themselves (optimistic)"
+    )
+    path = chosen.get("path") or result["layers"][chosen["index"]]["path"]
+    return [f"best layer: {path} ({chosen['index'] + 1} of {len(result['layers'])}), chosen by mean map IoU on {where}"]
 
 
 def _nanmean(values) -> float:
@@ -448,4 +476,5 @@ __all__ = [
     "rectangle_box_iou",
     "rectangle_polygon",
     "region_masks",
+    "selection_note",
 ]

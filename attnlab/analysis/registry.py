@@ -5,22 +5,28 @@ metrics), its figures in `plots`, and one record here."""
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..docstrings import argument_meanings
 from ..errors import lookup, unknown_name
 from . import plots
+from .consistency import METRIC_MEANINGS as CONSISTENCY_MEANINGS
 from .consistency import METRICS as CONSISTENCY_METRICS
 from .consistency import consistency
 from .consistency import headline as consistency_headline
+from .landscape import METRIC_MEANINGS as LANDSCAPE_MEANINGS
 from .landscape import METRICS as LANDSCAPE_METRICS
 from .landscape import headline as landscape_headline
 from .landscape import landscape
+from .localization import METRIC_MEANINGS as LOCALIZATION_MEANINGS
 from .localization import METRICS as LOCALIZATION_METRICS
 from .localization import headline as localization_headline
-from .localization import localization
+from .localization import localization, selection_note
+from .smoothness import METRIC_MEANINGS as SMOOTHNESS_MEANINGS
 from .smoothness import METRICS as SMOOTHNESS_METRICS
 from .smoothness import headline as smoothness_headline
 from .smoothness import smoothness
@@ -35,6 +41,8 @@ class Analysis:
         function: the library function, called as ``function(model, images, labels_or_boxes, **options)``.
         headline: result → {metric: float}, the numbers a report quotes and claims read.
         metrics: the headline metric names a claim may use (constants of the analysis's module).
+        meanings: one line per headline metric (the module's ``METRIC_MEANINGS``; ``{name}`` in a key stands for any
+            word, and the meaning may use it): the printed legend.
         figures: ``(results, extras, out) → PNG file names``, drawn for all checkpoints at once.
         internal: keyword arguments the runner sets itself (not user options).
         extra: a key the runner takes out of each result for the figures (per-sample data the JSON does not keep).
@@ -42,18 +50,21 @@ class Analysis:
         seeded: takes ``seed=`` (every random draw of the analysis).
         selects_on_validation: chooses something (a layer) on held-out validation images, given to it as
             ``select_images`` and ``select_boxes``, before scoring the test images.
+        notes: result → lines printed beside its headline (what was chosen, and on which images).
     """
 
     name: str
     function: Callable[..., dict]
     headline: Callable[[dict[str, Any]], dict[str, float]]
     metrics: tuple[str, ...]
+    meanings: dict[str, str]
     figures: Callable[[dict, dict, Path], list[str]]
     internal: dict[str, Any] = field(default_factory=dict)
     extra: str | None = None
     needs_boxes: bool = False
     seeded: bool = True
     selects_on_validation: bool = False
+    notes: Callable[[dict[str, Any]], list[str]] = lambda result: []
 
     def options(self) -> dict[str, Any]:
         """The user options (keyword → default) of the analysis."""
@@ -63,9 +74,28 @@ class Analysis:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {*self.internal, *RUNNER_SETS}
         }
 
+    def option_meanings(self) -> dict[str, str]:
+        """The user options' meanings, from the function's docstring (``Args:``)."""
+        meanings = argument_meanings(self.function)
+        return {name: meanings.get(name, "") for name in self.options()}
+
+    def meaning(self, metric: str) -> str:
+        """The one-line meaning of headline metric ``metric`` ("" for a metric `meanings` does not describe)."""
+        if metric in self.meanings:
+            return self.meanings[metric]
+        for pattern, text in self.meanings.items():
+            names = re.findall(r"{(\w+)}", pattern)
+            regex = re.escape(pattern)
+            for name in names:
+                regex = regex.replace(re.escape(f"{{{name}}}"), f"(?P<{name}>.+?)", 1)
+            found = re.fullmatch(regex, metric) if names else None
+            if found:
+                return text.format(**found.groupdict())
+        return ""
+
 
 OVERLAY_EXAMPLES = 6
-RUNNER_SETS = ("seed", "select_images", "select_boxes")
+RUNNER_SETS = ("seed", "select_images", "select_boxes", "progress")
 """Keyword arguments the runner always sets itself where an analysis takes them (never user options)."""
 
 ANALYSES: dict[str, Analysis] = {
@@ -76,6 +106,7 @@ ANALYSES: dict[str, Analysis] = {
             consistency,
             consistency_headline,
             CONSISTENCY_METRICS,
+            CONSISTENCY_MEANINGS,
             plots.consistency_figures,
             internal={"keep_values": True},
             extra="values",
@@ -85,21 +116,26 @@ ANALYSES: dict[str, Analysis] = {
             smoothness,
             smoothness_headline,
             SMOOTHNESS_METRICS,
+            SMOOTHNESS_MEANINGS,
             plots.smoothness_figures,
             internal={"keep_curves": True},
         ),
-        Analysis("landscape", landscape, landscape_headline, LANDSCAPE_METRICS, plots.landscape_figures),
+        Analysis(
+            "landscape", landscape, landscape_headline, LANDSCAPE_METRICS, LANDSCAPE_MEANINGS, plots.landscape_figures
+        ),
         Analysis(
             "localization",
             localization,
             localization_headline,
             LOCALIZATION_METRICS,
+            LOCALIZATION_MEANINGS,
             plots.localization_figures,
             internal={"keep_examples": OVERLAY_EXAMPLES},
             extra="examples",
             needs_boxes=True,
             seeded=False,
             selects_on_validation=True,
+            notes=selection_note,
         ),
     )
 }

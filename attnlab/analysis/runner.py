@@ -6,13 +6,21 @@ analysis runs on ``images`` test images, the same ones for every checkpoint (the
 only in their training seed. It holds no headline: `headlines` and `group_means` derive those numbers from the
 results with today's code (the CLI's printout and the reports do), so a mended headline reaches analyses saved
 before it and a file never says two things.
+
+The JSON is written as the work goes: after every finished part of an analysis (a surface, a layer's ablation) and
+every finished checkpoint, atomically, with ``"complete": false`` and the parts of the checkpoint under way in
+``"unfinished"``; an interrupted analysis keeps what it finished. Progress shows as a bar on a terminal and one line
+per part otherwise. A model at chance level on the analysed images is warned about on stderr and in the JSON's
+``"warnings"``: its attention has learnt nothing for the analysis to find.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +99,11 @@ def _groups(configs: dict[str, Any]) -> dict[str, Any]:
     return groups
 
 
+def _saved(result: dict[str, Any]) -> dict[str, Any]:
+    """A result as the JSON keeps it: the curves are drawn, not kept."""
+    return {k: v for k, v in result.items() if k != "curves"}
+
+
 def headlines(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{label: {metric: value}}`` of a saved analysis (`run_analysis`'s JSON): what a report quotes."""
     headline = get_analysis(report["analysis"]).headline
@@ -108,8 +121,54 @@ def group_means(report: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]
     return means
 
 
-def _analyse_one(analysis: Analysis, path: Path, model, cfg, bundle, images: int, seed: int, device: str, options):
-    """(result, the per-sample extra for the figures or None, images analysed, seconds) of one checkpoint."""
+def chance_margin(classes: int, images: int) -> float:
+    """The accuracy below which a model is at chance level: 1/classes plus three binomial standard errors."""
+    p = 1 / classes
+    return p + 3 * math.sqrt(p * (1 - p) / images)
+
+
+@torch.inference_mode()
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        correct = sum(
+            int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size))
+        )
+    finally:
+        model.train(was_training)
+    return correct / len(y)
+
+
+class _Progress:
+    """Shows an analysis's finished parts (a tqdm bar on a terminal, else a line each) and hands each to ``save``."""
+
+    def __init__(self, what: str, save):
+        self.what, self.save, self.started = what, save, time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=what, unit="part", leave=False, file=sys.stderr)
+
+    def __call__(self, part: str, finished: dict[str, Any]) -> None:
+        self.save(finished)
+        if self.bar is not None:
+            self.bar.set_postfix_str(part, refresh=False)
+            self.bar.update()
+        else:
+            print(f"{self.what}: {part} done ({time.perf_counter() - self.started:.0f} s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _analyse_one(
+    analysis: Analysis, path: Path, model, cfg, bundle, images: int, seed: int, device: str, options, progress
+):
+    """(result, the per-sample extra for the figures or None, images analysed, seconds, accuracy on the analysed
+    images, number of classes) of one checkpoint."""
     split = _test_subset(bundle.test, images, seed)
     if analysis.needs_boxes and split.boxes is None:
         raise AttnlabError(
@@ -119,6 +178,9 @@ def _analyse_one(analysis: Analysis, path: Path, model, cfg, bundle, images: int
     x, y = next(batches(split, bundle, len(split), train=False, device=device))
     target = split.boxes.to(device) if analysis.needs_boxes else y
     keywords = {**analysis.internal, **options, **({"seed": seed} if analysis.seeded else {})}
+    if "progress" in inspect.signature(analysis.function).parameters:
+        keywords["progress"] = progress
+    accuracy = _accuracy(model, x, y)
     started = time.perf_counter()
     if analysis.selects_on_validation:  # what it chooses (a layer), it chooses here, not on the scored test images
         held_out = _test_subset(bundle.val, images, seed)
@@ -127,7 +189,7 @@ def _analyse_one(analysis: Analysis, path: Path, model, cfg, bundle, images: int
     result = analysis.function(model, x, target, **keywords)
     seconds = time.perf_counter() - started
     extra = result.pop(analysis.extra) if analysis.extra else None
-    return result, extra, len(split), seconds
+    return result, extra, len(split), seconds, accuracy, bundle.num_classes
 
 
 def run_analysis(
@@ -172,39 +234,60 @@ def run_analysis(
     names = _labels(paths, labels)
     cache: dict[str, DataBundle] = {}
     results, configs, seconds, extras, n_images, compiled = {}, {}, {}, {}, {}, {}
+    accuracy, warned = {}, []
+
+    def report(unfinished: dict[str, Any] | None = None, plots: list[str] | None = None) -> dict[str, Any]:
+        """The JSON as it stands; written at once (``complete`` once the figures are drawn)."""
+        value = {
+            "analysis": name,
+            "complete": plots is not None,
+            "checkpoints": {label: str(p) for label, p in zip(names, paths)},
+            "models": {label: cfg.model for label, cfg in configs.items()},
+            "datasets": {label: cfg.dataset for label, cfg in configs.items()},
+            "images": n_images,
+            "accuracy": accuracy,
+            "warnings": warned,
+            "seed": seed,
+            "device": device,
+            "compile": compiled,
+            "options": options,
+            "seconds": seconds,
+            "groups": _groups(configs),
+            "results": {label: _saved(r) for label, r in results.items()},
+            **({"unfinished": unfinished} if unfinished else {}),
+            "plots": plots or [],
+        }
+        value = jsonable(value)
+        write_json_atomic(make_dir(out, "--out") / f"{name}.json", value, indent=1)  # the folder once there is work
+        return value
+
     for label, path in zip(names, paths):
         model, configs[label], bundle = _load(path, device, cache)
         if compile:
             compile_module(model)
         cfg = configs[label]
-        one = functools.partial(_analyse_one, analysis, path, model, cfg, bundle, images, seed, device, options)
-        found = run_or_fall_back(model, f"{name} of {label}", one)
+        progress = _Progress(f"{name} of {label}", lambda finished, label=label: report({label: _saved(finished)}))
+        one = functools.partial(
+            _analyse_one, analysis, path, model, cfg, bundle, images, seed, device, options, progress
+        )
+        try:
+            found = run_or_fall_back(model, f"{name} of {label}", one)
+        finally:
+            progress.close()
         compiled[label] = is_compiled(model)  # False where the compiled call failed and it ran eagerly
-        results[label], extra, n_images[label], seconds[label] = found
+        results[label], extra, n_images[label], seconds[label], accuracy[label], classes = found
+        if accuracy[label] <= chance_margin(classes, n_images[label]):
+            warned.append(
+                f"{label} is at chance level on the analysed images ({accuracy[label]:.1%} correct; chance "
+                f"{1 / classes:.1%} for {classes} classes): it has learnt nothing its attention could show, and its "
+                "numbers say nothing about the mechanism"
+            )
+            print(f"attnlab: WARNING: {warned[-1]}", file=sys.stderr, flush=True)
         if extra is not None:
             extras[label] = extra
-    out = make_dir(out, "--out")
-    written = analysis.figures(results, extras, out)
-    for result in results.values():
-        result.pop("curves", None)  # drawn; the JSON keeps the numbers
-    report = {
-        "analysis": name,
-        "checkpoints": {label: str(p) for label, p in zip(names, paths)},
-        "models": {label: cfg.model for label, cfg in configs.items()},
-        "datasets": {label: cfg.dataset for label, cfg in configs.items()},
-        "images": n_images,
-        "seed": seed,
-        "device": device,
-        "compile": compiled,
-        "options": options,
-        "seconds": seconds,
-        "groups": _groups(configs),
-        "results": results,
-        "plots": written,
-    }
-    report = jsonable(report)
-    write_json_atomic(out / f"{name}.json", report, indent=1)
-    return report
+        report()
+    written = analysis.figures(results, extras, make_dir(out, "--out"))
+    return report(plots=written)
 
 
-__all__ = ["check_analysis_options", "group_means", "headlines", "run_analysis"]
+__all__ = ["chance_margin", "check_analysis_options", "group_means", "headlines", "run_analysis"]

@@ -22,7 +22,7 @@ Everything runs in eval mode on whole batches (a sample's numbers do not depend 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -206,6 +206,7 @@ def smoothness(
     jacobian_method: str = "auto",
     seed: int = 0,
     keep_curves: bool = False,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every smoothness measure of ``model`` on ``images``/``labels`` (module docstring).
 
@@ -214,10 +215,17 @@ def smoothness(
         steps: points per path.
         sigmas: noise levels in normalised-input units; draws: noise draws per sample and σ.
         jacobian_images: samples whose input Jacobian is computed (the costliest measure: one pass per class).
-        jacobian_method: see `jacobian_frobenius`.
+        jacobian_method: auto, func (torch.func, all classes at once) or per_class (one backward pass per class);
+            auto falls back from func to per_class where torch.func cannot transform the model.
         seed: seed of the pairs and the noise.
         keep_curves: also return the mean probability and loss curves under ``"curves"`` (for plots).
+        progress: called as ``progress(part, result so far)`` after each measure is finished.
     """
+
+    def done(part: str) -> None:
+        if progress is not None:
+            progress(part, result)
+
     was_training = model.training
     model.eval()
     try:
@@ -248,16 +256,20 @@ def smoothness(
                 "p_b": path["probs"][rows, :, labels[b]].mean(0).cpu().numpy(),
                 "loss": path["loss"].mean(0).cpu().numpy(),
             }
+            done(f"paths_{kind}")
         result["input_grad_norm"] = _summary(input_gradient_norm(model, images, labels))
+        done("input_grad_norm")
         n = min(jacobian_images, len(images))
         jac, used = jacobian_frobenius(model, images[:n], method=jacobian_method)
         result["jacobian_fro"] = _summary(jac)
         result["jacobian_method"] = used
+        done("jacobian_fro")
         result["clean_acc"] = float((_logits(model, images, 1024).argmax(1) == labels).float().mean())
         result["noise"] = {
             str(s): v
             for s, v in noise_robustness(model, images, labels, sigmas, draws=draws, generator=generator).items()
         }
+        done("noise")
         if keep_curves:
             result["curves"] = curves
         return result
@@ -274,6 +286,23 @@ JACOBIAN_FRO = "jacobian_fro"
 NOISE_ACC_AT_0_1 = "noise_acc_at_0.1"
 """Headline: accuracy under Gaussian noise of σ = 0.1 (normalised units; one of `DEFAULT_SIGMAS`)."""
 METRICS = (TV_SAME, TV_DIFF, SECOND_DIFF_SAME, FLIPS_SAME, FLIPS_DIFF, INPUT_GRAD_NORM, JACOBIAN_FRO, NOISE_ACC_AT_0_1)
+
+_KINDS = "{kind} = same: paths between two images of one class; diff: of different classes"
+METRIC_MEANINGS = {
+    "tv_{kind}": "total variation of the softmax along straight paths between images, Σ‖Δp‖₁ (lower is smoother; "
+    + _KINDS
+    + ")",
+    "second_diff_{kind}": "mean ‖second difference‖₁ of the softmax along the paths (0 for a straight curve; lower "
+    "is smoother)",
+    "flips_{kind}": "times the predicted class changes along a path (same: ideally 0; diff: at least 1)",
+    "loss_path_{kind}": "mean loss along the paths against the interpolated target (the mixup loss)",
+    INPUT_GRAD_NORM: "‖∇ₓ loss‖₂ at the real images: how fast the loss changes with the input (lower is smoother)",
+    JACOBIAN_FRO: "‖∂ logits / ∂x‖_F at the real images (lower is smoother)",
+    "clean_acc": "accuracy on the analysed images without noise",
+    "noise_acc_at_{sigma}": "accuracy under Gaussian input noise of σ = {sigma} data standard deviations",
+    "noise_flip_at_{sigma}": "share of predictions that change under noise of σ = {sigma} (lower is more robust)",
+}
+"""One line per headline metric: the legend of ``attnlab analyze`` and of the docs."""
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:

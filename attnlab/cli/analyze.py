@@ -1,21 +1,75 @@
-"""``attnlab analyze NAME``: one analysis of the papers' claims on trained runs."""
+"""``attnlab analyze NAME``: one analysis of the papers' claims on trained runs.
+
+Each analysis is its own subcommand, its flags generated from the analysis function's keyword options: their types
+from its annotations, their meanings from its docstring (``Args:``), their defaults from its signature.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
+import sys
+import types
+import typing
+from collections import abc
 from typing import Any
 
-from .common import add_key_values
+from ..errors import unknown_name
+from ..io import yaml_scalar
+from .common import Parser, add_key_values
+
+COMMON = ("checkpoint", "out", "images", "seed", "device", "label", "compile", "option")
+"""Destinations of the flags every analysis has (an analysis option of one of these names would be shadowed)."""
 
 
-def add_parsers(sub) -> None:
-    p = sub.add_parser("analyze", help="test the papers' claims on trained runs; writes OUT/NAME.json and PNG plots")
-    p.add_argument("name", help="consistency, smoothness, landscape or localization")
+class _AnalyzeParser(Parser):
+    """``attnlab analyze``'s parser: an unknown analysis name is answered with the close matches."""
+
+    def _check_value(self, action, value):
+        if isinstance(action, argparse._SubParsersAction) and value not in action.choices:
+            raise unknown_name("analysis", value, action.choices)
+        super()._check_value(action, value)
+
+
+def _plain(text: str) -> str:
+    """Docstring markup (````code````, ```ref```) as plain text for --help."""
+    return re.sub(r"`{1,2}([^`]+)`{1,2}", r"\1", text).replace("%", "%%")
+
+
+def _is_sequence(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _is_sequence(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_sequence(a) for a in typing.get_args(tp))
+    return origin in (list, tuple, abc.Sequence) or tp in (list, tuple)
+
+
+def option_value(text: str, sequence: bool) -> Any:
+    """A flag's or ``--option``'s text as a value: YAML, and a comma-separated list where the option takes a list."""
+    value = yaml_scalar(text)
+    if sequence and not isinstance(value, list):
+        return [yaml_scalar(part) for part in str(text).split(",") if part.strip()]
+    return value
+
+
+def _shown_default(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append", required=True, help="run folder; repeat to compare several")
     p.add_argument("--out", required=True, help="folder for the JSON and PNG files")
     p.add_argument("--images", type=int, default=1000, help="test images per checkpoint (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image choice and every random draw (default 0)")
+    p.add_argument("--device", default="cpu", help="where the models run (default cpu)")
     p.add_argument("--label", action="append", default=[], help="name of each checkpoint in tables and plots")
     p.add_argument(
         "--compile",
@@ -23,10 +77,58 @@ def add_parsers(sub) -> None:
         default=False,
         help="torch.compile the models (inductor); an analysis that cannot run compiled runs eagerly, with one warning",
     )
-    add_key_values(
-        p, "--option", "analysis option, e.g. methods=ablation,grad_x_act  grid=4  hessian_iters=10  per_block=true"
-    )
-    p.set_defaults(func=cmd_analyze)
+    add_key_values(p, "--option", "an analysis option as KEY=VALUE (the same as its flag below)")
+
+
+def add_parsers(sub) -> None:
+    from ..analysis import ANALYSES
+    from ..schema import annotations, describe
+
+    parser_class, sub._parser_class = sub._parser_class, _AnalyzeParser  # argparse's one way to pick this one's class
+    try:
+        p = sub.add_parser(
+            "analyze", help="test the papers' claims on trained runs; writes OUT/NAME.json and PNG plots"
+        )
+    finally:
+        sub._parser_class = parser_class
+    analyses = p.add_subparsers(dest="name", required=True, metavar="NAME", parser_class=Parser)
+    for name, analysis in ANALYSES.items():
+        summary = _plain(inspect.getdoc(sys.modules[analysis.function.__module__]).splitlines()[0])
+        a = analyses.add_parser(name, help=summary, description=summary)
+        _add_common(a)
+        g = a.add_argument_group(f"{name} options (each also settable as --option KEY=VALUE)")
+        hints = annotations(analysis.function)
+        meanings = analysis.option_meanings()
+        for option, default in analysis.options().items():
+            flag = "--" + option.replace("_", "-")
+            meaning = _plain(meanings[option]) or describe(hints.get(option, Any))
+            shown = f"{meaning} (default {_shown_default(default)})"
+            if isinstance(default, bool):
+                g.add_argument(flag, dest=f"opt_{option}", action=argparse.BooleanOptionalAction, help=shown)
+            else:
+                sequence = _is_sequence(hints.get(option, Any))
+                g.add_argument(
+                    flag,
+                    dest=f"opt_{option}",
+                    type=lambda text, sequence=sequence: option_value(text, sequence),
+                    metavar="A,B,..." if sequence else option.upper(),
+                    help=shown,
+                )
+        a.set_defaults(func=cmd_analyze)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs, then the options' own flags (a flag wins)."""
+    from ..analysis import get_analysis
+    from ..schema import annotations
+
+    hints = annotations(get_analysis(args.name).function)
+    options = {
+        k: option_value(v, True) if isinstance(v, str) and _is_sequence(hints.get(k, Any)) else v
+        for k, v in args.option
+    }
+    options.update({k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None})
+    return options
 
 
 def _shown(numbers: dict[str, Any]) -> str:
@@ -34,8 +136,17 @@ def _shown(numbers: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items())
 
 
+def legend(name: str, metrics: list[str]) -> list[str]:
+    """``metric: meaning`` lines of the headline metrics shown (the analysis's ``METRIC_MEANINGS``)."""
+    from ..analysis import get_analysis
+
+    analysis = get_analysis(name)
+    width = max(map(len, metrics), default=0)
+    return [f"  {m:<{width}}  {analysis.meaning(m) or '(see the docs)'}" for m in metrics]
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from ..analysis import group_means, headlines, run_analysis
+    from ..analysis import get_analysis, group_means, headlines, run_analysis
 
     report = run_analysis(
         args.name,
@@ -46,12 +157,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         device=args.device,
         labels=args.label or None,
         compile=bool(args.compile),
-        **dict(args.option),
+        **_options(args),
     )
+    analysis = get_analysis(args.name)
+    shown: dict[str, None] = {}
     for label, numbers in headlines(report).items():
         print(f"{label}: {_shown(numbers)}")
+        for note in analysis.notes(report["results"][label]):
+            print(f"  {note}")
+        shown.update(dict.fromkeys(numbers))
     for group, means in group_means(report).items():
         seeds = ", ".join(map(str, report["groups"][group]["seeds"]))
         print(f"{group}, mean over seeds {seeds}: {_shown({k: v['mean'] for k, v in means.items()})}")
+    print("where")
+    print("\n".join(legend(args.name, list(shown))))
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}")
     print(f"wrote {args.out}/{args.name}.json and {len(report['plots'])} plot(s)")
     return 0
