@@ -701,3 +701,28 @@ def test_a_preset_is_a_name_or_a_study_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n")
     with pytest.raises(AttnlabError, match="list.yaml: a config must be a mapping"):
         load_preset(tmp_path / "list.yaml")
+
+
+def test_a_two_seed_custom_compare_says_custom_and_not_evidence(compared):
+    report = (compared / "report.md").read_text()
+    assert "**Budget**: custom (no preset): 1 epoch(s) on the full training set, 2 seed(s)" in report
+    assert "**2 seed(s): not evidence.**" in report and "smallest p with 2 paired seed(s) is 0.5" in report
+    fmm = next(line for line in report.splitlines() if line.startswith("| fmm_resnet20"))
+    assert "†" in fmm and "† cannot be significant" in report  # Wilcoxon at n = 2
+    assert "val_size 64" in report and "augment on" in report and "subset all" in report
+    for repr_ in ("None", "True", "False", "{", "['"):
+        assert repr_ not in report.split("## Budget")[1].split("##")[0], repr_  # no Python reprs in the budget
+
+
+def test_latency_across_runs_is_the_median_with_the_range():
+    from attnlab.report.document import latency_across_runs, wilcoxon_floor
+
+    rows = [
+        {"dataset": "d", "model": "cbam", "latency_ms": 8.81},
+        {"dataset": "d", "model": "cbam", "latency_ms": 508.92},
+        {"dataset": "d", "model": "cbam", "latency_ms": 9.5},
+        {"dataset": "e", "model": "cbam", "latency_ms": 1.0},
+        {"dataset": "d", "model": "se", "latency_ms": None},
+    ]
+    assert latency_across_runs(rows, "d") == {"cbam": (9.5, 8.81, 508.92)}
+    assert [wilcoxon_floor(n) for n in (2, 5, 6)] == [0.5, 0.0625, 0.03125]

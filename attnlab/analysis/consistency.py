@@ -233,7 +233,7 @@ def consistency(
     aw_reduce: str = "mean",
     null: bool = True,
     random_gate: bool = True,
-    control_images: int = 256,
+    control_images: int = 128,
     captum_images: int = 128,
     captum_steps: int = 8,
     max_rows: int = DEFAULT_MAX_ROWS,

@@ -425,12 +425,12 @@ def landscape(
     *,
     points: int = 21,
     span: float = 1.0,
-    grid: int = 11,
+    grid: int = 9,
     surface_images: int = 256,
-    hessian_images: int | None = None,
-    hessian_iters: int = 20,
+    hessian_images: int | None = 250,
+    hessian_iters: int = 10,
     eigenvalue: str = "largest",
-    trace_samples: int = 10,
+    trace_samples: int = 5,
     per_block: bool = False,
     sharpness_step: float = 0.5,
     ignore_bn_bias: bool = True,
@@ -448,7 +448,7 @@ def landscape(
         span: the surfaces reach α, β = ±span (1 = each filter moved by its own norm).
         grid: α and β values per side of the 2-D surface (on the first ``surface_images`` images).
         surface_images: images of the 2-D surface (the first ones).
-        hessian_images: images of the Hessian estimates (all by default).
+        hessian_images: images of the Hessian estimates (the first ones; None: all).
         hessian_iters: power-iteration steps; eigenvalue: which one is the top (``which`` of `hessian_top_eigenvalue`);
             trace_samples: Hutchinson probes (0 skips the trace).
         per_block: also the top eigenvalue of each block's Hessian (stem, each stage, head).

@@ -115,7 +115,7 @@ _add(
         datasets=("fashion-mnist",),
         seeds=5,
         recipe=dict(FULL_RECIPE),
-        analyses=(AnalysisSpec("consistency", GATED, options={"images": 1000}),),
+        analyses=(AnalysisSpec("consistency", GATED, options={"images": 1000, "control_images": 256}),),
         claims=(attention_weakly_consistent(GATED),),
         budgets={"cpu": CPU},
     )
@@ -130,7 +130,10 @@ _add(
         recipe=dict(FULL_RECIPE),
         analyses=(
             AnalysisSpec("smoothness", options={"images": 1000}),
-            AnalysisSpec("landscape", options={"images": 1000}),
+            AnalysisSpec(  # the claim's settings, heavier than the analysis's quick defaults
+                "landscape",
+                options={"images": 1000, "grid": 11, "hessian_images": None, "hessian_iters": 20, "trace_samples": 10},
+            ),
         ),
         claims=(smoother_than_plain("resnet20", (FMM_SMOOTH, "se_resnet20", "cbam_resnet20", "cram_resnet20")),),
         budgets={"cpu": CPU},

@@ -8,6 +8,7 @@ retraining, and the report is deterministic: the only date in it is the one stor
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,13 @@ from ..experiment.results import (
 from ..experiment.study import Preset
 from ..experiment.verdicts import Evidence, decide_claims, rules
 from ..io import write_csv, write_text_atomic
+from ..stats import ALPHA
 from . import plots
 from .render import Block, Bullets, Callout, Heading, Image, Paragraph, Table, to_html, to_markdown
 
 FIGURES = "figures"
+MIN_SEEDS = 3
+"""Fewer seeds than this and the report says its numbers are not evidence."""
 RECIPE_SHOWN = (
     "epochs",
     "subset",
@@ -80,11 +84,37 @@ def pvalue(p: float) -> str:
     return "–" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
+NONE_MEANS = {"subset": "all", "val_size": "the dataset's own", "device": "auto", "precision": "auto"}
+"""What an unset setting means, in the report's words (else "none")."""
+
+
+def human(key: str, value: Any) -> str:
+    """A setting's value in words, never a Python repr: None → what unset means, booleans on/off, lists a, b."""
+    if value is None:
+        return NONE_MEANS.get(key, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return ", ".join(human(key, v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {human(k, v)}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+def _settings(values: dict[str, Any], sep: str = " ") -> str:
+    return ", ".join(f"{k}{sep}{human(k, v)}" for k, v in values.items())
+
+
+def wilcoxon_floor(n: int) -> float:
+    """The smallest two-sided p the exact Wilcoxon signed-rank test can give with ``n`` paired seeds: 2^(1−n)."""
+    return 2.0 ** (1 - n) if n >= 1 else math.nan
+
+
 def _recipe_text(plan: Plan) -> str:
     recipe = plan.recipe
     cfg = plan.kind.make_config(dict(recipe), source="the comparison's recipe").to_dict()
     keys = [*(k for k in RECIPE_SHOWN if k in cfg), *(k for k in recipe if k not in RECIPE_SHOWN)]
-    return ", ".join(f"{k} {cfg[k]}" for k in keys)
+    return _settings({k: cfg[k] for k in keys})
 
 
 def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
@@ -104,17 +134,29 @@ def changes_from_preset(plan: Plan, preset: Preset) -> list[str]:
         for key in sorted((set(own) | set(used)) - plan.kind.neutral):  # where it ran, not how much it trained
             before, after = own.get(key, defaults.get(key)), used.get(key, defaults.get(key))
             if before != after:
-                shown = ["all" if key == "subset" and v is None else v for v in (before, after)]
+                shown = [human(key, v) for v in (before, after)]
                 changes.append(f"{key}{where} {shown[0]} → {shown[1]}")
         own_options, used_options = budget.dataset_options.get(dataset, {}), plan.dataset_options.get(dataset, {})
         for key in sorted(set(own_options) | set(used_options)):
             if own_options.get(key) != used_options.get(key):
-                changes.append(f"{key}{where} {own_options.get(key, 'default')} → {used_options.get(key, 'default')}")
+                before, after = (human(key, o[key]) if key in o else "default" for o in (own_options, used_options))
+                changes.append(f"{key}{where} {before} → {after}")
     own_images = {s.name: budget.analysis_images.get(s.name, s.options.get("images")) for s in preset.analyses}
     for spec in plan.analyses:
         if spec.name in own_images and spec.options.get("images") != own_images[spec.name]:
             changes.append(f"{spec.name} images {own_images[spec.name]} → {spec.options.get('images')}")
     return changes
+
+
+def budget_text(plan: Plan) -> str:
+    """The budget line: a preset's budget only where it ran as that preset defines it, else "custom" and the recipe."""
+    preset = preset_of(plan)
+    if preset is None:
+        return f"custom (no preset): {_recipe_short(plan)}"
+    changes = changes_from_preset(plan, preset)
+    if changes:
+        return f"custom: preset `{plan.preset}`'s `{plan.budget}` budget with {', '.join(changes)}"
+    return f"`{plan.budget}`"
 
 
 def _failure(out: Path, run: str) -> str | None:
@@ -135,7 +177,7 @@ def _budget(plan: Plan, out: Path, rows: Sequence[dict[str, Any]], missing: Sequ
     datasets = [
         d
         + (
-            f" ({', '.join(f'{k}={v}' for k, v in plan.dataset_options[d].items())})"
+            f" ({_settings(plan.dataset_options[d], '=')})"
             if plan.dataset_options.get(d)
             else ""
         )
@@ -146,9 +188,9 @@ def _budget(plan: Plan, out: Path, rows: Sequence[dict[str, Any]], missing: Sequ
         f"**Datasets**: {', '.join(datasets)}",
         f"**Models**: {', '.join(e.name for e in plan.entries)} (baseline: {plan.baseline})",
         f"**Seeds**: {', '.join(map(str, plan.seeds))} ({len(plan.seeds)})",
-        f"**Budget**: `{plan.budget}`",
+        f"**Budget**: {budget_text(plan)}",
         f"**Recipe**: {_recipe_text(plan)}",
-        *(f"**Recipe on {d}**: {', '.join(f'{k} {v}' for k, v in r.items())}" for d, r in plan.dataset_recipe.items()),
+        *(f"**Recipe on {d}**: {_settings(r)}" for d, r in plan.dataset_recipe.items()),
         f"**Machine**: {where}",
         f"**Date**: {plan.date or 'unknown'}",
         f"**Command**: `{plan.command}`" if plan.command else "**Command**: unknown",
@@ -183,8 +225,40 @@ COSTS = (  # summary column, header, format
 )
 
 
-def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[str, Any]], curves: dict) -> list[Block]:
+def latency_across_runs(rows: Sequence[dict[str, Any]], dataset: str) -> dict[str, tuple[float, float, float]]:
+    """``{model: (median, lowest, highest)}`` of the runs' latencies on ``dataset``: runs measured under different
+    load are not averaged (one slow measurement would move a mean anywhere), their median is shown with the range."""
+    found: dict[str, list[float]] = {}
+    for r in rows:
+        if r["dataset"] == dataset and not _missing(r.get("latency_ms")):
+            found.setdefault(r["model"], []).append(float(r["latency_ms"]))
+    return {m: (statistics.median(v), min(v), max(v)) for m, v in found.items()}
+
+
+def _latency_cell(measured: tuple[float, float, float] | None) -> str:
+    if measured is None:
+        return "n/a"
+    median, low, high = measured
+    return f"{median:.2f}" + (f" ({low:.2f}–{high:.2f})" if high > low else "")
+
+
+def _wilcoxon_cell(p: float, n: int) -> str:
+    """The p-value, marked † where ``n`` paired seeds cannot give p < ALPHA whatever the numbers."""
+    return pvalue(p) + ("†" if wilcoxon_floor(n) >= ALPHA else "")
+
+
+def _dataset_blocks(
+    plan: Plan,
+    out: Path,
+    dataset: str,
+    table: Sequence[dict[str, Any]],
+    curves: dict,
+    rows: Sequence[dict[str, Any]] = (),
+) -> list[Block]:
     mine = [r for r in table if r["dataset"] == dataset]
+    latency = latency_across_runs(rows, dataset)
+    if latency:  # the table and the figure show the median over runs, not the mean
+        mine = [{**r, "latency_ms": latency.get(r["model"], (math.nan,) * 3)[0]} for r in mine]
     blocks: list[Block] = [Heading(2, f"Results on {dataset}")]
     if not mine:
         return [*blocks, Paragraph("No run has finished on this dataset yet.")]
@@ -201,10 +275,10 @@ def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[st
         f"val {task.short} {task.unit}",
         *(title for _, title, _ in costs),
     )
-    rows = []
+    body = []
     for r in mine:
         is_base = r["model"] == plan.baseline
-        rows.append(
+        body.append(
             (
                 f"**{r['model']}**" if is_base else r["model"],
                 str(r["n"]),
@@ -212,18 +286,30 @@ def _dataset_blocks(plan: Plan, out: Path, dataset: str, table: Sequence[dict[st
                 f"{pct(r[f'test_{score}_ci_low'])}–{pct(r[f'test_{score}_ci_high'])}",
                 "baseline" if is_base else f"{100 * r['delta_vs_baseline']:+.2f} (n={r['shared_seeds']})",
                 "–" if is_base else pvalue(r["t_p"]),
-                "–" if is_base else pvalue(r["wilcoxon_p"]),
+                "–" if is_base else _wilcoxon_cell(r["wilcoxon_p"], r["shared_seeds"]),
                 f"{pct(r[f'val_{score}_mean'])} ± {pct(r[f'val_{score}_std'])}",
-                *(shown(r[key]) for key, _, shown in costs),
+                *(
+                    _latency_cell(latency.get(r["model"])) if key == "latency_ms" and latency else shown(r[key])
+                    for key, _, shown in costs
+                ),
             )
         )
-    blocks.append(
-        Paragraph(
-            f"{task.score_text} Δ and the paired tests use the seeds both models share; the 95% CI is Student-t over "
-            "seeds."
+    notes = [
+        f"{task.score_text} Δ and the paired tests use the seeds both models share; the 95% CI is Student-t over "
+        "seeds."
+    ]
+    if any(r["model"] != plan.baseline and wilcoxon_floor(r["shared_seeds"]) >= ALPHA for r in mine):
+        notes.append(
+            f"† cannot be significant: with n paired seeds the Wilcoxon signed-rank p is at least 2^(1−n) "
+            f"(0.5 at n = 2, 0.0625 at n = 5), so it cannot fall below {ALPHA} with fewer than 6 seeds."
         )
-    )
-    blocks.append(Table(header, tuple(rows)))
+    if latency:
+        notes.append(
+            "Latency: one image, eval mode, median of repeated timings after warm-up in each run; the table shows the "
+            "median over runs and (in brackets) the lowest and highest run, measured under whatever load each run met."
+        )
+    blocks.append(Paragraph(" ".join(notes)))
+    blocks.append(Table(header, tuple(body)))
     slug = dataset_slug(dataset)
     by_model = {name: runs for (d, name), runs in curves.items() if d == dataset}
     label = f"validation {task.score_name} ({task.unit})"
@@ -373,13 +459,23 @@ def build_report(plan: Plan, out: Path) -> ReportFiles:
                 'is for this budget; "inconclusive at this budget" says nothing about the preset\'s own one.'
             )
         )
+    if len(plan.seeds) < MIN_SEEDS and not (preset is not None and preset.small_budget):
+        blocks.append(
+            Callout(
+                f"**{len(plan.seeds)} seed(s): not evidence.** Fewer than {MIN_SEEDS} seeds cannot tell a difference "
+                "between models from the spread between seeds: the 95% intervals are very wide (Student-t with "
+                f"{max(len(plan.seeds) - 1, 0)} degree(s) of freedom) and the Wilcoxon test cannot reach p < {ALPHA} "
+                f"(its smallest p with {len(plan.seeds)} paired seed(s) is {wilcoxon_floor(len(plan.seeds)):.3g}). "
+                "Read these numbers as a smoke test; use --seeds 5 or more for evidence."
+            )
+        )
     if preset is not None:
         blocks.append(Paragraph(preset.description))
     blocks += _budget(plan, out, rows, missing)
     blocks += _verdict_blocks(plan, Evidence(rows, analyses))
     curves = learning_curves(plan, out)
     for dataset in plan.datasets:
-        blocks += _dataset_blocks(plan, out, dataset, table, curves)
+        blocks += _dataset_blocks(plan, out, dataset, table, curves, rows)
     blocks += _analysis_blocks(plan, out, analyses)
     blocks += _runs_table(plan, rows)
     write_text_atomic(files.markdown, to_markdown(blocks))
