@@ -664,3 +664,74 @@ def test_real_fashion_mnist_from_the_debian_package():
     assert bundle.image_size == (28, 28) and bundle.in_chans == 1 and bundle.num_classes == 10
     assert torch.bincount(bundle.test.labels).tolist() == [1000] * 10
     assert 0.28 < bundle.mean[0] < 0.29 and 0.35 < bundle.std[0] < 0.36  # the commonly quoted 0.2860 / 0.3530
+
+
+def test_imagefolder_notes_resizing_and_a_carved_test_split(tmp_path):
+    make_image_folder(tmp_path, {"a": [(i, 0, 0) for i in range(6)], "b": [(0, i, 0) for i in range(4)]})
+    bundle = load_dataset(f"imagefolder:{tmp_path}", val_size=2, test_size=3, image_size=4)
+    assert bundle.notes == (
+        "10 of 10 images were resized to 4×4 (from 10×6; option image_size, default 64)",
+        f"{tmp_path} has no test/ or val/ folder: 3 of its 10 images were set aside as the test split "
+        "(option test_size=3, fixed seed)",
+    )
+    same_size = load_dataset(f"imagefolder:{tmp_path}", val_size=2, test_size=3, image_size=(6, 10))
+    assert not any("resized" in note for note in same_size.notes)
+
+
+def test_imagefolder_with_its_own_test_split_notes_nothing_when_sizes_match(tmp_path):
+    make_image_folder(tmp_path / "train", {"cat": [(200, 10, 10)] * 3, "dog": [(10, 200, 10)] * 2}, size=(8, 8))
+    make_image_folder(tmp_path / "test", {"dog": [(10, 10, 200)]}, size=(8, 8))
+    assert load_dataset(f"imagefolder:{tmp_path}", val_size=0, image_size=8).notes == ()
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "world", "expected"),
+    [
+        (
+            130,
+            128,
+            1,
+            [
+                "130 training images at batch size 128 make 1 optimiser step(s) per epoch; the model will "
+                "hardly learn (lower --batch-size, e.g. to 32)"
+            ],
+        ),
+        (
+            1000,
+            128,
+            1,
+            [
+                "each epoch leaves out 104 of the 1000 training images (10%) to keep batches full at batch "
+                "size 128; a batch size that divides 1000 uses them all"
+            ],
+        ),
+        (1000, 100, 1, []),
+        (
+            1000,
+            64,
+            2,
+            [
+                "each epoch leaves out 104 of the 1000 training images (10%) to keep batches full at batch "
+                "size 128; a batch size that divides 1000 uses them all"
+            ],
+        ),  # 7 steps of 2 ranks × 64
+    ],
+)
+def test_batch_notes_warn_of_few_steps_and_dropped_images(n, batch, world, expected):
+    from attnlab.data import batch_notes
+
+    assert batch_notes(n, batch, world) == expected
+
+
+def test_a_run_on_an_image_folder_logs_the_notes_and_the_batch_warning(tmp_path):
+    from tiny_runs import tiny
+
+    from attnlab.train import train
+
+    make_image_folder(tmp_path / "pool", {"a": [(i, 0, 0) for i in range(40)], "b": [(0, i, 0) for i in range(40)]})
+    lines: list[str] = []
+    cfg = tiny(tmp_path / "run", dataset=f"imagefolder:{tmp_path / 'pool'}", dataset_options={"image_size": 8})
+    train(dataclasses.replace(cfg, epochs=1, val_size=8, batch_size=32), log=lines.append)
+    assert lines[0].startswith("note: 80 of 80 images were resized to 8×8 (from 10×6")
+    assert lines[1].startswith(f"note: {tmp_path / 'pool'} has no test/ or val/ folder: 16 of its 80 images")
+    assert lines[2].startswith("warning: 56 training images at batch size 32 make 1 optimiser step(s) per epoch")

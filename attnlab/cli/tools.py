@@ -115,4 +115,6 @@ def cmd_data(args: argparse.Namespace) -> int:
         f"{c}×{h}×{w}, {bundle.num_classes} classes; mean {[round(m, 4) for m in bundle.mean]}, "
         f"std {[round(s, 4) for s in bundle.std]}; from {bundle.origin}"
     )
+    for note in bundle.notes:
+        print(f"note: {note}")
     return 0

@@ -51,6 +51,7 @@ __all__ = [
     "DataBundle",
     "Source",
     "Split",
+    "batch_notes",
     "batches",
     "list_datasets",
     "load_dataset",
@@ -134,7 +135,35 @@ def load_dataset(
         crop_padding=source.crop_padding,
         hflip=source.hflip,
         origin=source.origin,
+        notes=source.notes,
     )
+
+
+MIN_STEPS = 4
+"""Fewer optimiser steps per epoch than this and `batch_notes` warns."""
+DROPPED_SHARE = 0.1
+"""A ragged last batch dropped each epoch that is at least this share of the training split is warned about."""
+
+
+def batch_notes(n: int, batch_size: int, world_size: int = 1) -> list[str]:
+    """Warnings, one line each, about a training split of ``n`` images at ``batch_size`` per rank: fewer than
+    `MIN_STEPS` optimiser steps per epoch, or a large share of the images left out of every epoch (`batches` drops a
+    ragged last training batch)."""
+    steps = num_batches(n, batch_size, train=True, world_size=world_size)
+    used = steps * batch_size * world_size
+    total = batch_size * world_size
+    notes = []
+    if steps < MIN_STEPS:
+        notes.append(
+            f"{n} training images at batch size {total} make {steps} optimiser step(s) per epoch; the model will "
+            f"hardly learn (lower --batch-size, e.g. to {2 ** max(0, (n // MIN_STEPS).bit_length() - 1)})"
+        )
+    if steps and n - used >= DROPPED_SHARE * n:
+        notes.append(
+            f"each epoch leaves out {n - used} of the {n} training images ({(n - used) / n:.0%}) to keep batches "
+            f"full at batch size {total}; a batch size that divides {n} uses them all"
+        )
+    return notes
 
 
 def _check_sharding(batch_size: int, rank: int, world_size: int) -> None:

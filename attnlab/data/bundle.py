@@ -76,6 +76,8 @@ class Source:
         hflip: whether horizontal flips preserve the labels' meaning.
         default_val: validation size when the user gives none (a count or a fraction of the pool).
         origin: where the data came from (files, folder, generator and seed), for logs and summaries.
+        notes: what the loader did that a user may not expect (images resized, a test split carved), one line each,
+            shown once by `attnlab data` and at the start of a run.
     """
 
     train: Split
@@ -85,6 +87,7 @@ class Source:
     hflip: bool
     default_val: int | float = 0.1
     origin: str = ""
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -114,6 +117,7 @@ class DataBundle:
         crop_padding: zero padding of the random-crop augmentation, in pixels.
         hflip: whether `batches` flips training images horizontally.
         origin: where the data came from.
+        notes: the loader's notes (`Source.notes`).
     """
 
     name: str
@@ -127,6 +131,7 @@ class DataBundle:
     crop_padding: int
     hflip: bool
     origin: str = field(default="")
+    notes: tuple[str, ...] = ()
 
     @property
     def in_chans(self) -> int:

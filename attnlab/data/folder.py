@@ -1,10 +1,19 @@
 """Any folder of images, one subfolder per class (torchvision's `ImageFolder` layout), loaded into memory.
 
-``imagefolder:PATH`` reads ``PATH/train`` and ``PATH/test`` (or ``PATH/val``) when either of the latter exists;
-otherwise ``PATH`` itself is the class-folder root and the test split is carved from it with the fixed `SPLIT_SEED`
-(option ``test_size``), so the test images do not change with the training seed. torchvision's `ImageFolder` finds
-the classes and files; each image is decoded by PIL, converted to ``mode``, scaled to cover ``image_size`` keeping its
-aspect ratio, centre-cropped to it and kept as uint8.
+Use it as ``--dataset imagefolder:PATH`` (options with ``--data-arg KEY=VALUE``). Two layouts::
+
+    PATH/train/CLASS/*.png   PATH/test/CLASS/*.png     a test split of your own (``PATH/val/`` works too)
+    PATH/CLASS/*.png                                   one pool: the test split is carved from it
+
+Any image format PIL reads works; a class is a subfolder name, labels follow the sorted names. In the second layout
+the test split is carved with the fixed `SPLIT_SEED` (option ``test_size``), so the test images do not change with the
+training seed; the validation split is always carved from the training images (``--val-size``, default 10%).
+
+Options (``load_imagefolder``): ``image_size`` (default 64: every image becomes 64×64; an int or H,W), ``mode``
+(``RGB``, 3 channels, the default; ``L``, grey), ``test_size`` (default 0.2: a fraction or a count; only for the
+second layout). Each image is decoded by PIL, converted to ``mode``, scaled to cover ``image_size`` keeping its aspect
+ratio (up or down), centre-cropped to it and kept as uint8; the loader notes, once, when images were resized and when
+a test split was carved (`Source.notes`).
 
 Everything is held in memory (N×C×H×W bytes: 100k RGB images at 64×64 are 1.2 GB), which suits the small and medium
 folders this library studies; big folders (ImageNet-sized) do not fit this design and need a streaming loader.
@@ -33,9 +42,12 @@ def _image_size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int
     return size
 
 
-def _read_folder(folder: Path, size: tuple[int, int], mode: str, classes: list[str] | None) -> tuple[Split, list[str]]:
+def _read_folder(
+    folder: Path, size: tuple[int, int], mode: str, classes: list[str] | None, resized: dict[tuple[int, int], int]
+) -> tuple[Split, list[str]]:
     """Every image under ``folder`` as one uint8 split, and the class names; labels index ``classes`` if given (a
-    held-out folder may lack some of them), else the folder's own sorted classes."""
+    held-out folder may lack some of them), else the folder's own sorted classes. Counts the images of each original
+    size (W, H) that were resized in ``resized``."""
     try:
         found = ImageFolder(str(folder), allow_empty=classes is not None)
     except (FileNotFoundError, OSError) as e:
@@ -51,6 +63,8 @@ def _read_folder(folder: Path, size: tuple[int, int], mode: str, classes: list[s
         try:
             with Image.open(path) as image:
                 image = image.convert(mode)
+                if (image.height, image.width) != (height, width):
+                    resized[image.size] = resized.get(image.size, 0) + 1
                 scale = max(height / image.height, width / image.width)
                 image = TF.resize(image, [math.ceil(image.height * scale), math.ceil(image.width * scale)])
                 image = TF.center_crop(image, [height, width])
@@ -72,13 +86,17 @@ def load_imagefolder(
     mode: str = "RGB",
     test_size: int | float = 0.2,
 ) -> Source:
-    """Images from a class-per-subfolder tree.
+    """Images from a class-per-subfolder tree (the layouts and what happens to the images: module docstring).
 
     Args:
         path: the folder (with ``train/`` and ``test/`` or ``val/``, or class folders directly).
-        image_size: output size, an int for square images or (H, W).
+        image_size: output size, an int for square images or (H, W); images of another size are scaled (up or down)
+            to cover it and centre-cropped.
         mode: PIL mode the images are converted to: ``"RGB"`` (3 channels) or ``"L"`` (grey, 1 channel).
         test_size: when there is no test/val folder, how much of the pool becomes the test split (count or fraction).
+
+    Returns:
+        The splits, with `Source.notes` saying whether images were resized and a test split carved.
     """
     root = Path(path).expanduser()
     size = _image_size(image_size)
@@ -87,13 +105,35 @@ def load_imagefolder(
     if not root.is_dir():
         raise AttnlabError(f"{root}: no such folder (imagefolder:PATH needs a folder of class subfolders)")
     held_out = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    resized: dict[tuple[int, int], int] = {}
+    notes = []
     if held_out is not None:
         if not (root / "train").is_dir():
             raise AttnlabError(f"{root}: has {held_out.name}/ but no train/ folder")
-        train, classes = _read_folder(root / "train", size, mode, None)
-        test, _ = _read_folder(held_out, size, mode, classes)
+        train, classes = _read_folder(root / "train", size, mode, None, resized)
+        test, _ = _read_folder(held_out, size, mode, classes, resized)
     else:
-        pool, classes = _read_folder(root, size, mode, None)
+        pool, classes = _read_folder(root, size, mode, None, resized)
         train, test = carve(pool, test_size, "imagefolder option test_size")
+        notes.append(
+            f"{root} has no test/ or val/ folder: {len(test)} of its {len(pool)} images were set aside as the test "
+            f"split (option test_size={test_size}, fixed seed)"
+        )
+    if resized:
+        shown = ", ".join(f"{w}×{h}" for (w, h), _ in sorted(resized.items(), key=lambda kv: -kv[1])[:3])
+        notes.insert(
+            0,
+            f"{sum(resized.values())} of {len(train) + len(test)} images were resized to {size[1]}×{size[0]} (from "
+            f"{shown}{', ...' if len(resized) > 3 else ''}; option image_size, default 64)",
+        )
     origin = f"imagefolder {root}"
-    return Source(train, test, classes, crop_padding=min(size) // 8, hflip=True, default_val=0.1, origin=origin)
+    return Source(
+        train,
+        test,
+        classes,
+        crop_padding=min(size) // 8,
+        hflip=True,
+        default_val=0.1,
+        origin=origin,
+        notes=tuple(notes),
+    )

@@ -175,12 +175,7 @@ def _budget(plan: Plan, out: Path, rows: Sequence[dict[str, Any]], missing: Sequ
     if machine.get("platform"):
         where += f", {machine['platform']}"
     datasets = [
-        d
-        + (
-            f" ({_settings(plan.dataset_options[d], '=')})"
-            if plan.dataset_options.get(d)
-            else ""
-        )
+        d + (f" ({_settings(plan.dataset_options[d], '=')})" if plan.dataset_options.get(d) else "")
         for d in plan.datasets
     ]
     total = len(plan.datasets) * len(plan.entries) * len(plan.seeds)
@@ -295,8 +290,7 @@ def _dataset_blocks(
             )
         )
     notes = [
-        f"{task.score_text} Δ and the paired tests use the seeds both models share; the 95% CI is Student-t over "
-        "seeds."
+        f"{task.score_text} Δ and the paired tests use the seeds both models share; the 95% CI is Student-t over seeds."
     ]
     if any(r["model"] != plan.baseline and wilcoxon_floor(r["shared_seeds"]) >= ALPHA for r in mine):
         notes.append(

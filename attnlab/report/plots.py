@@ -52,7 +52,10 @@ def learning_curves(
     return plotting.save(fig, path)
 
 
-COST_PANELS = (("params", "parameters (thousands)", 1e-3), ("latency_ms", "latency per image (ms, batch 1; median over runs)", 1.0))
+COST_PANELS = (
+    ("params", "parameters (thousands)", 1e-3),
+    ("latency_ms", "latency per image (ms, batch 1; median over runs)", 1.0),
+)
 
 
 def measured_costs(summary: Sequence[dict[str, Any]]) -> list[str]:

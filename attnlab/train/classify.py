@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import DataBundle, batches, load_dataset, num_batches
+from ..data import DataBundle, batch_notes, batches, load_dataset, num_batches
 from ..errors import AttnlabError
 from ..layers import StepHook
 from ..models import create_model
@@ -109,6 +109,11 @@ class Classification(RunTask):
             raise AttnlabError(
                 f"{bundle.name}: {len(bundle.train)} training images make no full batch of {run.cfg.batch_size}"
             )
+        if dist.is_main:  # once per run start, where the batch size is known
+            for note in bundle.notes:
+                run.log(f"note: {note}")
+            for warning in batch_notes(len(bundle.train), run.per_rank_batch, dist.world_size):
+                run.log(f"warning: {warning}")
         return steps
 
     def batches(self, run: Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
