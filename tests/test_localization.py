@@ -252,3 +252,15 @@ def test_every_model_is_compared_on_the_thresholded_map_iou_only():
     numbers = headline(result)
     assert numbers["iou_best_layer"] == 0.3
     assert numbers["iou_rect_best_layer"] == 0.9
+
+
+def test_the_overlay_title_names_only_what_is_drawn():
+    from attnlab.analysis.plots import overlay_title
+
+    spatial = {"layer1.0.attn": "spatial", "layer3.2.attn": "spatial"}
+    assert overlay_title("sp", spatial) == "sp: true box (green), spatial attention map of layer3.2.attn (heat)"
+    cram = {"layer2.0.cram": "rectangle", "layer3.0.cram": "rectangle", "layer3.0.cram.mask": "spatial"}
+    assert overlay_title("cram", cram) == (
+        "cram: true box (green), CRAM rectangles of 2 layers (yellow → red by depth), spatial attention map of "
+        "layer3.0.cram.mask (heat)"
+    )

@@ -160,9 +160,23 @@ def landscape_2d_plots(surface: dict[str, Any], contour_path: Path, surface_path
     return names
 
 
+def overlay_title(label: str, kinds: dict[str, str]) -> str:
+    """What `localization_overlay` draws for a model with these attention sites (path → kind), and nothing else."""
+    rectangles = [p for p, k in kinds.items() if k == "rectangle"]
+    maps = [p for p, k in kinds.items() if k == "spatial"]
+    parts = ["true box (green)"]
+    if len(rectangles) > 1:
+        parts.append(f"CRAM rectangles of {len(rectangles)} layers (yellow → red by depth)")
+    elif rectangles:
+        parts.append(f"CRAM rectangle of {rectangles[0]}")
+    if maps:
+        parts.append(f"spatial attention map of {maps[-1]} (heat)")
+    return f"{label}: " + ", ".join(parts)
+
+
 def localization_overlay(examples: dict[str, Any], path: Path, label: str) -> str:
     """A few images with the true box (green), every CRAM layer's rectangle (outlines, light → dark with depth) and the
-    deepest position-wise map as a heat overlay."""
+    deepest position-wise map as a heat overlay; the title names only what is drawn (`overlay_title`)."""
     from .localization import rectangle_polygon
 
     images = examples["images"]
@@ -196,7 +210,7 @@ def localization_overlay(examples: dict[str, Any], path: Path, label: str) -> st
         ax.set_xlim(0, width)
         ax.set_ylim(height, 0)
         ax.axis("off")
-    fig.suptitle(f"{label}: true box (green), CRAM rectangles (yellow → red by depth), deepest map (heat)", fontsize=9)
+    fig.suptitle(overlay_title(label, kinds), fontsize=9)
     return plotting.save(fig, path).name
 
 
@@ -272,6 +286,7 @@ __all__ = [
     "localization_bars",
     "localization_figures",
     "localization_overlay",
+    "overlay_title",
     "smoothness_figures",
     "smoothness_plot",
 ]
