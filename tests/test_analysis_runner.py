@@ -271,6 +271,8 @@ def test_the_printout_explains_every_headline_metric(runs, tmp_path, capsys):
         ("smoothness", "noise_acc_at_0.05", "accuracy under Gaussian input noise of σ = 0.05 data standard deviations"),
         ("landscape", "hessian_top_eig_layer2", "largest Hessian eigenvalue of the parameters of layer2 alone"),
         ("localization", "iou_map_rectangle", "IoU of the thresholded rectangle maps' box with the true box"),
+        ("consistency", "spearman_captum_ci_low", "lower end of the 95% Student-t interval of spearman_captum"),
+        ("consistency", "spearman_captum", "Spearman ρ between each gate and the captum importance"),
     ],
 )
 def test_templated_metric_meanings(name, metric, meaning):

@@ -83,7 +83,8 @@ class Analysis:
         """The one-line meaning of headline metric ``metric`` ("" for a metric `meanings` does not describe)."""
         if metric in self.meanings:
             return self.meanings[metric]
-        for pattern, text in self.meanings.items():
+        # the most specific template first: spearman_{method}_ci_low before spearman_{method}
+        for pattern, text in sorted(self.meanings.items(), key=lambda kv: -len(re.sub(r"{\w+}", "", kv[0]))):
             names = re.findall(r"{(\w+)}", pattern)
             regex = re.escape(pattern)
             for name in names:
