@@ -357,4 +357,4 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-__all__ = ["METHODS", "consistency", "gates_and_losses", "headline", "shuffle_attention"]
+__all__ = ["METRIC_MEANINGS", "METHODS", "consistency", "gates_and_losses", "headline", "shuffle_attention"]

@@ -542,6 +542,7 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
 
 
 __all__ = [
+    "METRIC_MEANINGS",
     "HessianVectorProduct",
     "headline",
     "landscape",

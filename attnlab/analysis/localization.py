@@ -460,6 +460,7 @@ def _nanmean(values) -> float:
 
 
 __all__ = [
+    "METRIC_MEANINGS",
     "TRANSFORMS",
     "box_iou",
     "box_polygon",

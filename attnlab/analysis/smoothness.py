@@ -324,6 +324,7 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
 
 
 __all__ = [
+    "METRIC_MEANINGS",
     "DEFAULT_SIGMAS",
     "headline",
     "input_gradient_norm",
