@@ -212,7 +212,7 @@ def test_each_analysis_has_its_own_help_with_options_defaults_and_meanings(capsy
         main(["analyze", "consistency", "--help"])
     assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "--control-images CONTROL_IMAGES samples the random-gate control runs on (default 256)" in text
+    assert "--control-images CONTROL_IMAGES samples the random-gate control runs on (default 128)" in text
     assert "--null, --no-null add the shuffled-importance control (default on)" in text
     assert "--methods A,B,..." in text and "--hessian-iters" not in text  # its own options only
     for name in ANALYSES:

@@ -231,7 +231,13 @@ def test_best_layer_is_chosen_on_held_out_images_not_on_the_scored_ones():
     honest = localization(
         model, scored, scored_boxes, transforms=(), select_images=held_out, select_boxes=held_out_boxes
     )
-    assert honest["selected_layer"] == {"index": 1, "on": "validation", "iou_map_on_selection": [0.0, 1.0]}
+    assert honest["selected_layer"] == {
+        "index": 1,
+        "on": "validation",
+        "path": "1",
+        "images": 6,
+        "iou_map_on_selection": [0.0, 1.0],
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no transform, no equivariance error: NaN, without numpy's warning
         numbers = headline(honest)
