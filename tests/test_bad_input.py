@@ -294,9 +294,10 @@ def test_unwritable_output_folder_gives_one_line(argv, files, capsys):
 
 @pytest.mark.parametrize("lines", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_closed_pipe_ends_quietly(lines):
-    """``attnlab models | head -1`` (and ``head -0``): the reader leaves; attnlab stops with exit 0 and says nothing."""
+    """``attnlab models --flops | head -1`` (and ``head -0``): the reader leaves while rows are still being measured;
+    attnlab stops with exit 0 and says nothing."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "attnlab", "models", "*resnet20"],
+        [sys.executable, "-m", "attnlab", "models", "*resnet20", "--flops"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
