@@ -183,3 +183,59 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
     assert done.stdout.count("epoch 2/2") == 1
     # the shards cover the data: each epoch saw (almost) all training images
     assert metrics(out)[0]["img_per_s"] > 0 and summary["val_acc"] > 0.3
+
+
+# ------------------------------------------------------------------------------------------ checkpoints inside epochs
+
+
+@pytest.mark.parametrize("seed", [7])
+def test_sigkill_inside_an_epoch_resumes_on_the_same_batches_to_bit_identical_weights(tmp_path, cli_reference, seed):
+    import random
+
+    rng = random.Random(seed)
+    epoch, step = rng.randrange(0, 3), rng.randrange(1, 5)  # 4 epochs of 5 steps: a step strictly inside one
+    out = tmp_path / "killed"
+    marker = out / "checkpoints" / f"epoch-{epoch:04d}-step-{step:06d}.json"
+    kill_when(cli_train(out) + ["--checkpoint-every", "1"], marker)
+    kept = sorted(p.name for p in (out / "checkpoints").glob("*.json"))
+    assert len(kept) <= 2 and marker.name in kept or any("step" in k for k in kept), kept
+    resumed = cli_resume(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step" in resumed.stdout or "after epoch" in resumed.stdout
+    assert same_weights(cli_reference / "model.safetensors", out / "model.safetensors")
+    assert numbers(cli_reference) == numbers(out)  # the epoch's sums went on from the checkpoint's
+
+
+def test_stop_signal_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_identical(tmp_path, cli_reference):
+    import signal
+    import time
+
+    out = tmp_path / "stopped"
+    cmd = cli_train(out) + ["--checkpoint-every", "1h"]  # the clock never asks: only the signal checkpoints
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = out / "checkpoints" / "epoch-0001.json"
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-500:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGUSR1, err
+    assert "stopped by SIGUSR1 at step" in err and "continue with --resume" in err and "Traceback" not in err
+    inside = [p for p in (out / "checkpoints").glob("epoch-*-step-*.json")]
+    assert len(inside) == 1 and not (out / "summary.json").exists()
+    resumed = cli_resume(out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(cli_reference / "model.safetensors", out / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "checkpoint_every must be a number of steps (500) or a duration (10min, 90s, 2h), got '0'"),
+        ("10 parsecs", "got '10 parsecs'"),
+    ],
+)
+def test_a_bad_checkpoint_interval_is_one_line(tmp_path, capsys, value, message):
+    assert main(cli_train(tmp_path / "run")[3:] + ["--checkpoint-every", value]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()

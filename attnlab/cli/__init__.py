@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except AttnlabError as e:
         print(f"attnlab: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(e, "exit_code", EXIT_USAGE)  # a run stopped by a signal: 128 + its number, as a shell says
     except KeyboardInterrupt:
         print("attnlab: interrupted", file=sys.stderr)
         return 130

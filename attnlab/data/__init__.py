@@ -202,6 +202,7 @@ def batches(
     device: torch.device | str = "cpu",
     drop_last: bool | None = None,
     channels_last: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised float32 images and int64 labels on ``device``, ``batch_size`` per rank at a time.
 
@@ -222,6 +223,8 @@ def batches(
         device: where the batches go.
         drop_last: see `num_batches`.
         channels_last: return images in channels-last memory format.
+        start: the first batch to yield (a run resumed inside an epoch skips those it trained on; the permutation
+            and augmentation are drawn whole, so the rest are the batches an uninterrupted epoch yields).
     """
     count = num_batches(len(split), batch_size, train=train, world_size=world_size, rank=rank, drop_last=drop_last)
     n = len(split)
@@ -236,13 +239,13 @@ def batches(
     std = torch.tensor(bundle.std, dtype=torch.float32, device=device)
     augment = (bundle.crop_padding, offsets, flips if bundle.hflip else None) if train else None
     indices = indices.to(split.images.device)
-    return _iterate(split, indices, count, batch_size, augment, mean, std, device, channels_last)
+    return _iterate(split, indices, range(start, count), batch_size, augment, mean, std, device, channels_last)
 
 
 def _iterate(
     split: Split,
     indices: torch.Tensor,
-    count: int,
+    steps: range,
     batch_size: int,
     augment: tuple[int, torch.Tensor, torch.Tensor | None] | None,
     mean: torch.Tensor,
@@ -250,7 +253,7 @@ def _iterate(
     device: torch.device | str,
     channels_last: bool,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for b in range(count):
+    for b in steps:
         batch = slice(b * batch_size, (b + 1) * batch_size)
         images = split.images[indices[batch]].to(device, non_blocking=True)
         labels = split.labels[indices[batch].to(split.labels.device)].to(device, non_blocking=True)

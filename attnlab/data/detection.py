@@ -327,13 +327,15 @@ def detection_batches(
     world_size: int = 1,
     hflip: bool = True,
     device: torch.device | str = "cpu",
+    start: int = 0,
 ) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
     """Lists of float images in [0, 1] and their targets on ``device``, ``batch_size`` per rank at a time.
 
     As `attnlab.data.batches`: in training, a permutation seeded by (``seed``, ``epoch``), the same on every rank,
     of which ``rank`` takes positions ``rank::world_size`` (``len // world_size`` each, so every rank runs the same
     number of steps, a ragged last batch kept), each image flipped horizontally (boxes too) by a coin drawn per
-    position; in evaluation, the split in order, ``rank::world_size``, unflipped.
+    position; in evaluation, the split in order, ``rank::world_size``, unflipped. ``start``: the first batch to
+    yield (the rest are those of the whole epoch).
     """
     from . import num_batches
 
@@ -347,7 +349,7 @@ def detection_batches(
     else:
         indices = torch.arange(n)[rank::world_size]
         flips = torch.zeros(len(indices), dtype=torch.bool)
-    for b in range(count):
+    for b in range(start, count):
         images, targets = [], []
         for i, flip in zip(indices[b * batch_size : (b + 1) * batch_size].tolist(), flips[b * batch_size :].tolist()):
             image, target = split[i]

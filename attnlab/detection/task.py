@@ -193,7 +193,9 @@ class Detection(RunTask):
             )
         return -(-shard // run.per_rank_batch)  # a ragged last batch is kept
 
-    def batches(self, run: Run, epoch: int) -> Iterable[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+    def batches(
+        self, run: Run, epoch: int, start: int = 0
+    ) -> Iterable[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
         return detection_batches(
             run.data.train,
             run.per_rank_batch,
@@ -204,6 +206,7 @@ class Detection(RunTask):
             world_size=run.dist.world_size,
             hflip=run.cfg.hflip,
             device=run.device,
+            start=start,
         )
 
     def forward(self, run: Run, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> StepResult:

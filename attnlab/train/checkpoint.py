@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ..errors import AttnlabError
 from ..io import atomic_path, write_text_atomic
 
 KEEP = 2  # checkpoints kept on disk: the newest and one to fall back on
+_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?")
 
 
 def save_tensors_atomic(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -110,18 +112,36 @@ def _join_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return state
 
 
-def save_checkpoint(directory: Path, epoch: int, states: dict[str, Any], info: dict[str, Any]) -> Path:
-    """Write checkpoint ``epoch-NNNN`` into ``directory`` and keep only the newest `KEEP`.
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """``epoch-NNNN`` after ``epoch`` completed epochs, ``epoch-NNNN-step-SSSSSS`` ``step`` steps into the next."""
+    return f"epoch-{epoch:04d}" if step is None else f"epoch-{epoch:04d}-step-{step:06d}"
+
+
+def _order(path: Path) -> tuple[int, int]:
+    """Where a checkpoint file lies in the run: (completed epochs, steps into the next; -1 at the epoch's end)."""
+    found = _NAME.fullmatch(path.stem)
+    return (int(found[1]), -1 if found[2] is None else int(found[2]))
+
+
+def _in_order(directory: Path) -> list[Path]:
+    return sorted((p for p in Path(directory).glob("epoch-*.json") if _NAME.fullmatch(p.stem)), key=_order)
+
+
+def save_checkpoint(
+    directory: Path, epoch: int, states: dict[str, Any], info: dict[str, Any], step: int | None = None
+) -> Path:
+    """Write checkpoint `checkpoint_name` ``(epoch, step)`` into ``directory`` and keep only the newest `KEEP`.
 
     Args:
         directory: the run's checkpoint folder.
         epoch: number of completed epochs.
+        step: steps taken in the next epoch, for a checkpoint inside an epoch (None: at an epoch's end).
         states: named states (``model``, ``optimizer``, ``scheduler``, ``rng``, ...): nested dicts/lists of tensors
             and JSON values.
         info: JSON-serialisable extras (metrics history, config).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"epoch-{epoch:04d}"
+    name = checkpoint_name(epoch, step)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = {key: _split_state(state, key, tensors) for key, state in states.items()}
     digest = save_tensors_atomic(directory / f"{name}.safetensors", tensors)
@@ -130,7 +150,7 @@ def save_checkpoint(directory: Path, epoch: int, states: dict[str, Any], info: d
         write_text_atomic(directory / f"{name}.json", json.dumps(record))
     except OSError as e:
         raise AttnlabError(f"{directory / name}.json: could not write checkpoint ({e.strerror or e})") from None
-    for old in sorted(directory.glob("epoch-*.json"))[:-KEEP]:
+    for old in _in_order(directory)[:-KEEP]:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
     for orphan in directory.glob("epoch-*.safetensors"):  # tensor files whose JSON never got written
@@ -157,7 +177,7 @@ def latest_checkpoint(directory: Path) -> tuple[int, dict[str, Any], dict[str, A
 
     A newest checkpoint that is corrupt is skipped with a warning and the previous one is used.
     """
-    for json_path in sorted(Path(directory).glob("epoch-*.json"), reverse=True):
+    for json_path in reversed(_in_order(directory)):
         try:
             return _read_checkpoint(json_path)
         except AttnlabError as e:

@@ -116,7 +116,7 @@ class Classification(RunTask):
                 run.log(f"warning: {warning}")
         return steps
 
-    def batches(self, run: Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, run: Run, epoch: int, start: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return batches(
             run.data.train,
             run.data,
@@ -128,6 +128,7 @@ class Classification(RunTask):
             world_size=run.dist.world_size,
             device=run.device,
             channels_last=run.channels_last,
+            start=start,
         )
 
     def forward(self, run: Run, x: torch.Tensor, y: torch.Tensor) -> StepResult:

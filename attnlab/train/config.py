@@ -78,6 +78,26 @@ def autocast_dtype(precision: str):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def checkpoint_interval(value: str | int) -> tuple[str, float] | None:
+    """``checkpoint_every`` read: ``("steps", N)`` for a positive integer, ``("seconds", T)`` for a positive number
+    followed by ``s``, ``min`` or ``h``; None when it is neither."""
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return ("steps", float(int(text))) if int(text) > 0 else None
+    for unit, scale in _UNITS.items():
+        number = text.removesuffix(unit)
+        if number != text:
+            try:
+                seconds = float(number) * scale
+            except ValueError:
+                return None
+            return ("seconds", seconds) if 0 < seconds < float("inf") else None
+    return None
+
+
 def _positive(value: float) -> str:
     return f"{'≥ 1' if isinstance(value, int) else '> 0'}, got {value}"
 
@@ -121,6 +141,13 @@ class RunConfig:
     grad_clip: float | None = setting(None, help="clip the global gradient norm to this")
     nonfinite: str = setting(
         "stop", choices=NONFINITE, help="on a NaN/Inf loss or gradients: stop the run, or skip the step"
+    )
+    checkpoint_every: str | int | None = setting(
+        None,
+        group="run",
+        metavar="N|T",
+        help="also checkpoint inside epochs: every N optimiser steps (500) or every T of wall time (10min, 90s, 2h); "
+        "a run resumes from the newest, on the very batch it stopped at",
     )
     detect_anomaly: bool = setting(False, group="run", help="autograd anomaly mode: names the op of a NaN (slow)")
     model_kwargs: dict[str, Any] = setting(
@@ -170,6 +197,11 @@ class RunConfig:
             (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
             (split_ok, f"val_size must be a count ≥ 0 or a fraction in [0, 1), got {self.val_size}"),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {self.device!r}"),
+            (
+                self.checkpoint_every is None or checkpoint_interval(self.checkpoint_every) is not None,
+                "checkpoint_every must be a number of steps (500) or a duration (10min, 90s, 2h), "
+                f"got {self.checkpoint_every!r}",
+            ),
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,7 +298,7 @@ def given_flags(flags: Any, exclude: Collection[str] = (), config: type = TrainC
     return values
 
 
-NEUTRAL = frozenset({"out", "device", "data_dir", "eval_batch_size", "detect_anomaly", "compile"})
+NEUTRAL = frozenset({"out", "device", "data_dir", "eval_batch_size", "detect_anomaly", "compile", "checkpoint_every"})
 """Settings that say where and how a run executes, not what it computes: two runs that differ only in these give the
 same numbers up to float rounding. A finished run is reused by a comparison when its config differs from the wanted
 one only here. ``compile`` is one of them, as ``device`` is: the compiled graph computes the same function with other

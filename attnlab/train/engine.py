@@ -39,7 +39,7 @@ from ..layers import StepHook, check_mechanisms, training_hooks
 from ..models.options import check_buildable
 from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint, save_tensors_atomic
-from .config import RunConfig, autocast_dtype, first_difference
+from .config import RunConfig, autocast_dtype, checkpoint_interval, first_difference
 from .optim import make_optimizer, make_scheduler, schedule_for
 from .rundir import RunDir, wall_time_before
 
@@ -121,8 +121,9 @@ class RunTask:
     def steps_per_epoch(self, run: Run) -> int:
         raise NotImplementedError
 
-    def batches(self, run: Run, epoch: int) -> Iterable[tuple[Any, Any]]:
-        """The epoch's training batches on this rank, as (inputs, targets)."""
+    def batches(self, run: Run, epoch: int, start: int = 0) -> Iterable[tuple[Any, Any]]:
+        """The epoch's training batches on this rank, as (inputs, targets), from batch ``start`` on: exactly those an
+        uninterrupted epoch would go on with (a run resumed inside an epoch skips the ones it trained on)."""
         raise NotImplementedError
 
     def forward(self, run: Run, inputs: Any, targets: Any) -> StepResult:
@@ -147,6 +148,78 @@ class RunTask:
     def summary_fields(self, run: Run) -> dict[str, Any]:
         """The task's own fields of ``summary.json`` (costs, sizes)."""
         return {}
+
+
+@dataclass
+class EpochSoFar:
+    """An epoch's training up to a step: what `train_epoch` sums, and the hooks' generator state."""
+
+    step: int = 0
+    sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    counted: int = 0
+    skipped: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    generator: torch.Tensor | None = None
+
+
+class Preempted(AttnlabError):
+    """The run was sent a stop signal with no handler of its own to pass it to: it checkpointed and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what the signal itself would have given through a shell
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+"""What schedulers send before they stop a job: SLURM's SIGTERM on preemption or cancellation, the SIGUSR1/SIGUSR2
+of ``--signal`` ahead of a time limit (submitit's is SIGUSR2)."""
+
+
+class StopRequest:
+    """The stop signals a run received, answered at the next step boundary: the engine writes a checkpoint and then
+    does what the signal would have done without it (`answer`)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _received(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Catch `STOP_SIGNALS` while the run trains (only the main thread may; elsewhere nothing is caught)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self.previous[number] = signal.signal(number, self._received)
+        try:
+            yield self
+        finally:
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
+
+    def answer(self, where: str, folder: RunDir) -> None:
+        """After the checkpoint: hand the signal to the handler that was there before (submitit's requeues the job
+        and exits; one that returns lets the run go on), or stop with `Preempted` where there was none."""
+        import signal
+
+        signum, self.signum = self.signum, None
+        previous = self.previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+            return
+        if previous == signal.SIG_IGN:
+            return
+        name = signal.Signals(signum).name
+        raise Preempted(
+            f"stopped by {name} {where}; checkpoint written; continue with --resume --out {folder.root}", signum
+        )
 
 
 @dataclass
@@ -176,6 +249,10 @@ class Run:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train_images: float = 0.0
     train_seconds: float = 0.0
+    start_step: int = 0  # steps of epoch `start_epoch` a checkpoint inside it had already taken
+    partial: EpochSoFar | None = None  # what those steps summed, from that checkpoint
+    stop: StopRequest = dataclasses.field(default_factory=lambda: StopRequest())
+    last_save: float = dataclasses.field(default_factory=time.monotonic)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -243,8 +320,9 @@ def run_task(
     """
     with opened_run(cfg, resume, task.resumable) as (dist, device, folder):
         run = setup(task, cfg, dist, device, folder, resume, progress, log or print)
-        for epoch in range(run.start_epoch, cfg.epochs):
-            end_epoch(run, epoch, *train_epoch(run, epoch))
+        with run.stop.installed():
+            for epoch in range(run.start_epoch, cfg.epochs):
+                end_epoch(run, epoch, *train_epoch(run, epoch))
         return finish(run)
 
 
@@ -318,43 +396,103 @@ def _resume(run: Run) -> None:
     if "cuda" in states["rng"] and run.device.type == "cuda":
         torch.cuda.set_rng_state(states["rng"]["cuda"], run.device)
     run.history = info["history"][: run.start_epoch]
-    run.started -= wall_time_before(run.history)
+    run.started -= wall_time_before(run.history) + info.get("partial", {}).get("seconds", 0.0)
+    where = f"after epoch {run.start_epoch}"
+    if "partial" in info:  # a checkpoint inside epoch start_epoch + 1
+        on_rank = run.dist.is_main  # the sums saved are over every rank: one of them carries them on
+        run.partial = EpochSoFar(
+            **{**info["partial"], **({} if on_rank else {"counted": 0, "skipped": 0, "seen": 0})},
+            sums=states.get("partial", {}) if on_rank else {},
+            generator=states["rng"]["hooks"],
+        )
+        run.start_step = run.partial.step
+        where = f"at step {run.start_step} of epoch {run.start_epoch + 1}"
     if run.dist.is_main:
-        run.log(f"resuming {run.folder.root} after epoch {run.start_epoch}")
+        run.log(f"resuming {run.folder.root} {where}")
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], int, int, int, float]:
-    """One pass over the training split; returns the sums of the steps taken, the images they saw, the steps
-    skipped, the images seen by every step (skipped or not: the work done) and the seconds."""
+    """One pass over the training split (the rest of it, after a checkpoint inside it); returns the sums of the
+    steps taken, the images they saw, the steps skipped, the images seen by every step (skipped or not: the work
+    done) and the seconds. Between steps it checkpoints as ``checkpoint_every`` says or a stop signal asks."""
     cfg = run.cfg
     run.net.train()
     t0 = time.perf_counter()
+    so_far = run.partial if epoch == run.start_epoch and run.partial is not None else EpochSoFar()
+    run.partial = None
     generator = epoch_generator(cfg.seed, epoch, salt=2)
-    sums: dict[str, torch.Tensor] = {}
-    counted, skipped, seen = 0, 0, 0
+    if so_far.generator is not None:
+        generator.set_state(so_far.generator)
+    sums, counted, skipped, seen = dict(so_far.sums), so_far.counted, so_far.skipped, so_far.seen
+    start = so_far.step
     bar = tqdm(
-        run.task.batches(run, epoch),
+        run.task.batches(run, epoch, start),
         total=run.steps_per_epoch,
+        initial=start,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         leave=False,
         disable=not run.show_bar,
         dynamic_ncols=True,
     )
-    for step, (inputs, targets) in enumerate(bar):
+    for step, (inputs, targets) in enumerate(bar, start):
         progress = (epoch * run.steps_per_epoch + step) / (cfg.epochs * run.steps_per_epoch)
         result = _step(run, inputs, targets, generator, progress, epoch)
         seen += len(targets)
         if result is None:
             skipped += 1
-            continue
-        counted += len(targets)
-        for key, value in result.sums.items():
-            sums[key] = sums.get(key, 0) + value.detach().double()
-        if run.show_bar:
-            bar.set_postfix(loss=f"{result.loss.item():.3f}", refresh=False)
+        else:
+            counted += len(targets)
+            for key, value in result.sums.items():
+                sums[key] = sums.get(key, 0) + value.detach().double()
+            if run.show_bar:
+                bar.set_postfix(loss=f"{result.loss.item():.3f}", refresh=False)
+        if _checkpoint_due(run, step + 1):
+            seconds = so_far.seconds + time.perf_counter() - t0
+            _save(run, epoch, EpochSoFar(step + 1, sums, counted, skipped, seen, seconds, generator.get_state()))
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    return sums, counted, skipped, seen, time.perf_counter() - t0
+    return sums, counted, skipped, seen, so_far.seconds + time.perf_counter() - t0
+
+
+def _checkpoint_due(run: Run, steps: int) -> bool:
+    """Whether to checkpoint after ``steps`` steps of the epoch: a stop signal arrived, or ``checkpoint_every``
+    says so (never at the epoch's end, which checkpoints anyway). Rank 0's clock decides for every rank, and a
+    signal to any rank stops them all, so that they checkpoint together."""
+    every = checkpoint_interval(run.cfg.checkpoint_every) if run.cfg.checkpoint_every is not None else None
+    due = False
+    if every is not None and steps < run.steps_per_epoch:
+        unit, amount = every
+        due = steps % int(amount) == 0 if unit == "steps" else time.monotonic() - run.last_save >= amount
+    if run.dist.enabled:
+        import signal
+
+        numbers = [int(getattr(signal, name, 0)) for name in STOP_SIGNALS]
+        flags = [float(due and run.dist.is_main), *(float(run.stop.signum == n) for n in numbers)]
+        summed = run.dist.all_sum(torch.tensor(flags, device=run.device)).tolist()
+        due = summed[0] > 0
+        if run.stop.signum is None:
+            run.stop.signum = next((n for n, got in zip(numbers, summed[1:]) if got > 0), None)
+    return due or run.stop.signum is not None
+
+
+def _save(run: Run, epoch: int, so_far: EpochSoFar) -> None:
+    """A checkpoint ``so_far.step`` steps into ``epoch`` (its sums over every rank); then answer a stop signal."""
+    keys = sorted(so_far.sums)
+    totals = run.dist.all_sum(torch.stack([so_far.sums[k] for k in keys])) if keys else None
+    counts = run.dist.all_sum(torch.tensor([so_far.counted, so_far.skipped, so_far.seen], dtype=torch.float64))
+    if run.dist.is_main:
+        counted, skipped, seen = (int(c) for c in counts.tolist())
+        partial = {"step": so_far.step, "counted": counted, "skipped": skipped, "seen": seen, "seconds": so_far.seconds}
+        states = _states(run)
+        states["rng"]["hooks"] = so_far.generator
+        states["partial"] = {k: totals[i] for i, k in enumerate(keys)}
+        save_checkpoint(
+            run.folder.checkpoints, epoch, states, {"history": run.history, "partial": partial}, step=so_far.step
+        )
+    run.last_save = time.monotonic()
+    run.dist.barrier()
+    if run.stop.signum is not None:
+        run.stop.answer(f"at step {so_far.step} of epoch {epoch + 1}", run.folder)
 
 
 def _step(run: Run, inputs, targets, generator, progress: float, epoch: int) -> StepResult | None:
@@ -429,23 +567,28 @@ def end_epoch(
     )
     run.history.append(record)
     if dist.is_main:
-        rng = {"torch": torch.get_rng_state()}  # Faster R-CNN's proposal and RoI sampling draw from it too
-        if run.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(run.device)
-        states = {
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "rng": rng,
-        }
-        save_checkpoint(run.folder.checkpoints, epoch + 1, states, {"history": run.history})
+        save_checkpoint(run.folder.checkpoints, epoch + 1, _states(run), {"history": run.history})
+        run.last_save = time.monotonic()
         run.folder.write_history(run.history)
         run.log(
             f"epoch {epoch + 1}/{run.cfg.epochs}  {run.task.epoch_text(record)}  lr {record['lr']:.4f}  "
             f"{record['img_per_s']:.1f} img/s  {seconds:.1f}s"
         )
     dist.barrier()
+
+
+def _states(run: Run) -> dict[str, Any]:
+    """What a checkpoint holds of the run: weights, optimiser, schedule, scaler and RNG."""
+    rng = {"torch": torch.get_rng_state()}  # Faster R-CNN's proposal and RoI sampling draw from it too
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": rng,
+    }
 
 
 def finish(run: Run) -> dict[str, Any]:
