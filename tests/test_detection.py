@@ -649,3 +649,29 @@ def test_detect_under_torchrun_two_processes_matches_metrics_of_its_own_weights(
     assert main(["detect", "eval", "--checkpoint", str(out)]) == 0
     alone = json.loads(capsys.readouterr().out)
     assert all(alone[k] == pytest.approx(summary[f"test_{k}"], abs=2e-3) for k in ("ap", "ap50", "ar100"))
+
+
+def test_detection_resumes_inside_an_epoch_to_bit_identical_weights(garments, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    train_detector(tiny_detect(garments, whole, epochs=1, batch_size=4), log=lambda _: None)
+    stopped = tmp_path / "stopped"
+    save = engine_module.save_checkpoint
+
+    def dies_at_step_2(directory, epoch, states, info, step=None):
+        path = save(directory, epoch, states, info, step=step)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(engine_module, "save_checkpoint", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(tiny_detect(garments, stopped, epochs=1, batch_size=4, checkpoint_every=1), log=lambda _: None)
+    monkeypatch.setattr(engine_module, "save_checkpoint", save)
+    assert (stopped / "checkpoints" / "epoch-0000-step-000002.json").exists()
+    lines = []
+    train_detector(
+        tiny_detect(garments, stopped, epochs=1, batch_size=4, checkpoint_every=1), resume=True, log=lines.append
+    )
+    assert any("at step 2 of epoch 1" in line for line in lines)
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(stopped / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
