@@ -176,8 +176,8 @@ def reference(tmp_path: Path, seed: int, epochs: int) -> Path:
 @pytest.mark.slow
 def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     """submitit's preemption signal (USR2, what SLURM sends before it preempts or times out a job) after the first
-    epoch: TrainJob.checkpoint has the run requeued with ``resume=True``; it continues after epoch 1 and ends with
-    the uninterrupted run's weights."""
+    epoch: the engine checkpoints at the next step, then TrainJob.checkpoint has the run requeued with
+    ``resume=True``; it continues from that step and ends with the uninterrupted run's weights."""
     out, grid = tmp_path / "preempted", plan(models="resnet20", seeds=1, epochs=3)
     cfg = grid.run_config("synthetic", grid.entries[0], 0, out)
     job = make_executor(out / SUBMITIT_DIR, "local", Resources()).submit(TrainJob("r", cfg.to_dict(), False, 1))
@@ -185,7 +185,7 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     os.kill(task_pid(int(job.job_id)), signal.SIGUSR2)
     summary = job.result()
     log = job.stdout() + (job.stderr() or "")
-    assert "Requeued job" in log and "after epoch" in log, log
+    assert "Requeued job" in log and "resuming" in log and "at step" in log, log
     assert summary["epochs"] == 3 and not (Path(cfg.out) / "failure.txt").exists()
     assert same_weights(Path(cfg.out) / "model.safetensors", reference(tmp_path, 0, 3) / "model.safetensors")
 

@@ -4,9 +4,10 @@
 folder for submitit's pickles and logs is ``OUT/submitit/``, and the job's id is recorded in the run's folder
 (``job.json``). A job trains its run with `train_one`, exactly as `LocalPool` does, so a failed run leaves the same
 ``failure.txt``; a job that dies outside it (killed, out of memory, a node lost) has the scheduler's account written
-there instead. Preemption and timeouts follow submitit's protocol: on the signal, `TrainJob.checkpoint` hands back
-the same run with ``resume=True`` and submitit requeues it, so it continues from the engine's last checkpoint (an
-epoch boundary), with the engine's exact resume. ``compare --resume`` waits for a recorded job still pending or
+there instead. Preemption and timeouts follow submitit's protocol: the engine catches the signal, writes a checkpoint
+at the next step boundary and then hands the signal on to submitit's handler, where `TrainJob.checkpoint` hands back
+the same run with ``resume=True`` and submitit requeues it, so it continues from that very step, with the engine's
+exact resume. ``compare --resume`` waits for a recorded job still pending or
 running instead of submitting the run again.
 
 The SLURM path and the local one are the same code. What differs: the executor (``cluster="slurm"`` or ``"local"``
