@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from tiny_runs import SYNTH, cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
 
+from attnlab import AttnlabError
 from attnlab.cli import main
 from attnlab.train import TrainConfig, load_trained, train
 from attnlab.train.rundir import wall_time_before
@@ -239,3 +242,36 @@ def test_stop_signal_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_ide
 def test_a_bad_checkpoint_interval_is_one_line(tmp_path, capsys, value, message):
     assert main(cli_train(tmp_path / "run")[3:] + ["--checkpoint-every", value]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+# -------------------------------------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulating_two_batches_of_b_steps_as_one_batch_of_2b(tmp_path):
+    """Without BN (whose batch statistics depend on the batch's size) the two differ only by float rounding: the same
+    images in the same order and augmentation, the mean loss of 2B as the mean of two means of B, the same schedule
+    of optimiser steps."""
+    from torch import nn
+
+    from attnlab.train.classify import Classification
+    from attnlab.train.engine import run_task
+
+    class WithoutBN(Classification):
+        def build_model(self, cfg, data):
+            return nn.Sequential(
+                nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, SYNTH["num_classes"])
+            )
+
+    quiet = {"log": lambda _: None, "progress": False}
+    one = run_task(WithoutBN(), tiny(tmp_path / "one", batch_size=64, precision="fp32"), **quiet)
+    two = run_task(WithoutBN(), tiny(tmp_path / "two", batch_size=32, accumulate=2, precision="fp32"), **quiet)
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # two ways of summing: rounding differs, as it must
+    assert [m["lr"] for m in metrics(tmp_path / "one")] == [m["lr"] for m in metrics(tmp_path / "two")]
+    assert one["val_acc"] == pytest.approx(two["val_acc"], abs=1 / 64)
+
+
+def test_accumulating_more_batches_than_an_epoch_has_is_one_line(tmp_path):
+    with pytest.raises(AttnlabError, match=r"^accumulate=9: an epoch has only 5 batch\(es\) of 64$"):
+        train(tiny(tmp_path / "run", accumulate=9), log=lambda _: None)

@@ -139,6 +139,11 @@ class RunConfig:
     schedule: str = setting("cosine", choices=SCHEDULES, help="learning-rate schedule after the warm-up")
     warmup_epochs: float = setting(1.0, help="epochs of linear learning-rate warm-up")
     grad_clip: float | None = setting(None, help="clip the global gradient norm to this")
+    accumulate: int = setting(
+        1,
+        help="batches per optimiser step, their gradients summed (loss / N): the step of a batch N × --batch-size "
+        "in the memory of one; the schedule counts optimiser steps",
+    )
     nonfinite: str = setting(
         "stop", choices=NONFINITE, help="on a NaN/Inf loss or gradients: stop the run, or skip the step"
     )
@@ -164,7 +169,7 @@ class RunConfig:
         help="a mechanism's training option, e.g. cram.equivariance=0.1 (see `attnlab.layers.hooks`)",
     )
 
-    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "eval_batch_size", "lr")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "eval_batch_size", "lr", "accumulate")
 
     def __post_init__(self) -> None:
         check_fields(self)  # every field against its annotation: types, finite floats, 64-bit integers

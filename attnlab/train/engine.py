@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import platform
@@ -119,6 +120,7 @@ class RunTask:
         raise NotImplementedError
 
     def steps_per_epoch(self, run: Run) -> int:
+        """Training batches per epoch on each rank (``accumulate`` of them make an optimiser step)."""
         raise NotImplementedError
 
     def batches(self, run: Run, epoch: int, start: int = 0) -> Iterable[tuple[Any, Any]]:
@@ -241,7 +243,7 @@ class Run:
     started: float
     net: nn.Module | None = None  # the model, wrapped in DDP when distributed
     channels_last: bool = False
-    steps_per_epoch: int = 0
+    steps_per_epoch: int = 0  # optimiser steps
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
     scaler: torch.amp.GradScaler | None = None
@@ -249,6 +251,7 @@ class Run:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train_images: float = 0.0
     train_seconds: float = 0.0
+    saved_buffers: list[torch.Tensor] | None = None  # the buffers before the step under way (nonfinite: skip)
     start_step: int = 0  # steps of epoch `start_epoch` a checkpoint inside it had already taken
     partial: EpochSoFar | None = None  # what those steps summed, from that checkpoint
     stop: StopRequest = dataclasses.field(default_factory=lambda: StopRequest())
@@ -365,7 +368,10 @@ def setup(task: RunTask, cfg: RunConfig, dist, device: torch.device, folder: Run
         started=started,
     )
     task.prepare(run)
-    run.steps_per_epoch = task.steps_per_epoch(run)
+    batches = task.steps_per_epoch(run)
+    run.steps_per_epoch = batches // cfg.accumulate  # optimiser steps: what the schedule counts
+    if run.steps_per_epoch == 0:
+        raise AttnlabError(f"accumulate={cfg.accumulate}: an epoch has only {batches} batch(es) of {cfg.batch_size}")
     run.optimizer = make_optimizer(model, cfg)
     run.scheduler = make_scheduler(run.optimizer, cfg, run.steps_per_epoch)
     run.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
@@ -424,28 +430,41 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], int, int
     if so_far.generator is not None:
         generator.set_state(so_far.generator)
     sums, counted, skipped, seen = dict(so_far.sums), so_far.counted, so_far.skipped, so_far.seen
-    start = so_far.step
+    start, group = so_far.step, cfg.accumulate  # ``step`` counts batches: ``accumulate`` of them make a step
+    used = run.steps_per_epoch * group  # a ragged tail of batches that makes no whole step is left out
     bar = tqdm(
-        run.task.batches(run, epoch, start),
-        total=run.steps_per_epoch,
+        itertools.islice(run.task.batches(run, epoch, start), used - start),
+        total=used,
         initial=start,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         leave=False,
         disable=not run.show_bar,
         dynamic_ncols=True,
     )
+    pending: list[tuple[int, StepResult]] = []  # the batches of the step under way
     for step, (inputs, targets) in enumerate(bar, start):
-        progress = (epoch * run.steps_per_epoch + step) / (cfg.epochs * run.steps_per_epoch)
-        result = _step(run, inputs, targets, generator, progress, epoch)
-        seen += len(targets)
-        if result is None:
+        progress = (epoch * used + step) / (cfg.epochs * used)
+        pending.append(
+            (
+                len(targets),
+                _micro_step(run, inputs, targets, generator, progress, step % group == 0, (step + 1) % group == 0),
+            )
+        )
+        if (step + 1) % group:
+            continue
+        ok = _optimizer_step(run, [result for _, result in pending], epoch)
+        images = sum(n for n, _ in pending)
+        seen += images
+        if not ok:
             skipped += 1
         else:
-            counted += len(targets)
-            for key, value in result.sums.items():
-                sums[key] = sums.get(key, 0) + value.detach().double()
+            counted += images
+            for _, result in pending:
+                for key, value in result.sums.items():
+                    sums[key] = sums.get(key, 0) + value.detach().double()
             if run.show_bar:
-                bar.set_postfix(loss=f"{result.loss.item():.3f}", refresh=False)
+                bar.set_postfix(loss=f"{pending[-1][1].loss.item():.3f}", refresh=False)
+        pending = []
         if _checkpoint_due(run, step + 1):
             seconds = so_far.seconds + time.perf_counter() - t0
             _save(run, epoch, EpochSoFar(step + 1, sums, counted, skipped, seen, seconds, generator.get_state()))
@@ -454,12 +473,13 @@ def train_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], int, int
     return sums, counted, skipped, seen, so_far.seconds + time.perf_counter() - t0
 
 
-def _checkpoint_due(run: Run, steps: int) -> bool:
-    """Whether to checkpoint after ``steps`` steps of the epoch: a stop signal arrived, or ``checkpoint_every``
-    says so (never at the epoch's end, which checkpoints anyway). Rank 0's clock decides for every rank, and a
-    signal to any rank stops them all, so that they checkpoint together."""
+def _checkpoint_due(run: Run, batches: int) -> bool:
+    """Whether to checkpoint after ``batches`` batches of the epoch (the end of an optimiser step): a stop signal
+    arrived, or ``checkpoint_every`` says so (never at the epoch's end, which checkpoints anyway). Rank 0's clock
+    decides for every rank, and a signal to any rank stops them all, so that they checkpoint together."""
     every = checkpoint_interval(run.cfg.checkpoint_every) if run.cfg.checkpoint_every is not None else None
     due = False
+    steps = batches // run.cfg.accumulate
     if every is not None and steps < run.steps_per_epoch:
         unit, amount = every
         due = steps % int(amount) == 0 if unit == "steps" else time.monotonic() - run.last_save >= amount
@@ -495,11 +515,15 @@ def _save(run: Run, epoch: int, so_far: EpochSoFar) -> None:
         run.stop.answer(f"at step {so_far.step} of epoch {epoch + 1}", run.folder)
 
 
-def _step(run: Run, inputs, targets, generator, progress: float, epoch: int) -> StepResult | None:
-    """One optimiser step on a batch; None when a non-finite step was skipped."""
+def _micro_step(run: Run, inputs, targets, generator, progress: float, first: bool, last: bool) -> StepResult:
+    """Forward and backward of one batch, its gradients added to those of the step's earlier batches (``first``:
+    none yet; ``last``: the step's last batch); the loss is divided by ``accumulate`` so that the step's gradient
+    is that of the mean over its batches. The result's ``loss`` is the batch's whole loss, extra terms included."""
     cfg, model = run.cfg, run.model
-    # "skip" must also undo what a bad forward did to BN running statistics
-    saved_buffers = [b.clone() for b in model.buffers()] if cfg.nonfinite == "skip" else None
+    if first:
+        run.optimizer.zero_grad(set_to_none=True)
+        # "skip" must also undo what a bad forward did to BN running statistics
+        run.saved_buffers = [b.clone() for b in model.buffers()] if cfg.nonfinite == "skip" else None
     for hook in run.hooks:
         hook.before_step(progress)
     with run.autocast():
@@ -511,18 +535,25 @@ def _step(run: Run, inputs, targets, generator, progress: float, epoch: int) -> 
         for hook in run.hooks:
             if (term := hook.extra_loss(result.hook_input, generator)) is not None:
                 total = total + term
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(total).backward()
+    syncing = contextlib.nullcontext() if last or not run.dist.enabled else run.net.no_sync()
+    with syncing:  # DDP averages the gradients over ranks once per step, at its last batch
+        run.scaler.scale(total if cfg.accumulate == 1 else total / cfg.accumulate).backward()
+    return StepResult(total.detach(), result.sums, result.hook_input)
+
+
+def _optimizer_step(run: Run, results: list[StepResult], epoch: int) -> bool:
+    """The optimiser step of the batches of ``results``; False when a non-finite step was skipped."""
     run.scaler.unscale_(run.optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip or math.inf)
+    finite_loss = all(bool(torch.isfinite(r.loss)) for r in results)
     # with fp16 the GradScaler itself skips steps with inf/NaN gradients and lowers its scale
-    if not run.scaler.is_enabled() and not (torch.isfinite(grad_norm) and torch.isfinite(total)):
-        _skip_step(run, saved_buffers, "loss" if not torch.isfinite(total) else "gradients", epoch)
-        return None
+    if not run.scaler.is_enabled() and not (torch.isfinite(grad_norm) and finite_loss):
+        _skip_step(run, run.saved_buffers, "gradients" if finite_loss else "loss", epoch)
+        return False
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
-    return result
+    return True
 
 
 def _skip_step(run: Run, saved_buffers, what: str, epoch: int) -> None:
