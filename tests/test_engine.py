@@ -275,3 +275,40 @@ def test_accumulating_two_batches_of_b_steps_as_one_batch_of_2b(tmp_path):
 def test_accumulating_more_batches_than_an_epoch_has_is_one_line(tmp_path):
     with pytest.raises(AttnlabError, match=r"^accumulate=9: an epoch has only 5 batch\(es\) of 64$"):
         train(tiny(tmp_path / "run", accumulate=9), log=lambda _: None)
+
+
+# ------------------------------------------------------------------------------------------- moving average (EMA)
+
+
+def test_ema_is_evaluated_saved_and_resumed_inside_an_epoch_bit_for_bit(tmp_path, monkeypatch):
+    import attnlab.train.engine as engine
+
+    whole = train(tiny(tmp_path / "whole", ema_decay=0.9), log=lambda _: None)
+    assert {"val_ema_acc", "val_ema_loss", "test_ema_acc", "test_ema_loss"} <= whole.keys()
+    assert "val_ema_acc" in metrics(tmp_path / "whole")[-1]
+    raw, ema = (load_file(str(tmp_path / "whole" / name)) for name in ("model.safetensors", "model_ema.safetensors"))
+    assert raw.keys() == ema.keys() and not all(torch.equal(raw[k], ema[k]) for k in raw)
+
+    save = engine.save_checkpoint
+
+    def dies_at_step_3(directory, epoch, states, info, step=None):
+        path = save(directory, epoch, states, info, step=step)
+        if (epoch, step) == (1, 3):
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(engine, "save_checkpoint", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "stopped", ema_decay=0.9, checkpoint_every=1), log=lambda _: None)
+    monkeypatch.setattr(engine, "save_checkpoint", save)
+    resumed = train(tiny(tmp_path / "stopped", ema_decay=0.9, checkpoint_every=1), resume=True, log=lambda _: None)
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        assert same_weights(tmp_path / "whole" / name, tmp_path / "stopped" / name), name
+    assert resumed["test_ema_acc"] == whole["test_ema_acc"] and numbers(tmp_path / "whole") == numbers(
+        tmp_path / "stopped"
+    )
+
+
+def test_ema_decay_outside_0_1_is_one_line(tmp_path):
+    with pytest.raises(AttnlabError, match=r"^ema_decay must be in \(0, 1\), got 1.0$"):
+        tiny(tmp_path / "run", ema_decay=1.0)

@@ -139,6 +139,12 @@ class RunConfig:
     schedule: str = setting("cosine", choices=SCHEDULES, help="learning-rate schedule after the warm-up")
     warmup_epochs: float = setting(1.0, help="epochs of linear learning-rate warm-up")
     grad_clip: float | None = setting(None, help="clip the global gradient norm to this")
+    ema_decay: float | None = setting(
+        None,
+        help="also keep an exponential moving average of the weights (timm's ModelEmaV3) with this decay per optimiser "
+        "step, e.g. 0.999: validated, tested and saved beside the raw weights (val_ema_*, test_ema_*, "
+        "model_ema.safetensors)",
+    )
     accumulate: int = setting(
         1,
         help="batches per optimiser step, their gradients summed (loss / N): the step of a batch N × --batch-size "
@@ -198,6 +204,7 @@ class RunConfig:
                 )
             ],
             (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
             (self.subset is None or self.subset > 0, f"subset must be > 0, got {self.subset}"),
             (self.seed >= 0, f"seed must be ≥ 0, got {self.seed}"),
             (split_ok, f"val_size must be a count ≥ 0 or a fraction in [0, 1), got {self.val_size}"),

@@ -251,6 +251,7 @@ class Run:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train_images: float = 0.0
     train_seconds: float = 0.0
+    ema: nn.Module | None = None  # timm's ModelEmaV3 of the model (``ema_decay``)
     saved_buffers: list[torch.Tensor] | None = None  # the buffers before the step under way (nonfinite: skip)
     start_step: int = 0  # steps of epoch `start_epoch` a checkpoint inside it had already taken
     partial: EpochSoFar | None = None  # what those steps summed, from that checkpoint
@@ -375,6 +376,10 @@ def setup(task: RunTask, cfg: RunConfig, dist, device: torch.device, folder: Run
     run.optimizer = make_optimizer(model, cfg)
     run.scheduler = make_scheduler(run.optimizer, cfg, run.steps_per_epoch)
     run.scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+    if cfg.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        run.ema = ModelEmaV3(model, decay=cfg.ema_decay)
     if resume:
         _resume(run)
     run.net = DistributedDataParallel(model) if dist.enabled else model
@@ -398,6 +403,8 @@ def _resume(run: Run) -> None:
     # stretches the rest of the schedule (identical to the saved one when epochs did not change)
     run.scheduler.lr_lambdas = [schedule_for(run.cfg, run.steps_per_epoch) for _ in run.scheduler.lr_lambdas]
     run.scaler.load_state_dict(states["scaler"])
+    if run.ema is not None:
+        run.ema.module.load_state_dict(states["ema"])
     torch.set_rng_state(states["rng"]["torch"])
     if "cuda" in states["rng"] and run.device.type == "cuda":
         torch.cuda.set_rng_state(states["rng"]["cuda"], run.device)
@@ -553,6 +560,8 @@ def _optimizer_step(run: Run, results: list[StepResult], epoch: int) -> bool:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
     return True
 
 
@@ -585,6 +594,9 @@ def end_epoch(
     run.train_images += seen  # throughput counts the skipped steps' work too
     run.train_seconds += seconds
     val = run.evaluate(run.data.val)
+    if run.ema is not None:
+        with _evaluating(run, run.ema.module):
+            val.update({f"ema_{k}": v for k, v in run.evaluate(run.data.val).items()})
     record: dict[str, Any] = {"epoch": epoch + 1}
     # NaN: every step of the epoch was skipped (not a loss of 0 nobody had)
     record.update({f"train_{k}": (total / counted if counted else math.nan) for k, total in zip(keys, totals)})
@@ -613,21 +625,40 @@ def _states(run: Run) -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state()}  # Faster R-CNN's proposal and RoI sampling draw from it too
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    return {
+    states = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "rng": rng,
     }
+    if run.ema is not None:
+        states["ema"] = run.ema.module.state_dict()
+    return states
+
+
+@contextlib.contextmanager
+def _evaluating(run: Run, module: nn.Module) -> Iterator[None]:
+    """``run`` with ``module`` (the weights' average) in place of its model, for the task's evaluation."""
+    saved = run.model, run.net
+    run.model = run.net = module
+    try:
+        yield
+    finally:
+        run.model, run.net = saved
 
 
 def finish(run: Run) -> dict[str, Any]:
     """Test once, write the final weights and ``summary.json``; returns the summary (on every rank)."""
     test = run.evaluate(run.data.test)
+    if run.ema is not None:
+        with _evaluating(run, run.ema.module):
+            test.update({f"ema_{k}": v for k, v in run.evaluate(run.data.test).items()})
     summary = None
     if run.dist.is_main:
         save_tensors_atomic(run.folder.weights, run.model.state_dict(), run.task.weights_metadata(run))
+        if run.ema is not None:
+            save_tensors_atomic(run.folder.ema_weights, run.ema.module.state_dict(), run.task.weights_metadata(run))
         summary = _summary(run, test)
         write_text_atomic(run.folder.summary, json.dumps(summary, indent=2))
         run.log(f"done: {run.task.done_text(summary)}  → {run.folder.root}")

@@ -12,7 +12,14 @@ from pathlib import Path
 from ..errors import AttnlabError
 from ..io import check_writable, make_dir, write_text_atomic
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "checkpoints")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    "model_ema.safetensors",
+    "checkpoints",
+)
 
 
 def wall_time_before(history: list[dict]) -> float:
@@ -32,6 +39,7 @@ class RunDir:
         self.metrics = self.root / "metrics.jsonl"
         self.summary = self.root / "summary.json"
         self.weights = self.root / "model.safetensors"
+        self.ema_weights = self.root / "model_ema.safetensors"  # the weights' moving average (``ema_decay``)
         self.checkpoints = self.root / "checkpoints"
         self.lock = self.root / ".lock"
 
