@@ -101,7 +101,9 @@ def add_config_flags(p: argparse.ArgumentParser, config: type, exclude: Collecti
                 g, flag, help_text, dest=f.name, **({"metavar": meta["metavar"]} if "metavar" in meta else {})
             )
         else:
-            g.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), help=help_text)
+            g.add_argument(
+                flag, dest=f.name, type=kind, choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text
+            )
 
 
 def add_speed_flags(g) -> None:
