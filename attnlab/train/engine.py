@@ -504,9 +504,12 @@ def _checkpoint_due(run: Run, batches: int) -> bool:
 
 def _save(run: Run, epoch: int, so_far: EpochSoFar) -> None:
     """A checkpoint ``so_far.step`` steps into ``epoch`` (its sums over every rank); then answer a stop signal."""
-    keys = sorted(so_far.sums)
-    totals = run.dist.all_sum(torch.stack([so_far.sums[k] for k in keys])) if keys else None
-    counts = run.dist.all_sum(torch.tensor([so_far.counted, so_far.skipped, so_far.seen], dtype=torch.float64))
+    keys = run.task.train_terms(run.cfg)  # every rank sums the same keys, whatever it skipped
+    zero = torch.zeros((), dtype=torch.float64, device=run.device)
+    totals = run.dist.all_sum(torch.stack([so_far.sums.get(k, zero) for k in keys]))
+    counts = run.dist.all_sum(
+        torch.tensor([so_far.counted, so_far.skipped, so_far.seen], dtype=torch.float64, device=run.device)
+    )
     if run.dist.is_main:
         counted, skipped, seen = (int(c) for c in counts.tolist())
         partial = {"step": so_far.step, "counted": counted, "skipped": skipped, "seen": seen, "seconds": so_far.seconds}
