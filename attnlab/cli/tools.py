@@ -27,7 +27,7 @@ def add_parsers(sub) -> None:
         "--models",
         default="resnet20,se_resnet20,eca_resnet20,cbam_resnet20,spatial_resnet20,"
         "cram_resnet20,aw_resnet20,fmm_resnet20",
-        help="comma-separated; the first is the baseline",
+        help="comma-separated model names or entries (efficientnet_b0[attention=eca]); the first is the baseline",
     )
     p.add_argument("--input-size", type=input_size, default=(3, 32, 32), metavar="C,H,W")
     p.add_argument("--batch-size", type=int, default=256)
@@ -74,21 +74,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..io import check_writable, write_csv
-    from ..models import list_models
     from ..train.cost import benchmark_models, format_table
     from ..train.engine import resolve_device
+    from ..train.entry import parse_entry, split_top
 
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    names = split_top(args.models)
     if not names:
         raise AttnlabError("bench: --models names no model")
     resolve_device(args.device)
     if args.csv:
         check_writable(args.csv, "--csv", folder=False)
-    unknown = [n for n in names if n not in list_models()]
-    if unknown:
-        from ..errors import unknown_name
-
-        raise unknown_name("model", unknown[0], list_models())
+    for name in names:
+        parse_entry(name)  # an unknown name (attnlab's, timm's, torchvision:NAME) fails before any work
     rows = benchmark_models(
         names,
         input_size=args.input_size,

@@ -32,6 +32,7 @@ from .._compat import timm_resnet_cfg
 from ..errors import AttnlabError, unknown_name
 from ..layers import create_attn
 from ..layers.merge import DEFAULT_FMM_MERGE
+from ..schema import check
 from .capture import capture_attention
 from .convert import convert
 from .external import TORCHVISION, check_image_size, external_model, is_external, torchvision_names
@@ -252,6 +253,8 @@ def create_model(
     pretrained: bool = False,
     weights: str | Path | None = None,
     image_size: int | tuple[int, int] | None = None,
+    attention: str | None = None,
+    attention_args: dict[str, Any] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a network by name: attnlab's own, any of timm's registry, or torchvision's as ``torchvision:NAME``.
@@ -266,6 +269,10 @@ def create_model(
             its base network's). Offline this is one clear error: pass ``weights`` instead.
         weights: a weights file (`attnlab.models.weights.load_weights`: safetensors or a state dict).
         image_size: check, by one dry forward, that the network takes images of this size.
+        attention: swap every attention of the built network for this registered one (`attnlab.convert`;
+            ``"none"`` removes them), after its weights are loaded: ``weights`` / ``pretrained`` are the original
+            network's. The entry grammar's ``efficientnet_b0[attention=eca]``.
+        attention_args: that attention's options (``efficientnet_b0[attention=eca,attention_args.k_size=5]``).
         **kwargs: for attnlab names, ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it),
             ``attn_where`` (``"all"``, ``"last"`` or stage numbers), ``merge`` (a merge name), ``merge_args`` (dict of
             its options), ``post_act`` (False: no activation after the merge), ``aw`` (bool, or a dict of AWConv2d
@@ -282,6 +289,13 @@ def create_model(
         model = external_model(name, num_classes, in_chans, pretrained=pretrained, **kwargs)
     if weights is not None:
         load_weights(model, weights)
+    if attention is not None:
+        attention = check("attention", attention, str)
+        attention_args = check("attention_args", attention_args, dict[str, Any] | None)
+        side = None if image_size is None else image_size if isinstance(image_size, int) else min(image_size)
+        convert(model, attention=attention, attn_kwargs=attention_args, **({"image_size": side} if side else {}))
+    elif attention_args is not None:
+        raise AttnlabError(f"{name}: attention_args needs attention=NAME (the attention they configure)")
     if image_size is not None:
         check_image_size(model, image_size, name)
     return model

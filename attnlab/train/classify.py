@@ -3,10 +3,13 @@ accuracy, and the classifier's memory layout and ``torch.compile``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
-from typing import Any
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,7 @@ from ..data import DataBundle, batch_notes, batches, load_dataset, num_batches
 from ..errors import AttnlabError
 from ..layers import StepHook
 from ..models import create_model
+from ..models.weights import WeightsNotice
 from .compiling import compile_module, eager, is_compiled, run_or_fall_back
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .cost import count_flops, measure_latency
@@ -44,13 +48,31 @@ def build_model(cfg: TrainConfig, bundle: DataBundle) -> nn.Module:
         raise AttnlabError(f"num_classes={num_classes} but {bundle.name} has {bundle.num_classes} classes")
     for split_name in ("train", "val", "test"):
         check_labels(getattr(bundle, split_name).labels, num_classes, f"{bundle.name}: {split_name} ")
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    if min(bundle.image_size) < model.min_input_size:
-        h, w = bundle.image_size
-        raise AttnlabError(
-            f"{bundle.name} images are {h}×{w}: too small for {cfg.model} (needs ≥ {model.min_input_size} px)"
+    with notices_as_lines():
+        return create_model(
+            cfg.model,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            pretrained=cfg.pretrained,
+            weights=cfg.weights,
+            image_size=tuple(bundle.image_size),
+            **kwargs,
         )
-    return model
+
+
+@contextlib.contextmanager
+def notices_as_lines(stream: TextIO | None = None) -> Iterator[None]:
+    """Inside: each `WeightsNotice` (a classifier re-initialised, an input convolution adapted, a variant's new
+    modules) becomes one ``attnlab: ...`` line on ``stream`` (stderr by default) instead of a warning's two; other
+    warnings pass as they were."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", WeightsNotice)
+        yield
+    for w in caught:
+        if issubclass(w.category, WeightsNotice):
+            print(f"attnlab: {w.message}", file=stream or sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def memory_layout(cfg: TrainConfig, hooks: list[StepHook]) -> bool:

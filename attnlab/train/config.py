@@ -111,6 +111,19 @@ class RunConfig:
         group="run",
         help="model name (see `attnlab models`) or an entry as compare writes it, NAME[key=value,...]",
     )
+    weights: str | None = setting(
+        None,
+        group="options",
+        metavar="FILE",
+        help="start the model from this weights file: safetensors or a state dict (.pth/.pt/.bin, timm's and "
+        "torchvision's checkpoints too); a classifier of another size is re-initialised",
+    )
+    pretrained: bool = setting(
+        False,
+        group="options",
+        help="start the model from its own downloaded weights (timm's or torchvision's; an attnlab ImageNet variant "
+        "from its base network's); offline, pass --weights FILE",
+    )
     dataset: str = setting("fashion-mnist", group="run", help="dataset name (see `attnlab data`)")
     data_dir: str | None = setting(
         None, group="run", help="folder holding the dataset files (else $ATTNLAB_DATA, then system paths)"
@@ -214,6 +227,7 @@ class RunConfig:
                 "checkpoint_every must be a number of steps (500) or a duration (10min, 90s, 2h), "
                 f"got {self.checkpoint_every!r}",
             ),
+            (not (self.pretrained and self.weights), "pretrained and weights exclude each other: pass one of them"),
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,10 +345,23 @@ non-finite policy too, since a finished run under ``stop`` met no non-finite ste
 in is their luck, as with any seed."""
 
 
-def first_difference(saved: dict[str, Any], wanted: dict[str, Any], may_differ: frozenset[str]) -> tuple | None:
+def first_difference(
+    saved: dict[str, Any], wanted: dict[str, Any], may_differ: frozenset[str], config: type | None = None
+) -> tuple | None:
     """The first setting on which two configs differ, as ``(key, saved value, wanted value)``, ignoring the keys in
-    ``may_differ``; None when they agree. Resuming a run and reusing a finished one both ask this."""
+    ``may_differ``; None when they agree. Resuming a run and reusing a finished one both ask this. A setting the saved
+    config lacks is, given ``config`` (the run-config class), that class's default: the run predates the setting and
+    ran as its default does (``weights``, ``pretrained``)."""
+    defaults = _defaults(config) if config is not None else {}
     for key in dict.fromkeys([*saved, *wanted]):
-        if key not in may_differ and saved.get(key) != wanted.get(key):
-            return key, saved.get(key), wanted.get(key)
+        before = saved.get(key, defaults.get(key))
+        if key not in may_differ and before != wanted.get(key):
+            return key, before, wanted.get(key)
     return None
+
+
+def _defaults(config: type) -> dict[str, Any]:
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in fields(config)
+    }

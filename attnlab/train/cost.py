@@ -23,6 +23,7 @@ from ..models import create_model
 from ..schema import PositiveInt, Range, check_call
 from .compiling import compile_module, eager, is_compiled, run_or_fall_back
 from .config import autocast_dtype, resolve_precision
+from .entry import parse_entry
 
 
 def _sync(device: torch.device) -> None:
@@ -62,10 +63,16 @@ def measure_latency(
 
 
 def _bench_setup(name, x, y, x_latency, num_classes: int, dtype, compile: bool, memory_format):
-    """Model ``name`` (seed 0) on ``x``'s device, with a closure for one SGD step on (x, y) and one for inference."""
+    """Model ``name`` (seed 0) on ``x``'s device, with a closure for one SGD step on (x, y) and one for inference.
+    ``name`` is an entry (`attnlab.train.entry`): ``efficientnet_b0[attention=eca]`` measures the converted network."""
+    entry = parse_entry(name)
+    if entry.train:
+        raise AttnlabError(f"bench: {name!r} sets training settings ({', '.join(entry.train)}); bench builds models only")
     torch.manual_seed(0)
     dev = x.device
-    model = create_model(name, num_classes=num_classes, in_chans=x.shape[1]).to(dev, memory_format=memory_format)
+    size = tuple(x.shape[2:])
+    model = create_model(entry.model, num_classes=num_classes, in_chans=x.shape[1], image_size=size, **entry.model_kwargs)
+    model = model.to(dev, memory_format=memory_format)
     if compile:
         compile_module(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -332,7 +332,7 @@ def run_task(
 
 def check_resumable(cfg: RunConfig, folder: RunDir, may_change: frozenset[str]) -> None:
     """Refuse to resume a run with settings that would change its numbers (any outside ``may_change``)."""
-    differs = first_difference(read_yaml(folder.config), cfg.to_dict(), may_change)
+    differs = first_difference(read_yaml(folder.config), cfg.to_dict(), may_change, type(cfg))
     if differs:
         key, saved, wanted = differs
         raise AttnlabError(

@@ -8,6 +8,13 @@ configuration (`TrainConfig`, `attnlab.detection.DetectConfig`) changes the reci
 is a model option. Values are read as YAML (``0.1`` a number, ``[1,2]`` a list, ``gate`` a string); any other dotted
 key sets one key of a dict model option (``merge_args.residual_bias=1``). The whole text is the entry's display
 name, so several entries of one model can be compared side by side.
+
+NAME is any name `attnlab.create_model` builds: attnlab's, timm's registry (``efficientnet_b0``) or torchvision's
+as ``torchvision:NAME``. The model option ``attention=NAME`` converts the built network (`attnlab.convert`): every
+attention it has is swapped for the registered attention NAME (``efficientnet_b0[attention=eca]``: its SE gates
+become ECA; ``attention=none`` removes them), after its ``weights`` / ``pretrained`` are loaded, and
+``attention_args.KEY=VALUE`` sets that attention's options. In a folder name (`Entry.slug`) the ``:`` of
+``torchvision:NAME`` becomes a dash: ``torchvision-mobilenet_v3_small``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AttnlabError, unknown_name
+from ..errors import AttnlabError
 from ..io import yaml_scalar
 from .config import TrainConfig
 
@@ -37,8 +44,9 @@ class Entry:
 
     @property
     def slug(self) -> str:
-        """The entry's folder name: brackets and commas become dashes, anything unusual an underscore."""
-        text = self.name.replace("[", "-").replace(",", "-").replace("]", "")
+        """The entry's folder name: ``:`` (``torchvision:NAME``), brackets and commas become dashes, anything unusual
+        an underscore."""
+        text = self.name.replace(":", "-").replace("[", "-").replace(",", "-").replace("]", "")
         return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
 
 
@@ -65,15 +73,14 @@ def parse_entry(text: str, config: type = TrainConfig) -> Entry:
     """``"name[key=value,...]"`` → `Entry` (see the module docstring); a key that is a field of ``config`` (the run
     configuration class) is a training setting, ``MECHANISM.OPTION`` a mechanism's option."""
     from ..layers import list_training_hooks
-    from ..models import list_models
+    from ..models import check_model_name
 
     text = text.strip()
-    match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[(.*)\])?", text, flags=re.S)
+    match = re.fullmatch(r"((?:torchvision:)?[A-Za-z0-9_.-]+)(?:\[(.*)\])?", text, flags=re.S)
     if not match:
         raise AttnlabError(f"model entry {text!r}: expected NAME or NAME[key=value,...]")
     model, options = match.group(1), match.group(2)
-    if model not in list_models():
-        raise unknown_name("model", model, list_models())
+    check_model_name(model)
     config_fields = {f.name for f in dataclasses.fields(config)}
     mechanisms = set(list_training_hooks())
     model_kwargs: dict[str, Any] = {}
