@@ -1,4 +1,5 @@
-"""Any attnlab model as a detection backbone: timm's feature extraction under torchvision's `BackboneWithFPN`.
+"""Any attnlab model or timm network as a detection backbone: timm's feature extraction under torchvision's
+`BackboneWithFPN`.
 
 timm builds the model with ``features_only=True`` and says, through its ``feature_info``, which module ends each
 level and with how many channels at which stride; torchvision's `BackboneWithFPN` takes those modules as its body
@@ -7,6 +8,13 @@ feature pyramid on top. The result is what torchvision's `FasterRCNN` and `Retin
 torchvision's own ``resnet_fpn_backbone`` (``body.layer1.0...``), so `attnlab.capture_attention` finds every attention
 module inside a detector. ``trainable_layers`` and ``frozen_bn`` behave as in ``resnet_fpn_backbone``; since attnlab
 has no pretrained weights they matter when the backbone starts from a trained classifier (``weights``).
+
+A timm network other than attnlab's (``efficientnet_b0``, ``regnety_002``, ``convnext_atto``) is built whole by
+`attnlab.create_model` (so ``attention=NAME`` converts it, ``pretrained`` / ``weights_file`` load its weights) and
+wrapped in timm's `FeatureDictNet`, with ``flatten_sequential=True`` where a feature level sits inside a Sequential
+(``blocks.2`` becomes the top-level ``blocks_2``, as `BackboneWithFPN` needs). ``trainable_layers`` counts ``layer*`` stages only, so
+it is for ResNet-style names. torchvision's classifiers (``torchvision:NAME``) are refused: they declare no feature
+levels (no ``feature_info``) for the pyramid to take; torchvision's own detection builders cover them.
 """
 
 from __future__ import annotations
@@ -16,13 +24,16 @@ from pathlib import Path
 
 import timm
 from timm.layers import freeze_batch_norm_2d
+from timm.models import FeatureDictNet
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
-from ..errors import AttnlabError, unknown_name
-from ..models import list_models
+from ..errors import AttnlabError
+from ..models import MODEL_NAMES, check_model_name, create_model
+from ..models.external import TORCHVISION
 from ..train.checkpoint import load_state_strict, load_tensors
+from ..train.classify import notices_as_lines
 
 
 def _stem_and_stages(body: nn.Module) -> list[list[str]]:
@@ -60,6 +71,16 @@ def _load_classifier(body: nn.Module, name: str, weights: str | Path) -> None:
     load_state_strict(body, tensors, path)
 
 
+def _load_whole(
+    body: nn.Module, name: str, in_chans: int, pretrained: bool, weights_file, model_kwargs: dict
+) -> None:
+    """The whole classifier ``name`` with its weights (downloaded or from a file), copied into the feature body."""
+    with notices_as_lines():
+        whole = create_model(name, in_chans=in_chans, pretrained=pretrained, weights=weights_file, **model_kwargs)
+    wanted = body.state_dict()
+    load_state_strict(body, {k: v for k, v in whole.state_dict().items() if k in wanted}, name)
+
+
 def backbone(
     name: str,
     *,
@@ -69,13 +90,16 @@ def backbone(
     trainable_layers: int | None = None,
     frozen_bn: bool = False,
     weights: str | Path | None = None,
+    pretrained: bool = False,
+    weights_file: str | Path | None = None,
     extra_blocks: ExtraFPNBlock | None = None,
     **model_kwargs,
 ) -> BackboneWithFPN:
     """A `BackboneWithFPN` over attnlab model ``name`` (its output keys are ``"0"``, ``"1"``, ... and ``"pool"``).
 
     Args:
-        name: an attnlab model name (`attnlab.list_models`), e.g. ``"aw_se_resnet20"``, ``"se_resnet50"``.
+        name: an attnlab model name (`attnlab.list_models`), e.g. ``"aw_se_resnet20"``, ``"se_resnet50"``, or a
+            timm network (``"efficientnet_b0"``); not ``torchvision:NAME`` (see the module doc).
         in_chans: input channels.
         out_indices: timm feature levels fed to the pyramid (0 is the stem); default every stage (1, 2, ...).
         out_channels: channels of every pyramid level.
@@ -84,20 +108,37 @@ def backbone(
         frozen_bn: replace every BatchNorm of the backbone by a frozen one (fixed statistics and affine).
         weights: start from a trained attnlab classifier of the same name (run folder or ``model.safetensors``);
             its classifier head is left out.
+        pretrained: start from the network's own downloaded weights (as `attnlab.create_model`).
+        weights_file: start from a weights file of the classifier network (`attnlab.models.load_weights`).
         extra_blocks: torchvision's extra pyramid block (default `LastLevelMaxPool`, the ``"pool"`` level).
         **model_kwargs: model options (``attn_layer``, ``merge``, ``aw``, ...), as for `attnlab.create_model`.
 
     The returned module also carries ``feature_info``: timm's entry (``num_chs``, ``reduction``, ``module``) for
     each pyramid input level, in order.
     """
-    if name not in list_models():
-        raise unknown_name("model", name, list_models())
-    features = timm.create_model(name, features_only=True, feature_cls="dict", in_chans=in_chans, **model_kwargs)
+    check_model_name(name)
+    if name.startswith(TORCHVISION):
+        raise AttnlabError(
+            f"{name}: torchvision's classifiers declare no feature levels for a detection backbone; use a timm or "
+            "attnlab name (e.g. mobilenetv3_large_100, efficientnet_b0, resnet18)"
+        )
+    if name in MODEL_NAMES:
+        features = timm.create_model(name, features_only=True, feature_cls="dict", in_chans=in_chans, **model_kwargs)
+        if pretrained or weights_file is not None:
+            _load_whole(features, name, in_chans, pretrained, weights_file, model_kwargs)
+    else:
+        with notices_as_lines():
+            whole = create_model(name, in_chans=in_chans, pretrained=pretrained, weights=weights_file, **model_kwargs)
+        if not hasattr(whole, "feature_info"):
+            raise AttnlabError(f"{name}: the network declares no feature levels (timm's feature_info)")
+        every = tuple(range(len(whole.feature_info)))
+        nested = any("." in level["module"] for level in whole.feature_info)  # a level inside a Sequential
+        features = FeatureDictNet(whole, out_indices=every, flatten_sequential=nested)
     levels = _levels(features.feature_info, out_indices)
     if weights is not None:
         _load_classifier(features, name, weights)
     chosen = [features.feature_info.get_dicts()[i] for i in levels]
-    return_layers = {level["module"]: str(i) for i, level in enumerate(chosen)}
+    return_layers = {level["module"].replace(".", "_"): str(i) for i, level in enumerate(chosen)}
     channels = [level["num_chs"] for level in chosen]
     fpn = BackboneWithFPN(features, return_layers, channels, out_channels, extra_blocks=extra_blocks)
     freeze_layers(fpn.body, trainable_layers)

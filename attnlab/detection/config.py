@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import unknown_name
 from ..train.config import NEUTRAL as TRAIN_NEUTRAL
 from ..train.config import RunConfig, redefault, setting
 
@@ -77,10 +76,9 @@ class DetectConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..models import list_models  # here, not at import: the flags are generated without torch
+        from ..models import check_model_name  # here, not at import: the flags are generated without torch
 
-        if self.model not in list_models():
-            raise unknown_name("model", self.model, list_models())
+        check_model_name(self.model)
 
 
 NEUTRAL = TRAIN_NEUTRAL - {"compile"}

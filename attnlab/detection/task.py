@@ -79,6 +79,8 @@ def build_detector(cfg: DetectConfig, data: DetectionData) -> nn.Module:
         trainable_layers=cfg.trainable_layers,
         frozen_bn=cfg.frozen_bn,
         weights=cfg.backbone_weights,
+        pretrained=cfg.pretrained,
+        weights_file=cfg.weights,
         detector_kwargs=cfg.detector_kwargs,
         **kwargs,
     )
