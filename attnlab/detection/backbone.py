@@ -71,6 +71,16 @@ def _load_classifier(body: nn.Module, name: str, weights: str | Path) -> None:
     load_state_strict(body, tensors, path)
 
 
+def check_backbone_name(name: str) -> None:
+    """Refuse, in one line, a name that is no network (close matches) or one that cannot be a backbone."""
+    check_model_name(name)
+    if name.startswith(TORCHVISION):
+        raise AttnlabError(
+            f"{name}: torchvision's classifiers declare no feature levels for a detection backbone; use a timm or "
+            "attnlab name (e.g. mobilenetv3_large_100, efficientnet_b0, resnet18)"
+        )
+
+
 def _load_whole(
     body: nn.Module, name: str, in_chans: int, pretrained: bool, weights_file, model_kwargs: dict
 ) -> None:
@@ -116,12 +126,7 @@ def backbone(
     The returned module also carries ``feature_info``: timm's entry (``num_chs``, ``reduction``, ``module``) for
     each pyramid input level, in order.
     """
-    check_model_name(name)
-    if name.startswith(TORCHVISION):
-        raise AttnlabError(
-            f"{name}: torchvision's classifiers declare no feature levels for a detection backbone; use a timm or "
-            "attnlab name (e.g. mobilenetv3_large_100, efficientnet_b0, resnet18)"
-        )
+    check_backbone_name(name)
     if name in MODEL_NAMES:
         features = timm.create_model(name, features_only=True, feature_cls="dict", in_chans=in_chans, **model_kwargs)
         if pretrained or weights_file is not None:

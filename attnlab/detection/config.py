@@ -76,9 +76,9 @@ class DetectConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..models import check_model_name  # here, not at import: the flags are generated without torch
+        from .backbone import check_backbone_name  # here, not at import: the flags are generated without torch
 
-        check_model_name(self.model)
+        check_backbone_name(self.model)
 
 
 NEUTRAL = TRAIN_NEUTRAL - {"compile"}
