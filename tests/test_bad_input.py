@@ -105,7 +105,7 @@ CATALOGUE = [
     (["train", *SYNTH, "--data-arg", "canvas=64"], "dataset 'synthetic' has no option 'canvas'"),
     # the data does not fit the model
     (["train", *SYNTH, "--in-chans", "3"], "in_chans=3 but synthetic images have 1 channel"),
-    (["train", *SYNTH, "--data-arg", "shape=[1,6,6]"], "too small for resnet20"),
+    (["train", *SYNTH, "--data-arg", "shape=[1,6,6]"], "resnet20 cannot take 6×6 images: input 6×6 is too small"),
     # missing or corrupt data
     (["train", "--dataset", "mnist", "--data-dir", "{tmp}/nothing"], "mnist"),
     (["train", "--dataset", "mnist", "--data-dir", "{mnist_truncated}"], "truncated"),

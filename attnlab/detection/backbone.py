@@ -12,9 +12,10 @@ has no pretrained weights they matter when the backbone starts from a trained cl
 A timm network other than attnlab's (``efficientnet_b0``, ``regnety_002``, ``convnext_atto``) is built whole by
 `attnlab.create_model` (so ``attention=NAME`` converts it, ``pretrained`` / ``weights_file`` load its weights) and
 wrapped in timm's `FeatureDictNet`, with ``flatten_sequential=True`` where a feature level sits inside a Sequential
-(``blocks.2`` becomes the top-level ``blocks_2``, as `BackboneWithFPN` needs). ``trainable_layers`` counts ``layer*`` stages only, so
-it is for ResNet-style names. torchvision's classifiers (``torchvision:NAME``) are refused: they declare no feature
-levels (no ``feature_info``) for the pyramid to take; torchvision's own detection builders cover them.
+(``blocks.2`` becomes the top-level ``blocks_2``, as `BackboneWithFPN` needs). ``trainable_layers`` counts ``layer*``
+stages only, so it is for ResNet-style names. torchvision's classifiers (``torchvision:NAME``) are refused: they
+declare no feature levels (no ``feature_info``) for the pyramid to take; torchvision's own detection builders cover
+them.
 """
 
 from __future__ import annotations

@@ -171,9 +171,7 @@ def check_image_size(model: nn.Module, image_size: int | tuple[int, int], name: 
     try:
         with torch.no_grad():
             model(x)
-    except AttnlabError:
-        raise
-    except Exception as e:  # any failure of the dry forward is the answer; its first line says why
+    except Exception as e:  # any failure of the dry forward is the answer (an attnlab input check's too); why first
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AttnlabError(f"{name or type(model).__name__} cannot take {h}×{w} images: {first}") from None
     finally:

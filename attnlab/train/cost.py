@@ -67,11 +67,13 @@ def _bench_setup(name, x, y, x_latency, num_classes: int, dtype, compile: bool, 
     ``name`` is an entry (`attnlab.train.entry`): ``efficientnet_b0[attention=eca]`` measures the converted network."""
     entry = parse_entry(name)
     if entry.train:
-        raise AttnlabError(f"bench: {name!r} sets training settings ({', '.join(entry.train)}); bench builds models only")
+        settings = ", ".join(entry.train)
+        raise AttnlabError(f"bench: {name!r} sets training settings ({settings}); bench builds models only")
     torch.manual_seed(0)
     dev = x.device
     size = tuple(x.shape[2:])
-    model = create_model(entry.model, num_classes=num_classes, in_chans=x.shape[1], image_size=size, **entry.model_kwargs)
+    kwargs = dict(num_classes=num_classes, in_chans=x.shape[1], image_size=size)
+    model = create_model(entry.model, **kwargs, **entry.model_kwargs)
     model = model.to(dev, memory_format=memory_format)
     if compile:
         compile_module(model)
