@@ -82,9 +82,7 @@ def check_backbone_name(name: str) -> None:
         )
 
 
-def _load_whole(
-    body: nn.Module, name: str, in_chans: int, pretrained: bool, weights_file, model_kwargs: dict
-) -> None:
+def _load_whole(body: nn.Module, name: str, in_chans: int, pretrained: bool, weights_file, model_kwargs: dict) -> None:
     """The whole classifier ``name`` with its weights (downloaded or from a file), copied into the feature body."""
     with notices_as_lines():
         whole = create_model(name, in_chans=in_chans, pretrained=pretrained, weights=weights_file, **model_kwargs)

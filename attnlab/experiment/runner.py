@@ -164,9 +164,7 @@ def _prepare(out: Path, resume: bool) -> None:
 
 def check_finished(run: Path, cfg: Any) -> None:
     """Refuse to reuse a finished run trained with other settings than the plan now asks for."""
-    differs = first_difference(
-        read_yaml(RunDir(run).config), cfg.to_dict(), task_of(cfg).reuse_despite(run), type(cfg)
-    )
+    differs = first_difference(read_yaml(RunDir(run).config), cfg.to_dict(), task_of(cfg).reuse_despite(run), type(cfg))
     if differs:
         key, saved, wanted = differs
         raise AttnlabError(
