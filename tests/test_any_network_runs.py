@@ -151,3 +151,14 @@ def test_torchvision_networks_are_refused_as_detection_backbones():
         DetectConfig(model="torchvision:resnet18")
     with pytest.raises(AttnlabError, match=message):
         backbone("torchvision:resnet18")
+
+
+@pytest.mark.parametrize("name", [SMALL, "se_resnet20"])
+def test_a_backbone_starts_from_a_weights_file_of_its_classifier(name, tmp_path, capsys):
+    torch.manual_seed(2)
+    classifier = create_model(name, num_classes=10, in_chans=1)
+    save_file(classifier.state_dict(), tmp_path / "w.safetensors")
+    body = backbone(name, in_chans=1, out_channels=8, weights_file=tmp_path / "w.safetensors").body
+    saved = classifier.state_dict()
+    for key, value in body.state_dict().items():
+        assert torch.equal(value, saved[key if key in saved else key.replace("_", ".", 1)]), key
