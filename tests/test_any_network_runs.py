@@ -131,10 +131,15 @@ def test_compare_a_network_with_its_converted_self(tmp_path, capsys):
     assert any(".se.conv." in k for k in converted)  # ECA's 1-D convolution where the SE's two were
 
 
-def test_bench_measures_a_converted_network_beside_its_original():
+def test_bench_measures_a_converted_network_beside_its_original(tmp_path, capsys):
     rows = benchmark_models([SMALL, f"{SMALL}[attention=eca]"], input_size=(1, 32, 32), batch_size=4, repeats=1)
     assert [r["model"] for r in rows] == [SMALL, f"{SMALL}[attention=eca]"]
     assert rows[1]["params"] < rows[0]["params"]  # ECA's k weights per site against SE's two linear maps
+    args = ["bench", "--models", f"{SMALL}[attention=eca],torchvision:mobilenet_v3_small", "--input-size", "1,32,32"]
+    assert main([*args, "--batch-size", "4", "--repeats", "1", "--csv", str(tmp_path / "b.csv")]) == 0
+    assert f"{SMALL}[attention=eca]" in (tmp_path / "b.csv").read_text()
+    assert main(["bench", "--models", f"{SMALL},torchvision:mobilenet_v3_smal"]) == 2
+    assert "unknown torchvision model 'mobilenet_v3_smal'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "regnety_002", "seresnet18"])
