@@ -1,9 +1,12 @@
-"""Model surgery: swap every attention of a network for another registered one (EfficientNet's SE → ECA, CBAM,
-CRAM or none), in place.
+"""Model surgery on any network, in place: swap its attentions, insert attention into its residual blocks, put
+AW-convolutions in place of its convolutions, FMM merges in place of its residual additions.
 
-The attentions swapped are the channel, element, spatial and rectangle sites `capture_attention` sees (a CBAM's two
-parts are one module; a coordinate attention's two gates are one module); AW-convolutions are convolutions, not
-swapped. Each replacement is ``create_attn(NAME, C, **attn_kwargs)`` for the C channels the old module received,
+One mode per file: swap is here; insert in `insert`, AW in `convert_aw`, FMM in `convert_fmm`, the block families they
+know in `blocks`. Several modes in one call run in that order (swap, insert, AW, merge).
+
+Swap: the attentions swapped are the channel, element, spatial and rectangle sites `capture_attention` sees (a
+CBAM's two parts are one module; a coordinate attention's two gates are one module); AW-convolutions are convolutions,
+not swapped. Each replacement is ``create_attn(NAME, C, **attn_kwargs)`` for the C channels the old module received,
 measured by one dry forward, on the old module's device and dtype. A swap does not preserve a pretrained network's
 function: the new attention starts from its own initialisation and the network needs fine-tuning.
 """
@@ -12,14 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from timm.layers.cbam import CbamModule, LightCbamModule
 from torch import nn
 
 from ..errors import AttnlabError
 from ..layers import create_attn
-from .external import first_conv
+from .convert_aw import Selection, convert_aw
+from .convert_fmm import convert_merges
 from .gates import attention_sites
+from .insert import insert_attention
+from .surgery import input_channels, set_module
 
 COMPOSITES = (CbamModule, LightCbamModule)  # attentions whose sites are their parts: swapped whole
 SWAPPED_KINDS = ("channel", "element", "spatial", "rectangle")
@@ -43,52 +48,15 @@ def _swappable(model: nn.Module) -> list[str]:
     return list(found)
 
 
-def _input_channels(model: nn.Module, paths: list[str], image_size: int) -> dict[str, int]:
-    conv = first_conv(model)
-    in_chans = conv[1].in_channels if conv is not None else 3
-    param = next(model.parameters())
-    seen: dict[str, int] = {}
-
-    def record(path: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            seen.setdefault(path, args[0].shape[1])
-
-        return hook
-
-    handles = [model.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, in_chans, image_size, image_size, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
-    missing = [p for p in paths if p not in seen]
-    if missing:
-        raise AttnlabError(f"convert: {', '.join(missing[:3])} did not run in a forward pass; cannot size them")
-    return seen
-
-
-def convert(
-    model: nn.Module, *, attention: str, attn_kwargs: dict[str, Any] | None = None, image_size: int = 64
+def swap_attention(
+    model: nn.Module, attention: str, attn_kwargs: dict[str, Any] | None = None, image_size: int = 64
 ) -> nn.Module:
-    """Replace every attention of ``model`` by attention ``attention`` (a `list_attn` name; ``"none"`` removes
-    them), in place; returns ``model``.
-
-    Args:
-        model: any network with attention `capture_attention` sees (timm, torchvision, attnlab, registered ones).
-        attention: the registered attention to put in their place.
-        attn_kwargs: its options.
-        image_size: side of the dry forward that measures each attention's channels.
-
-    """
+    """Replace every attention of ``model`` by attention ``attention`` (``"none"`` removes them), in place."""
     paths = _swappable(model)
     if not paths:
         raise AttnlabError(f"convert: {type(model).__name__} has no attention to swap")
     create_attn(attention, 8, **(attn_kwargs or {}))  # a bad name or option fails before any surgery
-    channels = _input_channels(model, paths, image_size)
+    channels = input_channels(model, paths, image_size, f"attention={attention!r}")
     for path in paths:
         old = model.get_submodule(path)
         reference = next(old.parameters(), None)
@@ -96,9 +64,49 @@ def convert(
         if reference is not None:
             new = new.to(reference.device, reference.dtype)
         new.train(old.training)
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        set_module(model, path, new)
     return model
 
 
-__all__ = ["convert"]
+def convert(
+    model: nn.Module,
+    *,
+    attention: str | None = None,
+    insert: str | None = None,
+    attn_kwargs: dict[str, Any] | None = None,
+    aw: Selection | None = None,
+    aw_kwargs: dict[str, Any] | None = None,
+    merge: str | None = None,
+    merge_kwargs: dict[str, Any] | None = None,
+    image_size: int = 64,
+) -> nn.Module:
+    """Convert ``model`` in place and return it; at least one mode. Inserted attention and AW-convolution start as the
+    identity (the network computes what it did); a swap and a merge other than ``add`` change its function.
+
+    Args:
+        model: any network (timm, torchvision, attnlab, a user's).
+        attention: swap every attention `capture_attention` sees for this registered one (``"none"`` removes them).
+        insert: put this registered attention into every residual block of a known family (`blocks.FAMILIES`); the
+            network must have no attention left in them.
+        attn_kwargs: options of the swapped or inserted attention.
+        aw: which convolutions become AW-convolutions: ``"3x3"`` (every dense 3×3), a glob over module paths, or a
+            predicate ``(path, conv) -> bool``.
+        aw_kwargs: AW options (``gate``, ``generator``, ``reduction``, ...).
+        merge: the merge (`list_merges`) in place of every ResNet block's residual addition.
+        merge_kwargs: its options.
+        image_size: side of the dry forward that measures each attention's channels.
+    """
+    if attention is None and insert is None and aw is None and merge is None:
+        raise AttnlabError("convert: say what to convert: attention=, insert=, aw= or merge=")
+    if attention is not None:
+        swap_attention(model, attention, attn_kwargs, image_size)
+    if insert is not None:
+        insert_attention(model, insert, attn_kwargs, image_size)
+    if aw is not None:
+        convert_aw(model, aw, aw_kwargs)
+    if merge is not None:
+        convert_merges(model, merge, merge_kwargs)
+    return model
+
+
+__all__ = ["convert", "swap_attention"]
