@@ -190,6 +190,11 @@ class UserBlock(torch.nn.Module):
             r"convert\(insert='se'\): 0 is a test_convert.UserBlock, a block class convert does not know; known: ",
         ),
         (
+            lambda: create_model("botnet26t_256"),
+            {"insert": "eca"},
+            r"stages.2.1 is a timm.models.byobnet.SelfAttnBlock, a block class convert does not know",
+        ),
+        (
             lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)),
             {"insert": "se"},
             r"convert\(insert='se'\): Sequential has no residual block of a family convert knows",
