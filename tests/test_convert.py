@@ -308,3 +308,26 @@ def test_a_swap_moves_the_logits_by_a_measured_amount(name, attention, tmp_path)
     shift = _shift(_logits(original), _logits(model))
     print(f"swap shift {name} → {attention}: {shift:.3f}")  # docs/guides/your-network.md quotes these
     assert shift > 1e-3  # a swap cannot be the identity: the new attention has its own initialisation
+
+
+def test_modes_compose_in_either_order_and_the_hooks_find_what_they_put_in(tmp_path):
+    original, model = _original_and_copy("torchvision:resnet18", tmp_path)
+    convert(model, merge="gate_shortcut", merge_kwargs={"residual_bias": 1.0})
+    merged = _logits(model)
+    convert(model, insert="cram", aw="layer4.*")  # into blocks already merged, around a BN already fixed
+    torch.testing.assert_close(_logits(model), merged, rtol=1e-5, atol=1e-5)
+    assert isinstance(model.layer1[0].bn2[0], FixedBiasBatchNorm2d) and _mechanisms(model)["CRAM"] == 8
+
+    from attnlab.layers import training_hooks
+
+    assert len(training_hooks(model, {"cram": {"equivariance": 0.1}, "aw": {}})) == 2
+
+    one_call = convert(_original_and_copy("torchvision:resnet18", tmp_path)[1], insert="cram", merge="gate_shortcut")
+    assert isinstance(one_call.layer1[0].bn2, torch.nn.Sequential) and _mechanisms(one_call)["CRAM"] == 8
+
+
+def test_a_converted_network_exports():
+    model = convert(create_model("resnet10t", num_classes=5), insert="eca", merge="gate").eval()
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))

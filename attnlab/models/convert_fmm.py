@@ -2,11 +2,11 @@
 
 Each timm or torchvision ``BasicBlock`` / ``Bottleneck`` becomes the same block computing act(merge(F, S)) instead of
 act(F + S), F the residual branch after its last BN (and attention, if any), S the shortcut: a timm block becomes
-attnlab's own ResNet block (`models.resnet`, a subclass of timm's), a torchvision block the subclass below, both by
-changing the instance's class in place (zennit's canonizers patch the forward the same way, per block class), so every
-trained weight keeps its key and the merge adds its own (`layers.merge`). A merge that fixes the bias of F's last BN
-(``residual_bias``) gets that BN replaced by a `FixedBiasBatchNorm2d` with its weight and statistics. Other block
-families (inverted residuals, RegNet, ByobNet, ConvNeXt) are refused by name.
+attnlab's own ResNet block (`models.resnet`, a subclass of timm's), a torchvision block its merged subclass there,
+both by changing the instance's class in place (zennit's canonizers patch the forward the same way, per block class),
+so every trained weight keeps its key and the merge adds its own (`layers.merge`). A merge that fixes the bias of F's
+last BN (``residual_bias``) gets that BN replaced by a `FixedBiasBatchNorm2d` with its weight and statistics. Other
+block families (inverted residuals, RegNet, ByobNet, ConvNeXt) are refused by name.
 
 No merge but ``add`` is the identity at init on a trained network: a product of the trained F and S is a different
 function (``gate``/``mul_residual`` are the identity only where F = 0, as after ``zero_init_last``), so a converted
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from timm.models import resnet as timm_resnet
 from torch import nn
 from torchvision.models import resnet as tv_resnet
@@ -28,39 +27,15 @@ from ..layers.merge import FixedBiasBatchNorm2d
 from . import resnet as ours
 from .blocks import find_blocks
 
-
-class MergedBasicBlock(tv_resnet.BasicBlock):
-    """torchvision's basic block returning relu(merge(F, S)); built by `convert_merges` from a BasicBlock."""
-
-    last_bn = "bn2"
-    merge: nn.Module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.merge(self.bn2(self.conv2(out)), shortcut))
-
-
-class MergedBottleneck(tv_resnet.Bottleneck):
-    """torchvision's bottleneck returning relu(merge(F, S)); built by `convert_merges` from a Bottleneck."""
-
-    last_bn = "bn3"
-    merge: nn.Module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.merge(self.bn3(self.conv3(out)), shortcut))
-
-
 MERGED: dict[type, type] = {
     timm_resnet.BasicBlock: ours.BasicBlock,
     timm_resnet.Bottleneck: ours.Bottleneck,
     ours.BasicBlock: ours.BasicBlock,
     ours.Bottleneck: ours.Bottleneck,
-    tv_resnet.BasicBlock: MergedBasicBlock,
-    tv_resnet.Bottleneck: MergedBottleneck,
+    tv_resnet.BasicBlock: ours.MergedBasicBlock,
+    tv_resnet.Bottleneck: ours.MergedBottleneck,
+    ours.MergedBasicBlock: ours.MergedBasicBlock,
+    ours.MergedBottleneck: ours.MergedBottleneck,
 }
 
 
@@ -84,7 +59,10 @@ def convert_merges(model: nn.Module, merge: str, merge_kwargs: dict[str, Any] | 
             )
     for _, block, _ in blocks:
         block.__class__ = MERGED[type(block)]
-        last = getattr(block, block.last_bn)
+        holder, attr = block, block.last_bn
+        if isinstance(getattr(holder, attr), nn.Sequential):  # wrapped with an inserted attention: (norm, attention)
+            holder, attr = getattr(holder, attr), "0"
+        last = getattr(holder, attr)
         block.merge = create_merge(
             merge, last.num_features, device=last.weight.device, dtype=last.weight.dtype, **kwargs
         )
@@ -93,10 +71,10 @@ def convert_merges(model: nn.Module, merge: str, merge_kwargs: dict[str, Any] | 
         if bias is not None:  # the merge fixes the bias of F's last BN (layers/merge.py)
             fixed = FixedBiasBatchNorm2d.from_bn(last, bias)
             fixed.train(last.training)
-            setattr(block, block.last_bn, fixed)
+            setattr(holder, attr, fixed)
         if isinstance(block, ours.BasicBlock | ours.Bottleneck) and not hasattr(block, "post_act"):
             block.post_act = True
     return model
 
 
-__all__ = ["MERGED", "MergedBasicBlock", "MergedBottleneck", "convert_merges"]
+__all__ = ["MERGED", "convert_merges"]

@@ -10,6 +10,9 @@ ResNets and timm's ImageNet `ResNet` (through its ``block`` and ``block_args`` a
   block's second half and the middle conv of a bottleneck;
 - ``post_act``: apply the activation after the merge (default) or return merge(F, S) as it is.
 
+`MergedBasicBlock` / `MergedBottleneck` are torchvision's blocks with a merge, what ``attnlab.convert(merge=...)``
+makes of them.
+
 `CifarResNet` follows He et al. 2016 (arXiv 1512.03385, Sec. 4.2): a 3×3 stem at full resolution, no max-pool, stages
 of 16/32/64 channels (resnet20/32/56/110: 6n+2 layers) or 64–512 (resnet18c). Shortcuts that change shape use a 1×1
 conv + BN (option B) rather than the paper's zero-padding (option A): same depth, +0.4% params on resnet20.
@@ -23,6 +26,7 @@ from timm.layers import create_classifier, get_device_dtype
 from timm.models import checkpoint_seq
 from timm.models import resnet as timm_resnet
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from .._compat import feature_take_indices
 from ..errors import AttnlabError
@@ -98,6 +102,31 @@ class Bottleneck(_MergeAwMixin, timm_resnet.Bottleneck):
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
         x = self._merge(self.bn3(self.conv3(x)), shortcut)
         return self.act3(x) if self.post_act else x
+
+
+class MergedBasicBlock(tv_resnet.BasicBlock):
+    """torchvision's basic block returning relu(merge(F, S)); built by `attnlab.convert(merge=...)` from one."""
+
+    last_bn = "bn2"
+    merge: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.merge(self.bn2(self.conv2(out)), shortcut))
+
+
+class MergedBottleneck(tv_resnet.Bottleneck):
+    """torchvision's bottleneck returning relu(merge(F, S)); built by `attnlab.convert(merge=...)` from one."""
+
+    last_bn = "bn3"
+    merge: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.merge(self.bn3(self.conv3(out)), shortcut))
 
 
 MAX_STAGES = 4  # layer1..layer4, as timm's ResNet; TorchScript needs the stages as named attributes
