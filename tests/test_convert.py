@@ -87,8 +87,8 @@ def test_training_hooks_find_the_mechanisms_put_in_by_convert():
 
 
 def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
-    """Every norm's affine and running statistics drawn away from their defaults (a zero-initialised last BN would make
-    any insertion after it trivially the identity), as a trained network's are."""
+    """Every norm's affine and running statistics, and every layer scale, drawn away from their defaults (a
+    zero-initialised last BN would make any insertion after it trivially the identity), as a trained network's are."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -98,6 +98,9 @@ def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
                 if getattr(m, "running_var", None) is not None:
                     m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        for path, p in model.named_parameters():  # ConvNeXt's layer scales start at 1e-6, trained ones do not
+            if path.rpartition(".")[2] in ("gamma", "layer_scale"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     return model
 
 
@@ -130,6 +133,7 @@ def _shift(before: torch.Tensor, after: torch.Tensor) -> float:
         ("mobilenetv2_050", "se", {"SEModule": 17}),
         ("torchvision:mobilenet_v2", "spatial", {"SpatialAttention": 17}),
         ("convnext_atto", "cbam", {"ChannelAttn": 12, "SpatialAttn": 12}),
+        ("torchvision:convnext_tiny", "se", {"SEModule": 18}),
         ("gernet_s", "aw", {"AWConv2d": 14}),
     ],
 )
@@ -139,6 +143,10 @@ def test_inserted_attention_starts_as_the_identity(name, attention, sites, tmp_p
     assert torch.equal(_logits(model), _logits(original))  # x + 0·(attn(x) − x) is x exactly
     assert _mechanisms(model) == sites  # one attention per block, seen by capture_attention
     blended = [m for m in model.modules() if isinstance(m, Blended)]
+    if "convnext" in name:  # the attention runs before the stochastic depth, as in timm's ResNet
+        ends = [getattr(b, a, None) for b in model.modules() for a in ("drop_path", "stochastic_depth")]
+        ends = [e for e in ends if isinstance(e, torch.nn.Sequential)]
+        assert len(ends) == len(blended) and all(isinstance(e[0], Blended) for e in ends)
     assert len(blended) == (0 if attention == "aw" else sum(sites.values()) // len(sites))
     logits = model.train()(torch.randn(2, 3, 32, 32))
     logits.sum().backward()
@@ -150,14 +158,18 @@ def test_inserted_attention_starts_as_the_identity(name, attention, sites, tmp_p
         assert not torch.allclose(_logits(model), _logits(original))
 
 
-def test_insert_after_removing_a_networks_own_attention():
+@pytest.mark.parametrize(
+    "name, blocks",
+    [("mobilenetv3_small_050", 11), ("torchvision:mobilenet_v3_small", 11), ("torchvision:efficientnet_b0", 16)],
+)
+def test_insert_after_removing_a_networks_own_attention(name, blocks):
     torch.manual_seed(0)
-    model = _trained_like(create_model("mobilenetv3_small_050", num_classes=5))
+    model = _trained_like(create_model(name, num_classes=5))
     convert(model, attention="none")
     before = _logits(model)
     convert(model, insert="eca")
     assert torch.equal(_logits(model), before)
-    assert _mechanisms(model) == {"EcaModule": 11}  # every block, also those that had no SE
+    assert _mechanisms(model) == {"EcaModule": blocks}  # every block, also those that had no SE
 
 
 class UserBlock(torch.nn.Module):

@@ -3,8 +3,9 @@
 A family either has its own attention slot (timm's ``se`` / ``attn`` / ``attn_last`` attribute, None or
 ``nn.Identity`` when empty): the attention goes there, where the family's own attention variants put it. Or it has
 none (torchvision's blocks, timm's ConvNeXt): the attention goes at the end of the residual branch, by wrapping its
-last module in ``nn.Sequential(module, attention)`` (the branch's last norm; ConvNeXt's stochastic depth, after its
-layer scale, since its last norm sits mid-branch in channels-last layout). Precedents: mmcv's ResNet ``plugins``
+last module in ``nn.Sequential(module, attention)`` (the branch's last norm), or, for ConvNeXt, whose last norm sits
+mid-branch in channels-last layout, its stochastic depth in ``nn.Sequential(attention, module)`` (after the layer
+scale). Precedents: mmcv's ResNet ``plugins``
 (fixed positions in a block) and zennit's canonizers (per block class); unlike both, a block class not in the table
 is refused by name (`find_blocks`).
 """
@@ -45,11 +46,14 @@ class Family:
         name: the family, as the docs name it.
         slot: the block's own attention attribute (None or ``nn.Identity`` when empty), or None without one.
         end: without a slot, the path (inside the block) of the residual branch's last module, which gets wrapped.
+        before: the attention goes before ``end`` (a stochastic depth: the attention runs first, as in timm's ResNet),
+            not after it.
     """
 
     name: str
     slot: str | None = None
     end: Callable[[nn.Module], str] | None = None
+    before: bool = False
 
 
 FAMILIES: dict[type, Family] = {
@@ -69,7 +73,7 @@ FAMILIES: dict[type, Family] = {
     timm_effnet.CondConvResidual: Family("timm EfficientNet/MobileNet", slot="se"),
     timm_effnet.UniversalInvertedResidual: Family("timm EfficientNet/MobileNet", slot="se"),
     timm_effnet.EdgeResidual: Family("timm EfficientNet/MobileNet", slot="se"),
-    timm_convnext.ConvNeXtBlock: Family("timm ConvNeXt", end=lambda b: "drop_path"),
+    timm_convnext.ConvNeXtBlock: Family("timm ConvNeXt", end=lambda b: "drop_path", before=True),
     tv_resnet.BasicBlock: Family("torchvision ResNet", end=lambda b: "bn2"),
     tv_resnet.Bottleneck: Family("torchvision ResNet", end=lambda b: "bn3"),
     ours.MergedBasicBlock: Family("torchvision ResNet", end=lambda b: "bn2"),
@@ -79,7 +83,7 @@ FAMILIES: dict[type, Family] = {
     tv_mnv3.InvertedResidual: Family("torchvision MobileNetV3", end=lambda b: _last_child(b, "block", "1")),
     tv_effnet.MBConv: Family("torchvision EfficientNet", end=lambda b: _last_child(b, "block", "1")),
     tv_effnet.FusedMBConv: Family("torchvision EfficientNet", end=lambda b: _last_child(b, "block", "1")),
-    tv_convnext.CNBlock: Family("torchvision ConvNeXt", end=lambda b: "stochastic_depth"),
+    tv_convnext.CNBlock: Family("torchvision ConvNeXt", end=lambda b: "stochastic_depth", before=True),
 }
 
 NOT_BLOCKS: tuple[type, ...] = (timm_byob.Stem, timm_effnet.ConvBnAct)

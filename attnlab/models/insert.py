@@ -76,8 +76,10 @@ def insert_attention(
             setattr(block, family.slot, nn.Identity())
         else:
             end = f"{path}.{family.end(block)}"
-            set_module(model, end, nn.Sequential(model.get_submodule(end), nn.Identity()))
-            place = f"{end}.1"
+            last = model.get_submodule(end)
+            pair = (nn.Identity(), last) if family.before else (last, nn.Identity())
+            set_module(model, end, nn.Sequential(*pair))
+            place = f"{end}.{0 if family.before else 1}"
         places.append(place)
     channels = input_channels(model, places, image_size, f"insert={attention!r}")
     reference = next(model.parameters())
