@@ -13,6 +13,7 @@ import sys
 
 from . import timm_hook
 from .errors import AttnlabError
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -29,16 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 if "timm" in sys.modules:  # torch and timm are loaded already: register attnlab's names with timm now

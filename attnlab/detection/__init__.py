@@ -8,7 +8,7 @@ would be shadowed by its module).
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_names
 
 _LAZY = {
     "DetectConfig": "config",
@@ -20,16 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'attnlab.detection' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)
