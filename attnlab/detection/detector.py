@@ -58,7 +58,7 @@ def create_detector(
         anchor_scale: anchor side ÷ level stride.
         detector_kwargs: more keyword arguments of torchvision's `FasterRCNN` / `RetinaNet`, e.g.
             ``rpn_post_nms_top_n_train=300, box_batch_size_per_image=128`` for images with few objects.
-        trainable_layers, frozen_bn, weights, **model_kwargs: as for `attnlab.detection.backbone`.
+        trainable_layers, frozen_bn, weights, model_kwargs: as for `attnlab.detection.backbone`.
     """
     if detector not in DETECTORS:
         raise unknown_name("detector", detector, DETECTORS)

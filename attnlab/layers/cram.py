@@ -6,7 +6,7 @@ mask, trained end to end, more stable and interpretable than position-wise atten
 *angle* and the *equivariance constraint* (transform the input and the rectangle moves the same way) come from
 secondary summaries of the paper, not from its abstract. Everything below that is *our reading*:
 
-- The rectangle's coordinates, its mask σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|)) and the rectangle of a score map's
+- The rectangle's coordinates, its mask ``σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|))`` and the rectangle of a score map's
   moments are `cram_geometry`'s; β (per normalised unit) sets the edge sharpness and can be annealed.
 - Two predictors of the rectangle, both batched:
   ``"moments"`` (default): a position-wise score map (``score="conv"``: a standardised 1×1 conv; ``score="pool"``: a

@@ -9,7 +9,7 @@ Our reading of Nguyen et al., "Convolutional Rectangular Attention Module", arXi
   (w, h) too (2 = the whole map). On a non-square map a rectangle in these units is a parallelogram in pixels, exactly
   as for ``affine_grid``; the angle θ turns the u axis towards the v axis and lies in (-π/2, π/2].
 - Mask: with u' = cosθ(u-cx) + sinθ(v-cy) and v' = -sinθ(u-cx) + cosθ(v-cy),
-  m = σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|)); β (per normalised unit) sets the edge sharpness.
+  m = ``σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|))``; β (per normalised unit) sets the edge sharpness.
 - The rectangle of a score map: the one with the same centre of mass and covariance as its softmax over positions,
   each pixel counted as a uniform square cell (so a uniform map over a pixel-aligned rectangle gives back exactly that
   rectangle, and a 1×1 map gives the whole map); the sides are 2√(3λ) of the covariance's eigenvalues, θ the major
@@ -90,7 +90,7 @@ def _moments_rectangle(
 def rectangle_mask(
     center: Tensor, size: Tensor, angle: Tensor | None, height: int, width: int, beta: Tensor | float
 ) -> Tensor:
-    """Soft mask σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|)) of each rectangle on an H×W pixel-centre grid, B×1×H×W.
+    """Soft mask ``σ(β(w/2 - |u'|)) · σ(β(h/2 - |v'|))`` of each rectangle on an H×W pixel-centre grid, B×1×H×W.
 
     ``angle=None`` means axis-aligned (θ = 0): the mask is then the outer product of one sigmoid profile along each
     axis, W + H sigmoids per sample instead of 2·H·W (the same numbers as θ = 0).
