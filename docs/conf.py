@@ -67,8 +67,8 @@ html_static_path: list[str] = []
 
 # The API reference is generated at each build from the package itself (so a module that is added, split or moved is
 # documented without editing a page): one page per floor, in the import order of docs/ARCHITECTURE.md. A package's
-# page shows its docstring, then every module below it with its members. The CLI wiring is documented by
-# sphinx-argparse instead (cli.md).
+# page shows its docstring and what it defines itself, then every module below it with its members. The CLI wiring is
+# documented by sphinx-argparse instead (cli.md).
 FLOORS = {
     "attnlab": "The package and its shared modules (errors, io, schema, stats, plotting)",
     "attnlab.layers": "Attention layers, FMM merges, training hooks",
@@ -111,7 +111,8 @@ def _write_api(app, config):  # noqa: ARG001 (Sphinx event signature)
         # autodoc writes reStructuredText, so its directives sit in eval-rst blocks (MyST would read its output as
         # Markdown)
         lines = [f"# `{floor}`", "", title + ".", ""]
-        lines += ["```{eval-rst}", f".. automodule:: {floor}", "   :no-members:", "```", ""]
+        # the package's own definitions only (not what its __all__ re-exports from the modules documented below)
+        lines += ["```{eval-rst}", f".. automodule:: {floor}", "   :ignore-module-all:", "```", ""]
         for name in sorted(n for n in names if not _skipped(n)):
             lines += [f"## `{name}`", "", "```{eval-rst}", f".. automodule:: {name}", "```", ""]
         page = API / f"{floor}.md"
