@@ -54,6 +54,7 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"  # types beside the documented arguments only
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_inherit_docstrings = False  # torch's nn.Module docstrings are not ours to render
 myst_enable_extensions = ["colon_fence", "deflist"]
