@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # document this checkout's attnlab, not whatever 
 
 # Committed result figures live outside docs/; pages write ``@RESULTS@/claims/<preset>/...`` and this one line says
 # where that is (relative to the source folder: a leading "/" is Sphinx's source root).
-RESULTS = "/../results"
+RESULTS = "/../studies/results"
 
 project = "attnlab"
 author = "the attnlab authors"
