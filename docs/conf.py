@@ -126,8 +126,20 @@ def _write_api(app, config):  # noqa: ARG001 (Sphinx event signature)
             stale.unlink()
 
 
+def _metrics_table(match) -> str:
+    """``@METRICS:name@`` → a Markdown table of analysis ``name``'s headline metrics and their one-line meanings, from
+    the analysis module's ``METRIC_MEANINGS`` (the legend ``attnlab analyze`` prints), so the two cannot differ."""
+    import importlib
+
+    meanings = importlib.import_module(f"attnlab.analysis.{match.group(1)}").METRIC_MEANINGS
+    rows = [f"| `{metric}` | {meaning} |" for metric, meaning in meanings.items()]
+    return "\n".join(["| headline | meaning |", "|---|---|", *rows])
+
+
 def _results_prefix(app, docname, source):  # noqa: ARG001 (Sphinx's event signature)
-    source[0] = source[0].replace("@RESULTS@", RESULTS)
+    import re
+
+    source[0] = re.sub(r"@METRICS:(\w+)@", _metrics_table, source[0].replace("@RESULTS@", RESULTS))
 
 
 def _results_prefix_included(app, relative_path, parent_docname, content):  # noqa: ARG001
