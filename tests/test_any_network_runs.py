@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import EcaModule
 
 from attnlab import AttnlabError, create_model
+from attnlab.analysis.runner import _load
 from attnlab.cli import main
 from attnlab.detection import DetectConfig
 from attnlab.detection.backbone import backbone
@@ -167,3 +168,39 @@ def test_a_backbone_starts_from_a_weights_file_of_its_classifier(name, tmp_path,
     saved = classifier.state_dict()
     for key, value in body.state_dict().items():
         assert torch.equal(value, saved[key if key in saved else key.replace("_", ".", 1)]), key
+
+
+def test_analyze_a_network_with_its_weights_and_no_run_folder(tmp_path, capsys):
+    torch.manual_seed(0)
+    source = create_model(SMALL, num_classes=4, in_chans=1)
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    out = tmp_path / "analysis"
+    argv = ["analyze", "consistency", "--model", SMALL, "--weights", str(tmp_path / "w.safetensors")]
+    argv += ["--dataset", "synthetic", *[f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()]]
+    argv += ["--images", "8", "--methods", "grad_x_act", "--no-null", "--no-random-gate", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "consistency.json").read_text())
+    assert report["complete"] and report["models"] == {SMALL: SMALL} and report["datasets"] == {SMALL: "synthetic"}
+    assert report["checkpoints"] == {SMALL: f"{SMALL} (weights {tmp_path / 'w.safetensors'})"}
+    layers = report["results"][SMALL]["layers"]
+    assert [(site["mechanism"], site["kind"]) for site in layers] == [("SqueezeExcite", "channel")] * 9  # its SE gates
+    assert "spearman_grad_x_act" in capsys.readouterr().out
+    cfg = TrainConfig(model=SMALL, dataset="synthetic", dataset_options=SYNTH, weights=str(tmp_path / "w.safetensors"))
+    model, _, _ = _load(cfg, "cpu", {})  # what the analysis ran on: the file's weights, in eval mode
+    assert not model.training
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("more", "message"),
+    [
+        (["--checkpoint", "run"], "give --checkpoint RUN or --model M (with --dataset D), not both"),
+        ([], "--model mobilenetv3_small_050 needs --dataset D"),
+        (["--dataset", "synthetic", "--weights", "w.pt", "--pretrained"], "not allowed with argument"),
+        (["--dataset", "synthetic", "--model", f"{SMALL}[epochs=2]"], "epochs is a training setting"),
+    ],
+)
+def test_analyze_a_network_refuses_mixed_or_missing_sources_in_one_line(more, message, tmp_path, capsys):
+    assert main(["analyze", "consistency", "--model", SMALL, *more, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

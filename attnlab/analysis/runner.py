@@ -1,9 +1,14 @@
-"""``run_analysis``: trained runs in, ``OUT/<name>.json`` and ``OUT/<name>_*.png`` out.
+"""``run_analysis``: trained runs (or any network with its weights) in, ``OUT/<name>.json`` and ``OUT/<name>_*.png``
+out.
 
-Each checkpoint (a run folder) is loaded with `attnlab.train.load_trained`, its dataset from the run's config, and the
-analysis runs on ``images`` test images, the same ones for every checkpoint (the first of a permutation seeded by
-``seed``). The JSON holds every number (``"results"`` per label) and ``"groups"``: the labels of runs that differ
-only in their training seed. It holds no headline: `headlines` and `group_means` derive those numbers from the
+Each checkpoint (a run folder) is loaded with `attnlab.train.load_trained`, its dataset from the run's config; a
+`TrainConfig` instead of a folder is a network with no run folder (``attnlab analyze NAME --model M --weights FILE
+--dataset D``), built for its dataset as training builds it (`attnlab.train.classify.build_model`: its ``weights`` or
+``pretrained``, the data's channels, classes and image size) and put in eval mode. Either way the analysis runs on
+``images`` test images, the same ones for every checkpoint (the first of a permutation seeded by ``seed``).
+
+The JSON holds every number (``"results"`` per label) and ``"groups"``: the labels of runs that differ only in their
+training seed. It holds no headline: `headlines` and `group_means` derive those numbers from the
 results with today's code (the CLI's printout and the reports do), so a mended headline reaches analyses saved
 before it and a file never says two things.
 
@@ -35,7 +40,7 @@ from ..io import check_writable, jsonable, make_dir, write_json_atomic
 from ..schema import check_call, check_keys
 from ..stats import mean_ci
 from ..train.compiling import compile_module, is_compiled, run_or_fall_back
-from ..train.config import SAME_RECIPE
+from ..train.config import SAME_RECIPE, TrainConfig
 from .registry import Analysis, analysis_options, get_analysis
 
 
@@ -48,7 +53,19 @@ def check_analysis_options(name: str, options: dict[str, Any]) -> dict[str, Any]
     return check_call(get_analysis(name).function, options, name)
 
 
-def _labels(checkpoints: list[Path], labels: Sequence[str] | None) -> list[str]:
+Source = Path | TrainConfig
+"""What an analysis runs on: a run folder, or the configuration of a network to build (`_load`)."""
+
+
+def _where(source: Source) -> str:
+    """A source as error messages and the JSON's ``checkpoints`` name it."""
+    if isinstance(source, Path):
+        return str(source)
+    start = f"weights {source.weights}" if source.weights else "pretrained" if source.pretrained else "untrained"
+    return f"{source.model} ({start})"
+
+
+def _labels(checkpoints: list[Source], labels: Sequence[str] | None) -> list[str]:
     if labels is not None:
         labels = [str(label) for label in labels]
         if len(labels) != len(checkpoints):
@@ -56,7 +73,7 @@ def _labels(checkpoints: list[Path], labels: Sequence[str] | None) -> list[str]:
         if len(set(labels)) != len(labels):
             raise AttnlabError(f"labels must be distinct, got {labels}")
         return labels
-    names = [c.name or str(c) for c in checkpoints]
+    names = [(c.name or str(c)) if isinstance(c, Path) else c.model for c in checkpoints]
     return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
@@ -65,19 +82,29 @@ def _test_subset(split: Split, images: int, seed: int) -> Split:
     return split.take(torch.randperm(len(split), generator=seeded_generator(seed))[:n].sort().values)
 
 
-def _load(checkpoint: Path, device: str, cache: dict[str, DataBundle]) -> tuple[torch.nn.Module, Any, DataBundle]:
+def _load(checkpoint: Source, device: str, cache: dict[str, DataBundle]) -> tuple[torch.nn.Module, Any, DataBundle]:
     from ..train import check_fits, load_trained, run_data
+    from ..train.classify import build_model
 
+    if isinstance(checkpoint, TrainConfig):
+        bundle = _data(checkpoint, cache, run_data)
+        return build_model(checkpoint, bundle).to(device).eval(), checkpoint, bundle
     if not checkpoint.exists():
         raise AttnlabError(f"{checkpoint}: no such run folder")
     model, cfg = load_trained(checkpoint, device=device)
     if cfg is None:
         raise AttnlabError(f"{checkpoint}: no config.yaml beside the weights; analyze needs a run folder")
+    bundle = _data(cfg, cache, run_data)
+    check_fits(model, bundle, f"{checkpoint}: {cfg.dataset}")
+    return model, cfg, bundle
+
+
+def _data(cfg: TrainConfig, cache: dict[str, DataBundle], run_data) -> DataBundle:
+    """The run's data (`attnlab.train.run_data`), loaded once for all sources that share it."""
     key = json.dumps([cfg.dataset, cfg.data_dir, cfg.val_size, cfg.dataset_options], sort_keys=True, default=str)
     if key not in cache:
         cache[key] = run_data(cfg)
-    check_fits(model, cache[key], f"{checkpoint}: {cfg.dataset}")
-    return model, cfg, cache[key]
+    return cache[key]
 
 
 def _groups(configs: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +192,7 @@ class _Progress:
 
 
 def _analyse_one(
-    analysis: Analysis, path: Path, model, cfg, bundle, images: int, seed: int, device: str, options, progress
+    analysis: Analysis, path: str, model, cfg, bundle, images: int, seed: int, device: str, options, progress
 ):
     """(result, the per-sample extra for the figures or None, images analysed, seconds, accuracy on the analysed
     images, number of classes) of one checkpoint."""
@@ -194,7 +221,7 @@ def _analyse_one(
 
 def run_analysis(
     name: str,
-    checkpoints: Sequence[str | Path],
+    checkpoints: Sequence[str | Path | TrainConfig],
     out: str | Path,
     *,
     images: int = 1000,
@@ -208,12 +235,15 @@ def run_analysis(
 
     Args:
         name: one of `attnlab.analysis.ANALYSES`.
-        checkpoints: run folders (``attnlab train --out``); several are compared side by side.
+        checkpoints: run folders (``attnlab train --out``), or configurations of networks to build with no run folder
+            (``TrainConfig(model="efficientnet_b0", weights="w.safetensors", dataset=...)``: its ``model``,
+            ``model_kwargs``, ``weights`` / ``pretrained`` and data); several are compared side by side.
         out: output folder (created).
         images: test images analysed per checkpoint (the same ones for all).
         seed: seed of the image choice and of every random draw of the analysis.
         device: where the models run.
-        labels: names of the checkpoints in tables and plots (default: the run folder names).
+        labels: names of the checkpoints in tables and plots (default: the run folder names, a built network's
+            model name).
         compile: torch.compile each model in place (`attnlab.train.compiling`); an analysis that cannot run compiled
             (a double backward, an op inductor refuses) runs again eagerly, with one warning line. The JSON's
             ``compile`` says per label what actually ran.
@@ -228,7 +258,7 @@ def run_analysis(
     check_writable(out, "--out")
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise AttnlabError(f"images must be a positive integer, got {images!r}")
-    paths = [Path(c) for c in checkpoints]
+    paths = [c if isinstance(c, TrainConfig) else Path(c) for c in checkpoints]
     if not paths:
         raise AttnlabError(f"analyze {name}: give at least one --checkpoint")
     names = _labels(paths, labels)
@@ -241,7 +271,7 @@ def run_analysis(
         value = {
             "analysis": name,
             "complete": plots is not None,
-            "checkpoints": {label: str(p) for label, p in zip(names, paths)},
+            "checkpoints": {label: _where(p) for label, p in zip(names, paths)},
             "models": {label: cfg.model for label, cfg in configs.items()},
             "datasets": {label: cfg.dataset for label, cfg in configs.items()},
             "images": n_images,
@@ -268,7 +298,7 @@ def run_analysis(
         cfg = configs[label]
         progress = _Progress(f"{name} of {label}", lambda finished, label=label: report({label: _saved(finished)}))
         one = functools.partial(
-            _analyse_one, analysis, path, model, cfg, bundle, images, seed, device, options, progress
+            _analyse_one, analysis, _where(path), model, cfg, bundle, images, seed, device, options, progress
         )
         try:
             found = run_or_fall_back(model, f"{name} of {label}", one)

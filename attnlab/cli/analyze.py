@@ -1,4 +1,5 @@
-"""``attnlab analyze NAME``: one analysis of the papers' claims on trained runs.
+"""``attnlab analyze NAME``: one analysis of the papers' claims on trained runs (``--checkpoint RUN``), or on any
+network with its weights and no run folder (``--model M [--weights FILE | --pretrained] --dataset D``).
 
 Each analysis is its own subcommand, its flags generated from the analysis function's keyword options: their types
 from its annotations, their meanings from its docstring (``Args:``), their defaults from its signature.
@@ -19,7 +20,22 @@ from ..errors import unknown_name
 from ..io import yaml_scalar
 from .common import Parser, add_key_values
 
-COMMON = ("checkpoint", "out", "images", "seed", "device", "label", "compile", "option")
+COMMON = (
+    "checkpoint",
+    "model",
+    "weights",
+    "pretrained",
+    "dataset",
+    "data_dir",
+    "data_arg",
+    "out",
+    "images",
+    "seed",
+    "device",
+    "label",
+    "compile",
+    "option",
+)
 """Destinations of the flags every analysis has (an analysis option of one of these names would be shadowed)."""
 
 
@@ -65,7 +81,19 @@ def _shown_default(value: Any) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", action="append", required=True, help="run folder; repeat to compare several")
+    p.add_argument("--checkpoint", action="append", help="run folder; repeat to compare several")
+    g = p.add_argument_group("a network with no run folder (instead of --checkpoint)")
+    g.add_argument(
+        "--model",
+        help="any network create_model builds (attnlab's, timm's, torchvision:NAME), or an entry such as "
+        "'efficientnet_b0[attention=eca]'; built for --dataset and analysed in eval mode",
+    )
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--weights", metavar="FILE", help="its weights: safetensors or a state dict (.pth/.pt/.bin)")
+    start.add_argument("--pretrained", action="store_true", default=None, help="its own downloaded weights")
+    g.add_argument("--dataset", help="the data it is analysed on (its channels, classes and image size build it)")
+    g.add_argument("--data-dir", help="where the dataset lives")
+    add_key_values(g, "--data-arg", "dataset option, e.g. canvas=64 for cluttered-fashion-mnist")
     p.add_argument("--out", required=True, help="folder for the JSON and PNG files")
     p.add_argument("--images", type=int, default=1000, help="test images per checkpoint (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image choice and every random draw (default 0)")
@@ -145,17 +173,54 @@ def legend(name: str, metrics: list[str]) -> list[str]:
     return [f"  {m:<{width}}  {analysis.meaning(m) or '(see the docs)'}" for m in metrics]
 
 
+NETWORK_FLAGS = ("weights", "pretrained", "dataset", "data_dir", "data_arg")
+"""Flags that describe the network of ``--model`` (meaningless beside ``--checkpoint``)."""
+
+
+def _sources(args: argparse.Namespace) -> list[Any]:
+    """The run folders of ``--checkpoint``, or the one network of ``--model`` as a `TrainConfig` (`run_analysis`)."""
+    from ..errors import AttnlabError
+    from ..train import TrainConfig
+    from ..train.entry import parse_entry
+
+    given = [f"--{k.replace('_', '-')}" for k in NETWORK_FLAGS if getattr(args, k)]
+    if bool(args.checkpoint) == bool(args.model):
+        raise AttnlabError(f"analyze {args.name}: give --checkpoint RUN or --model M (with --dataset D), not both")
+    if args.checkpoint:
+        if given:
+            raise AttnlabError(f"analyze {args.name}: {given[0]} describes a --model; a run folder has its own")
+        return args.checkpoint
+    if not args.dataset:
+        raise AttnlabError(f"analyze {args.name}: --model {args.model} needs --dataset D (the data it is analysed on)")
+    entry = parse_entry(args.model)
+    if entry.train:
+        settings = ", ".join(entry.train)
+        raise AttnlabError(f"analyze {args.name}: {settings} is a training setting; an analysis trains nothing")
+    cfg = TrainConfig(
+        model=entry.model,
+        model_kwargs=entry.model_kwargs,
+        weights=args.weights,
+        pretrained=bool(args.pretrained),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        dataset_options=dict(args.data_arg),
+        seed=args.seed,
+        device=args.device,
+    )
+    return [cfg]
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..analysis import get_analysis, group_means, headlines, run_analysis
 
     report = run_analysis(
         args.name,
-        args.checkpoint,
+        _sources(args),
         args.out,
         images=args.images,
         seed=args.seed,
         device=args.device,
-        labels=args.label or None,
+        labels=args.label or ([args.model] if args.model else None),
         compile=bool(args.compile),
         **_options(args),
     )
