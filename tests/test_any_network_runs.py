@@ -5,6 +5,7 @@ converts them; folder names of ``torchvision:NAME``. Tiny synthetic data at the 
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from attnlab.analysis.runner import _load
 from attnlab.cli import main
 from attnlab.detection import DetectConfig
 from attnlab.detection.backbone import backbone
+from attnlab.models.gates import attention_sites
 from attnlab.train import TrainConfig
 from attnlab.train.classify import build_model, run_data
 from attnlab.train.config import first_difference
@@ -204,3 +206,50 @@ def test_analyze_a_network_refuses_mixed_or_missing_sources_in_one_line(more, me
     assert main(["analyze", "consistency", "--model", SMALL, *more, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def _merges(model: torch.nn.Module) -> set[str]:
+    return {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Merge")}
+
+
+@pytest.mark.parametrize(
+    ("entry", "converted"),
+    [
+        ("torchvision:resnet18[insert=se,insert_args.rd_ratio=0.5]", lambda m: len(attention_sites(m)[0]) == 8),
+        ("resnet18[merge=gate]", lambda m: _merges(m) == {"GateMerge"}),
+    ],
+)
+def test_conversion_keys_of_the_entry_grammar_build_train_and_reload(entry, converted, tmp_path, capsys):
+    parsed = parse_entry(entry)
+    model = create_model(parsed.model, num_classes=4, in_chans=1, image_size=28, **parsed.model_kwargs)
+    assert converted(model)
+    out = tmp_path / "run"
+    assert main(train_args(entry, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert main(["eval", "--checkpoint", str(out)]) == 0  # rebuilt converted from the run's model options
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["acc"] == pytest.approx(summary["test_acc"])
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("resnet18", {"aw_args": {"gate": "linear"}}, "resnet18: aw_args needs aw=3x3|GLOB (what they configure)"),
+        ("resnet18", {"aw": True}, "resnet18: aw must be a string"),
+        ("torchvision:resnet18", {"insert_args": {}}, "insert_args needs insert=NAME"),
+        (
+            "resnet20",
+            {"aw_args": {}},
+            "resnet20: aw_args converts a timm or torchvision network",
+        ),
+    ],
+)
+def test_conversion_keys_out_of_place_are_one_line(name, options, message):
+    with pytest.raises(AttnlabError, match=re.escape(message)):
+        create_model(name, num_classes=4, **options)
+
+
+def test_attnlab_names_keep_aw_and_merge_as_their_block_options():
+    model = create_model("fmm_resnet20", merge="gate", aw=True)
+    assert _merges(model) == {"GateMerge"}
+    assert any(type(m).__name__ == "AWConv2d" for m in model.modules())

@@ -214,6 +214,10 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 ARCH_DEFAULT_CLASSES = {False: 10, True: 1000}
+EXTERNAL_CONVERSIONS = ("aw", "aw_args", "merge", "merge_args")
+"""Options that convert a timm or torchvision network (`attnlab.convert`'s ``aw=`` / ``merge=`` and their options);
+for attnlab's own names ``aw``, ``merge`` and ``merge_args`` keep their meaning as options of the blocks it builds (an
+AW switch, the merge the blocks are built with), which ends in the same network."""
 FEATURE_CFG_OPTIONS = frozenset({"output_fmt", "flatten_sequential"})
 """Feature-extraction options that belong in timm's ``feature_cfg`` (accepted as plain keywords too)."""
 FEATURE_OPTIONS = frozenset({"features_only", "out_indices", "feature_cls", "feature_cfg", *FEATURE_CFG_OPTIONS})
@@ -255,6 +259,8 @@ def create_model(
     image_size: int | tuple[int, int] | None = None,
     attention: str | None = None,
     attention_args: dict[str, Any] | None = None,
+    insert: str | None = None,
+    insert_args: dict[str, Any] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a network by name: attnlab's own, any of timm's registry, or torchvision's as ``torchvision:NAME``.
@@ -273,29 +279,59 @@ def create_model(
             ``"none"`` removes them), after its weights are loaded: ``weights`` / ``pretrained`` are the original
             network's. The entry grammar's ``efficientnet_b0[attention=eca]``.
         attention_args: that attention's options (``efficientnet_b0[attention=eca,attention_args.k_size=5]``).
+        insert: put this registered attention into every residual block (`attnlab.convert`'s ``insert``; identity at
+            initialisation), after the swap; ``insert_args`` its options (``torchvision:resnet18[insert=se]``).
         **kwargs: for attnlab names, ``attn_layer`` (an attention name), ``attn_kwargs`` (dict for it),
             ``attn_where`` (``"all"``, ``"last"`` or stage numbers), ``merge`` (a merge name), ``merge_args`` (dict of
             its options), ``post_act`` (False: no activation after the merge), ``aw`` (bool, or a dict of AWConv2d
             options), ``drop_rate``, ``drop_path_rate``, ``zero_init_last``, ``block_args``, ``check_finite``
             (refuse inputs holding NaN/Inf: one reduction per forward, off by default); for the others, their
-            builder's own arguments.
+            builder's own arguments, and `EXTERNAL_CONVERSIONS`: ``aw`` (`attnlab.convert`'s AW selection: ``"3x3"`` or
+            a glob), ``aw_args``, ``merge`` (a merge name in place of every residual addition), ``merge_args``.
     """
+    conversions: dict[str, Any] = {}
     if name in MODEL_NAMES:
+        if "aw_args" in kwargs:
+            raise AttnlabError(f"{name}: aw_args converts a timm or torchvision network; attnlab's own take aw={{...}}")
         model = _build(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
         if pretrained:
             _load_base_pretrained(name, model, num_classes, in_chans)
     else:
         check_model_name(name)
+        conversions = {key: kwargs.pop(key) for key in EXTERNAL_CONVERSIONS if key in kwargs}
         model = external_model(name, num_classes, in_chans, pretrained=pretrained, **kwargs)
     if weights is not None:
         load_weights(model, weights)
-    if attention is not None:
-        attention = check("attention", attention, str)
-        attention_args = check("attention_args", attention_args, dict[str, Any] | None)
-        side = None if image_size is None else image_size if isinstance(image_size, int) else min(image_size)
-        convert(model, attention=attention, attn_kwargs=attention_args, **({"image_size": side} if side else {}))
-    elif attention_args is not None:
-        raise AttnlabError(f"{name}: attention_args needs attention=NAME (the attention they configure)")
+    side = None if image_size is None else image_size if isinstance(image_size, int) else min(image_size)
+    sized = {"image_size": side} if side else {}
+    modes = {"attention": attention, "insert": insert, **conversions}
+    modes.update(attention_args=attention_args, insert_args=insert_args)
+    for mode, args, shown in (
+        ("attention", "attention_args", "NAME"),
+        ("insert", "insert_args", "NAME"),
+        ("aw", "aw_args", "3x3|GLOB"),
+        ("merge", "merge_args", "NAME"),
+    ):
+        try:
+            check(mode, modes.get(mode), str | None)
+            check(args, modes.get(args), dict[str, Any] | None)
+        except AttnlabError as e:
+            raise AttnlabError(f"{name}: {e}") from None
+        if modes.get(args) is not None and modes.get(mode) is None:
+            raise AttnlabError(f"{name}: {args} needs {mode}={shown} (what they configure)")
+    if attention is not None:  # first, with its own options: convert's attn_kwargs serve one attention per call
+        convert(model, attention=attention, attn_kwargs=attention_args, **sized)
+    if insert is not None or conversions.get("aw") is not None or conversions.get("merge") is not None:
+        convert(
+            model,
+            insert=insert,
+            attn_kwargs=insert_args,
+            aw=conversions.get("aw"),
+            aw_kwargs=conversions.get("aw_args"),
+            merge=conversions.get("merge"),
+            merge_kwargs=conversions.get("merge_args"),
+            **sized,
+        )
     if image_size is not None:
         check_image_size(model, image_size, name)
     return model
