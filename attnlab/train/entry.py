@@ -13,7 +13,13 @@ NAME is any name `attnlab.create_model` builds: attnlab's, timm's registry (``ef
 as ``torchvision:NAME``. The model option ``attention=NAME`` converts the built network (`attnlab.convert`): every
 attention it has is swapped for the registered attention NAME (``efficientnet_b0[attention=eca]``: its SE gates
 become ECA; ``attention=none`` removes them), after its ``weights`` / ``pretrained`` are loaded, and
-``attention_args.KEY=VALUE`` sets that attention's options. In a folder name (`Entry.slug`) the ``:`` of
+``attention_args.KEY=VALUE`` sets that attention's options. The other modes of `attnlab.convert` follow, one key
+each, with their options as ``KEY_args.OPTION=VALUE``: ``insert=NAME`` (an attention into every residual block,
+``torchvision:resnet18[insert=se,insert_args.rd_ratio=0.5]``), and, on timm and torchvision networks, ``aw=3x3|GLOB``
+(AW-convolutions in place of the chosen convolutions, ``resnet18[aw=3x3,aw_args.gate=linear]``) and ``merge=NAME``
+(FMM merges in place of the residual additions, ``resnet18[merge=gate]``). On attnlab's own names ``aw``, ``merge``
+and ``merge_args`` stay the options of the blocks it builds (``fmm_resnet20[merge=gate]``): the same network, built
+rather than converted. In a folder name (`Entry.slug`) the ``:`` of
 ``torchvision:NAME`` becomes a dash: ``torchvision-mobilenet_v3_small``.
 """
 
