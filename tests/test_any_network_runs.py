@@ -80,6 +80,11 @@ def test_pretrained_offline_is_one_line_naming_weights_and_both_are_refused(tmp_
     assert not (tmp_path / "run").exists()  # a run that fails before writing leaves no folder
     assert main(train_args(SMALL, tmp_path / "run", "--pretrained", "--weights", "w.pth")) == 2
     assert "pretrained and weights exclude each other" in capsys.readouterr().err
+    analyze = ["analyze", "consistency", "--model", SMALL, "--pretrained", "--dataset", "synthetic"]
+    analyze += [f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()]
+    assert main([*analyze, "--out", str(tmp_path / "analysis")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pretrained weights could not be downloaded" in err[0] and "--weights FILE" in err[0]
 
 
 def test_runs_that_predate_weights_and_pretrained_are_resumable_and_reusable():
