@@ -90,7 +90,7 @@ def test_an_analysis_that_cannot_compile_runs_eagerly_and_says_so(tmp_path, no_c
     train(tiny(tmp_path / "run", epochs=1), log=_quiet)
     report = run_analysis("smoothness", [tmp_path / "run"], tmp_path / "out", images=8, compile=True)
     assert report["compile"] == {"run": False}  # what actually ran, not what was asked
-    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line.lower()]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning: --compile" in line.lower()]
     assert len(warnings) == 1 and "smoothness of run could not be compiled" in warnings[0]
 
 
@@ -143,7 +143,7 @@ def test_a_compiled_call_that_fails_mid_epoch_falls_back_and_the_run_finishes(tm
 
     monkeypatch.setattr(engine, "compile_module", compiled_but_failing_on_other_batches)
     got = train(tiny(tmp_path / "run", epochs=1, batch_size=4096, compile=True), log=_quiet)  # one short batch
-    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line.lower()]
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning: --compile" in line.lower()]
     assert len(warnings) == 1 and "resnet20 could not be compiled (RuntimeError: inductor refused" in warnings[0]
     assert got["compile"] is False and got["epochs"] == 1
 

@@ -116,9 +116,11 @@ class LocalPool:
 
 def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:
     """End a pool at once (Ctrl-C, an error): cancelling its futures is not enough, since a worker takes the next
-    queued run as soon as its current one stops, and the pool's exit then waits for that whole training."""
-    for process in list((pool._processes or {}).values()):  # no public handle before Python 3.14's terminate_workers
-        process.terminate()
+    queued run as soon as its current one stops, and the pool's exit then waits for that whole training. SIGKILL, not
+    SIGTERM: a training worker answers SIGTERM as a scheduler's stop (a checkpoint, then `Preempted`), which the pool
+    would catch and go on to the next run; the runs' checkpoints are atomic, so `--resume` continues them."""
+    for process in list((pool._processes or {}).values()):  # no public handle before Python 3.14's kill_workers
+        process.kill()
     pool.shutdown(wait=True, cancel_futures=True)  # returns at once: the pool sees its workers gone
 
 
