@@ -362,7 +362,11 @@ def test_ctrl_c_ends_a_comparison_and_its_workers_at_once(tmp_path):
         time.sleep(0.05)
     holders = lock_holders(out)
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a hung comparison must not leave its workers training after the test
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     assert proc.returncode == 130 and err.decode().strip().endswith("attnlab: interrupted"), err.decode()
     assert "Traceback" not in err.decode()
     deadline = time.time() + 30
