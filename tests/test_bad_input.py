@@ -177,6 +177,8 @@ CATALOGUE = [
     (["bench", "--models", "resnet20", "--device", "tpu"], "expected cpu or cuda"),
     # eval and other commands
     (["eval", "--checkpoint", "{tmp}/nowhere"], "no such run folder or weights file"),
+    (["eval", "--checkpoint", "{run}", "--batch-size", "0"], "expected a positive integer, got '0'"),
+    (["detect", "eval", "--checkpoint", "{run}", "--batch-size", "x"], "expected a positive integer, got 'x'"),
     (["eval", "--checkpoint", "{run}", "--dataset", "mnist", "--data-dir", "{mnist_ok}"], "the model takes 1 and 4"),
     (["models", "nothing*"], "no model matches 'nothing*'"),
     (["models", "--input-size", "3x32"], "expected C,H,W"),

@@ -132,12 +132,13 @@ def test_train_and_detect_take_an_entry_as_their_model(tmp_path, capsys):
     """A report names a run by its entry; `attnlab train --model ENTRY` (and `detect train`) trains that entry's
     network and recipe, the flags given beside it winning."""
     from attnlab.cli import build_parser
-    from attnlab.cli.detect import config_from_args as detect_config_from_args
-    from attnlab.cli.run import config_from_args
+    from attnlab.cli.common import config_from_args
+    from attnlab.detection.config import DetectConfig
+    from attnlab.train.config import TrainConfig
 
     parse = build_parser().parse_args
     entry = "fmm_resnet20[merge=mul_bn,merge_args.residual_bias=1,merge_args.shortcut_bias=1,cram.equivariance=0.1]"
-    cfg = config_from_args(parse(["train", "--model", entry, "--model-arg", "post_act=false"]))
+    cfg = config_from_args(parse(["train", "--model", entry, "--model-arg", "post_act=false"]), TrainConfig)
     assert cfg.model == "fmm_resnet20" and cfg.mechanisms == {"cram": {"equivariance": 0.1}}
     assert cfg.model_kwargs == {
         "merge": "mul_bn",
@@ -145,9 +146,9 @@ def test_train_and_detect_take_an_entry_as_their_model(tmp_path, capsys):
         "post_act": False,
     }
     argv = ["train", "--model", entry, "--mechanism", "cram.equivariance=0", "--model-arg", "merge=gate"]
-    cfg = config_from_args(parse(argv))
+    cfg = config_from_args(parse(argv), TrainConfig)
     assert cfg.mechanisms == {"cram": {"equivariance": 0}} and cfg.model_kwargs["merge"] == "gate"  # the flags win
-    cfg = detect_config_from_args(parse(["detect", "train", "--model", "se_resnet20[attn_where=last,epochs=2]"]))
+    cfg = config_from_args(parse(["detect", "train", "--model", "se_resnet20[attn_where=last,epochs=2]"]), DetectConfig)
     assert (cfg.model, cfg.model_kwargs, cfg.epochs) == ("se_resnet20", {"attn_where": "last"}, 2)
     assert main(["train", "--model", "resnet20[merge", "--out", str(tmp_path / "run")]) != 0
     assert not (tmp_path / "run").exists()

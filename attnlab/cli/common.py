@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import shlex
 import sys
 import types
 import typing
@@ -37,6 +38,17 @@ def add_key_values(p, flag: str, help: str | None = None, **kwargs: Any) -> None
     """A repeatable ``FLAG KEY=VALUE`` option, collected as a list of (key, YAML value) pairs."""
     kwargs.setdefault("metavar", "KEY=VALUE")
     p.add_argument(flag, type=key_value_arg, action="append", default=[], help=help, **kwargs)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count ≥ 1 (a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def int_list(text: str) -> list[int]:
@@ -104,6 +116,47 @@ def add_config_flags(p: argparse.ArgumentParser, config: type, exclude: Collecti
             g.add_argument(
                 flag, dest=f.name, type=kind, choices=meta.get("choices"), metavar=meta.get("metavar"), help=help_text
             )
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What a training command takes beside its config's fields: --config, --resume, --progress."""
+    g = p.add_argument_group("command")
+    g.add_argument("--config", help="YAML file of settings; flags given here override it")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+
+
+def add_eval_flags(p: argparse.ArgumentParser, batch_size: str) -> None:
+    """What an evaluation command takes: the run, the data and split, the batch size, the device."""
+    p.add_argument("--checkpoint", required=True, help="run folder or its model.safetensors")
+    p.add_argument("--dataset", help="default: the run's own dataset")
+    p.add_argument("--data-dir")
+    add_key_values(p, "--data-arg")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--batch-size", type=positive_int, help=batch_size)
+    p.add_argument("--device", default="cpu")
+
+
+def config_from_args(args: argparse.Namespace, config: type):
+    """Run config ``config`` from its defaults ← --config file (or, with --resume, the run's own) ← the flags given."""
+    from ..train.entry import unfold_model_entry
+    from ..train.rundir import RunDir
+
+    unfold_model_entry(args, config)
+    return config.from_flags(args, saved=RunDir(args.out or config.out).config if args.resume else None)
+
+
+def run_from_args(args: argparse.Namespace, config: type, command: str, run) -> int:
+    """Build ``config`` from the flags and ``run(cfg, resume=, progress=)`` it; Ctrl-C says how to continue."""
+    cfg = config_from_args(args, config)
+    with continuable(f"{command} --out {shlex.quote(cfg.out)}", cfg.out):
+        run(cfg, resume=args.resume, progress=args.progress)
+    return 0
 
 
 def add_speed_flags(g) -> None:
