@@ -21,6 +21,7 @@ COMMANDS = {
     "attnlab --help": ["--help"],
     "attnlab models --help": ["models", "--help"],
     "attnlab analyze --help": ["analyze", "--help"],
+    "attnlab compare --help": ["compare", "--help"],
     "attnlab models": ["models"],
 }
 

@@ -22,6 +22,7 @@ def test_import_attnlab_and_top_level_help_import_no_torch():
         "import sys, attnlab\n"
         "from attnlab.cli import build_parser\n"
         "build_parser(None).format_help()\n"
+        "build_parser('compare').format_help()\n"
         "print(sorted(m for m in ('torch', 'timm', 'numpy') if m in sys.modules))"
     )
     assert _python(code) == "[]"
@@ -65,3 +66,10 @@ def test_a_command_builds_its_own_group_and_names_the_others():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert "--flops" in sub.choices["models"].format_help()
     assert "--checkpoint" not in sub.choices["analyze"].format_help()  # a stub: name and summary only
+
+
+def test_compare_help_names_every_preset():
+    from attnlab.cli.compare import PRESET_NAMES
+    from attnlab.experiment.presets import PRESETS
+
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)

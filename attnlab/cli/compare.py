@@ -8,9 +8,12 @@ from typing import Any
 from ..errors import AttnlabError
 from .common import add_config_flags, add_key_values, continuable
 
+PRESET_NAMES = ("fmm", "consistency", "smoothness", "aw", "aw-detection", "cram", "quick")
+"""`attnlab.experiment.presets.PRESETS`'s names, for --help without importing the presets (their claims import the
+analyses, and torch with them); tests/test_cli_startup.py keeps the two equal."""
+
 
 def add_parsers(sub) -> None:
-    from ..experiment.presets import list_presets
     from ..train.config import TrainConfig
     from ..train.entry import PER_RUN_FIELDS
 
@@ -45,7 +48,10 @@ def add_parsers(sub) -> None:
         type=int,
         help="runs trained at once: local processes (default 1), or submitit jobs queued at once (default all)",
     )
-    g.add_argument("--preset", help=f"a claim experiment (models, data, budget, analyses): {', '.join(list_presets())}")
+    g.add_argument(
+        "--preset",
+        help=f"a claim experiment (models, data, budget, analyses): {', '.join(PRESET_NAMES)}, or a study file (YAML)",
+    )
     g.add_argument(
         "--budget",
         help="a preset's budget: full (its own, the default) or cpu (converges on a 2-core CPU); flags override it",
