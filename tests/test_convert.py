@@ -287,12 +287,6 @@ def test_merges_replace_the_residual_addition_and_move_the_logits(name, merge, t
     "build, kwargs, message",
     [
         (
-            lambda: create_model("regnetx_002"),
-            {"merge": "gate"},
-            r"convert\(merge='gate'\): s1.b1 is a Bottleneck \(timm RegNet\); merges go into timm's, torchvision's "
-            r"and attnlab's ResNet BasicBlock / Bottleneck only",
-        ),
-        (
             lambda: create_model("resnet18", drop_path_rate=0.1),
             {"merge": "mul"},
             r"layer1.1 has stochastic depth, which zeroes F; for merge 'mul' that zeroes the whole block",

@@ -31,6 +31,7 @@ from torchvision.models import resnet as tv_resnet
 from ..errors import AttnlabError
 from . import resnet as ours
 from .gates import attention_sites
+from .merged_blocks import MERGED_BASES
 
 
 def _last_child(block: nn.Module, container: str, inner: str = "") -> str:
@@ -85,6 +86,8 @@ FAMILIES: dict[type, Family] = {
     tv_effnet.FusedMBConv: Family("torchvision EfficientNet", end=lambda b: _last_child(b, "block", "1")),
     tv_convnext.CNBlock: Family("torchvision ConvNeXt", end=lambda b: "stochastic_depth", before=True),
 }
+
+FAMILIES.update({merged: FAMILIES[base] for merged, base in MERGED_BASES.items()})  # convert(merge=...) made them
 
 NOT_BLOCKS: tuple[type, ...] = (timm_byob.Stem, timm_effnet.ConvBnAct)
 """Classes that hold convolutions but are no residual block (a stem, a plain conv–norm–act): passed over."""

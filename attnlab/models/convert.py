@@ -92,9 +92,10 @@ def convert(
         aw: which convolutions become AW-convolutions: ``"3x3"`` (every dense 3×3), a glob over module paths, or a
             predicate ``(path, conv) -> bool``.
         aw_kwargs: AW options (``gate``, ``generator``, ``reduction``, ...).
-        merge: the merge (`list_merges`) in place of every ResNet block's residual addition.
+        merge: the merge (`list_merges`) in place of the residual addition of every block of a known family that has
+            a skip (`merged_blocks.MERGED`).
         merge_kwargs: its options.
-        image_size: side of the dry forward that measures each attention's channels.
+        image_size: side of the dry forward that measures each attention's and merge's channels.
     """
     if attention is None and insert is None and aw is None and merge is None:
         raise AttnlabError("convert: say what to convert: attention=, insert=, aw= or merge=")
@@ -105,7 +106,7 @@ def convert(
     if aw is not None:
         convert_aw(model, aw, aw_kwargs)
     if merge is not None:
-        convert_merges(model, merge, merge_kwargs)
+        convert_merges(model, merge, merge_kwargs, image_size)
     return model
 
 
