@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from test_convert import _logits, _shift, _trained_like
+from test_convert import UserBlock, _logits, _shift, _trained_like
 from timm.models.byobnet import BasicBlock, ByoBlockCfg, ByobNet, ByoModelCfg, RepVggBlock
 from timm.models.efficientnet import EfficientNet
 from timm.models.regnet import RegNet, RegNetCfg
@@ -24,6 +24,7 @@ from attnlab import AttnlabError, convert, create_model
 from attnlab.layers.merge import MERGES, FixedBiasBatchNorm2d, GateMerge
 from attnlab.models import merged_blocks as mb
 from attnlab.models.blocks import find_blocks
+from attnlab.models.insert import Blended
 from attnlab.models.merged_blocks import MERGED_BASES
 
 
@@ -144,6 +145,16 @@ def test_merge_replaces_the_addition_of_every_block_with_a_skip(family, tmp_path
     assert [n for n, p in model.named_parameters() if p.grad is None] == []  # every parameter learns
 
 
+@pytest.mark.parametrize("build", [_tv_convnext, _timm_byobnet])
+def test_an_attention_inserted_into_merged_blocks_starts_as_the_identity(build):
+    torch.manual_seed(0)
+    model = convert(_trained_like(build()), merge="mul_residual")
+    before = _logits(model)
+    convert(model, insert="eca")
+    assert torch.equal(_logits(model), before)
+    assert sum(isinstance(m, Blended) for m in model.modules()) == len(find_blocks(model, "test"))
+
+
 def test_a_residual_bias_is_fixed_on_the_last_norm_of_an_inverted_residual():
     model = _timm_efficientnet()
     convert(model, merge="gate_shortcut", merge_kwargs={"residual_bias": 1.0})
@@ -176,6 +187,11 @@ def test_a_residual_bias_is_fixed_on_the_last_norm_of_an_inverted_residual():
             {"merge": "mul"},
             r"features.2.1 has stochastic depth, which zeroes F; for merge 'mul' that zeroes the whole block .*"
             r"\(torchvision: stochastic_depth_prob=0\)",
+        ),
+        (
+            lambda: nn.Sequential(UserBlock(), nn.Flatten()),
+            {"merge": "gate"},
+            r"convert\(merge='gate'\): 0 is a test_convert.UserBlock, a block class convert does not know; known: ",
         ),
         (
             lambda: nn.Sequential(BasicBlock(4, 8, downsample="")),
