@@ -3,13 +3,14 @@
 Per network (timm efficientnet_b0, mobilenetv3_large_100, regnety_002, convnext_atto; torchvision resnet18 by
 default) the original and its conversions as entries of the entry grammar (`train/entry.py`): a swap of its own
 attention (``attention=eca|cbam|cram|none``) where it has one, an insert (``insert=se|eca|cbam|cram``) where it has
-none, ``aw=3x3`` and ``merge=gate``. A conversion `convert` refuses (e.g. ``aw=3x3`` on ConvNeXt, which has no dense
-3×3) is one row with its error. FLOPs are torch.utils.flop_counter's for one image (a multiply-add counts 2; it counts
-convolutions and matrix products, not the elementwise gates, sigmoids and merges). Times are medians of ``--repeats``
-round-robin rounds over all variants of one network in one process (`timing.interleaved_medians`, process CPU time by
-default on the shared machine), each variant's ratio to the original beside it: a forward in eval mode and one SGD
-step (forward, backward, update), fp32, batch ``--batch`` at ``--size`` px. The load average is recorded per network.
-Writes ``OUT/convert_cost.csv``.
+none, ``aw=3x3`` (AW's default full generator, and its factorized one) and ``merge=gate``; and the original once more,
+timed as a variant (``original (A/A)``): its ratio shows the timing noise. A conversion `convert` refuses (e.g.
+``aw=3x3`` on ConvNeXt, which has no dense 3×3) is one row with its error. FLOPs are torch.utils.flop_counter's for
+one image (a multiply-add counts 2; it counts convolutions and matrix products, not the elementwise gates, sigmoids
+and merges). Times are medians of ``--repeats`` round-robin rounds over all variants of one network in one process
+(`timing.interleaved_medians`, process CPU time by default on the shared machine), each variant's ratio to the
+original beside it: a forward in eval mode and one SGD step (forward, backward, update), fp32, batch ``--batch`` at
+``--size`` px. The load average is recorded per network. Writes ``OUT/convert_cost.csv``.
 
     python benchmarks/convert_cost.py --threads 1 --out studies/results/benchmarks
 """
@@ -32,7 +33,9 @@ from attnlab.train.entry import parse_entry
 
 SWAPS = ["attention=none", "attention=eca", "attention=cbam", "attention=cram"]
 INSERTS = ["insert=se", "insert=eca", "insert=cbam", "insert=cram"]
-OTHERS = ["aw=3x3", "merge=gate"]
+OTHERS = ["aw=3x3", "aw=3x3,aw_args.generator=factorized", "merge=gate"]
+CONTROL = "original (A/A)"
+"""The original built a second time and timed as a variant: its ratio is the noise of the timing (ideally 1)."""
 NETWORKS = {  # network → the conversions measured on it
     "efficientnet_b0": SWAPS + OTHERS,
     "mobilenetv3_large_100": SWAPS + OTHERS,
@@ -69,8 +72,8 @@ def measure(network: str, conversions: list[str], size: int, batch: int, repeats
     x = torch.randn(batch, 3, size, size, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
     rows, fns = [], {}
-    for variant in ["", *conversions]:
-        entry = f"{network}[{variant}]" if variant else network
+    for variant in ["", CONTROL, *conversions]:
+        entry = f"{network}[{variant}]" if variant and variant != CONTROL else network
         start = time.perf_counter()
         try:
             model = build(entry, size)
