@@ -330,10 +330,3 @@ def test_modes_compose_in_either_order_and_the_hooks_find_what_they_put_in(tmp_p
 
     one_call = convert(_original_and_copy("torchvision:resnet18", tmp_path)[1], insert="cram", merge="gate_shortcut")
     assert isinstance(one_call.layer1[0].bn2, torch.nn.Sequential) and _mechanisms(one_call)["CRAM"] == 8
-
-
-def test_a_converted_network_exports():
-    model = convert(create_model("resnet10t", num_classes=5), insert="eca", merge="gate").eval()
-    x = torch.randn(2, 3, 32, 32)
-    exported = torch.export.export(model, (x,))
-    torch.testing.assert_close(exported.module()(x), model(x))

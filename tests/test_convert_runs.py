@@ -19,6 +19,7 @@ from attnlab.analysis.localization import localization
 from attnlab.analysis.smoothness import smoothness
 from attnlab.detection.backbone import backbone
 from attnlab.layers.merge import GateMerge
+from attnlab.models.insert import Blended
 from attnlab.train.compiling import compile_module, is_compiled
 
 
@@ -94,15 +95,18 @@ def test_a_converted_network_is_a_detection_backbone(name, conversion, sites):
 
 
 def _tiny_converted(**conversion) -> torch.nn.Module:
-    """A two-stage EfficientNet (depthwise-separable, inverted residuals with SE), converted."""
+    """A two-stage EfficientNet (depthwise-separable, inverted residuals with SE), converted, weights trained-like."""
     arch = decode_arch_def([["ds_r1_k3_s1_c8"], ["ir_r2_k3_s1_e2_c8_se0.25"]])
     model = EfficientNet(arch, num_features=16, stem_size=8, num_classes=3)
     convert(model, **conversion, image_size=16)
+    with torch.no_grad():
+        for blended in (m for m in model.modules() if isinstance(m, Blended)):
+            blended.blend.fill_(0.5)  # an inserted attention half blended in, so that it acts on the outputs
     return _trained_like(model).eval()
 
 
 def test_torch_export_of_a_converted_network_gives_the_eager_outputs():
-    model = _tiny_converted(attention="cram", aw="3x3", merge="gate")  # every mode but insert, which needs no SE
+    model = _tiny_converted(attention="none", insert="cram", aw="3x3", merge="gate")  # every mode of convert
     g = torch.Generator().manual_seed(1)
     example, other = torch.randn(2, 3, 16, 16, generator=g), torch.randn(3, 3, 16, 16, generator=g)
     batch = torch.export.Dim("batch", min=1, max=64)
