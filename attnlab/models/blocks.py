@@ -7,7 +7,8 @@ last module in ``nn.Sequential(module, attention)`` (the branch's last norm), or
 mid-branch in channels-last layout, its stochastic depth in ``nn.Sequential(attention, module)`` (after the layer
 scale). Precedents: mmcv's ResNet ``plugins``
 (fixed positions in a block) and zennit's canonizers (per block class); unlike both, a block class not in the table
-is refused by name (`find_blocks`).
+is refused by name (`find_blocks`). A block that `convert(merge=...)` gave a merged class (`merged_blocks`) stays in
+its library class's family.
 """
 
 from __future__ import annotations
