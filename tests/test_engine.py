@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_runs import SYNTH, cli_resume, cli_train, kill_when, metrics, same_weights, subprocess_env, tiny
+from tiny_runs import (
+    SYNTH,
+    cli_resume,
+    cli_train,
+    kill_when,
+    metrics,
+    resume_here,
+    same_weights,
+    subprocess_env,
+    tiny,
+)
 
 from attnlab import AttnlabError
 from attnlab.cli import main
@@ -192,7 +202,9 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [7])
-def test_sigkill_inside_an_epoch_resumes_on_the_same_batches_to_bit_identical_weights(tmp_path, cli_reference, seed):
+def test_sigkill_inside_an_epoch_resumes_on_the_same_batches_to_bit_identical_weights(
+    tmp_path, cli_reference, seed, capsys
+):
     import random
 
     rng = random.Random(seed)
@@ -202,9 +214,9 @@ def test_sigkill_inside_an_epoch_resumes_on_the_same_batches_to_bit_identical_we
     kill_when(cli_train(out) + ["--checkpoint-every", "1"], marker)
     kept = sorted(p.name for p in (out / "checkpoints").glob("*.json"))
     assert len(kept) <= 2 and marker.name in kept or any("step" in k for k in kept), kept
-    resumed = cli_resume(out)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "at step" in resumed.stdout or "after epoch" in resumed.stdout
+    assert resume_here(out) == 0
+    resumed = capsys.readouterr().out
+    assert "at step" in resumed or "after epoch" in resumed
     assert same_weights(cli_reference / "model.safetensors", out / "model.safetensors")
     assert numbers(cli_reference) == numbers(out)  # the epoch's sums went on from the checkpoint's
 
@@ -227,8 +239,7 @@ def test_stop_signal_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_ide
     assert "stopped by SIGUSR1 at step" in err and "continue with --resume" in err and "Traceback" not in err
     inside = [p for p in (out / "checkpoints").glob("epoch-*-step-*.json")]
     assert len(inside) == 1 and not (out / "summary.json").exists()
-    resumed = cli_resume(out)
-    assert resumed.returncode == 0, resumed.stderr
+    assert resume_here(out) == 0
     assert same_weights(cli_reference / "model.safetensors", out / "model.safetensors")
 
 

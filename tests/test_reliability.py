@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tiny_runs import same_weights, subprocess_env
 
 from attnlab import AttnlabError
+from attnlab.cli import main
 from attnlab.train import TrainingDiverged, load_trained, train
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.rundir import RunDir
@@ -37,11 +38,14 @@ cli_train = functools.partial(tiny_runs.cli_train, epochs=5)
 
 def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(tmp_path):
     reference = tmp_path / "reference"  # 5 epochs, unlike `cli_reference`: more moments to kill in
-    subprocess.run(cli_train(reference), check=True, env=subprocess_env(), capture_output=True)
+    assert main([*cli_train(reference)[3:], "--no-progress"]) == 0
     out = tmp_path / "victim"
     rng = random.Random(1234)
     kills = 0
     for attempt in range(12):
+        if kills == 3:  # enough moments: the rest of the run is resumed in this process
+            assert main([*cli_train(out)[3:], "--resume", "--no-progress"]) == 0
+            break
         proc = subprocess.Popen(
             cli_train(out) + (["--resume"] if attempt else []),
             env=subprocess_env(),
@@ -56,7 +60,7 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(tmp_p
         proc.wait()
         kills += 1
     else:
-        subprocess.run(cli_train(out) + ["--resume"], check=True, env=subprocess_env(), capture_output=True)
+        assert main([*cli_train(out)[3:], "--resume", "--no-progress"]) == 0
     assert kills >= 2, "the kills must have interrupted the run"
     assert same_weights(reference / "model.safetensors", out / "model.safetensors")
     assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
@@ -90,7 +94,7 @@ def test_kill_while_a_checkpoint_is_written_then_resume(tmp_path, dies_on_save, 
     # the half-saved checkpoint is invisible: only the epochs before it count
     names = sorted(p.name for p in (out / "checkpoints").glob("epoch-*.json"))
     assert names == [f"epoch-{e:04d}.json" for e in range(max(1, dies_on_save - 2), dies_on_save)]
-    subprocess.run(cli_train(out, epochs=4) + ["--resume"], check=True, env=subprocess_env(), capture_output=True)
+    assert main([*cli_train(out, epochs=4)[3:], "--resume", "--no-progress"]) == 0
     assert same_weights(cli_reference / "model.safetensors", out / "model.safetensors")
     assert not list(out.rglob("*.tmp"))
 

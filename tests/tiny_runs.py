@@ -83,6 +83,14 @@ def kill_when(cmd: list[str], marker: Path, timeout: float = 120) -> None:
     proc.wait()
 
 
+def resume_here(out: Path) -> int:
+    """``attnlab train --out OUT --resume`` in this process (a fresh one costs seconds of imports; `cli_resume` is
+    that, for the tests of the command itself): the exit code."""
+    from attnlab.cli import main
+
+    return main(["train", "--out", str(out), "--resume", "--no-progress"])
+
+
 def cli_resume(out: Path):
     """``attnlab train --out OUT --resume`` in a fresh process: the rest of the settings come from the run itself."""
     import subprocess
