@@ -4,6 +4,7 @@ with one warning line where inductor cannot compile (here: no C++ compiler)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 
@@ -17,8 +18,10 @@ from tiny_runs import cli_resume, cli_train, kill_when, metrics, same_weights, s
 from attnlab.analysis import run_analysis
 from attnlab.data import batches, load_dataset
 from attnlab.errors import AttnlabError
+from attnlab.layers import create_attn
 from attnlab.layers.cram import CRAM, capture_rectangles
 from attnlab.models import create_model
+from attnlab.models.resnet import BasicBlock, CifarResNet
 from attnlab.train import train
 from attnlab.train.compiling import compile_module, is_compiled, run_or_fall_back
 
@@ -151,11 +154,12 @@ def test_a_compiled_call_that_fails_mid_epoch_falls_back_and_the_run_finishes(tm
 def test_compiled_spatial_attention_keeps_bf16_gradients_finite(tmp_path):
     """Regression: with the channel max of `channel_pool` taken in bf16, the backward of a compiled spatial_resnet20
     under bf16 autocast went non-finite at the second step on cluttered canvases (eager stayed finite), which failed
-    every spatial run of the ``cram`` preset in its first epoch."""
+    every spatial run of the ``cram`` preset in its first epoch (it does with one block per stage, as here)."""
     make_garments(tmp_path, n_train=200, n_test=20)
     bundle = load_dataset("cluttered-fashion-mnist", tmp_path, canvas=64, val_size=10)
     torch.manual_seed(0)
-    model = create_model("spatial_resnet20", in_chans=1, num_classes=10).train()
+    spatial = {"attn_layer": functools.partial(create_attn, "spatial")}  # one block per stage: a third of the compile
+    model = CifarResNet(BasicBlock, [1, 1, 1], num_classes=10, in_chans=1, block_args=spatial).train()
     compiled = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for step, (x, y) in zip(range(3), batches(bundle.train, bundle, 32, train=True), strict=False):
@@ -171,7 +175,10 @@ def test_hooks_added_after_the_first_compiled_call_are_called():
     """CRAM's equivariance term reads the training forward's rectangles through hooks added after the engine's compile
     probe has made the first call; by default dynamo does not guard on module hooks and skipped them ("no CRAM
     rectangles for x" failed every such run of the ``cram`` preset). `compile_module` makes it guard on them."""
-    model = compile_module(create_model("cram_resnet20", in_chans=1, num_classes=4).train(), backend="eager")
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), CRAM(8), nn.ReLU(), CRAM(8))  # two CRAMs: cheap to trace
+    model = compile_module(net.train(), backend="eager")
     x = torch.randn(2, 1, 12, 12)
     model(x)  # traced without hooks, as the compile probe is
     with capture_rectangles(model) as seen:
