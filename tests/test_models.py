@@ -24,13 +24,40 @@ def _check_train_step(model: torch.nn.Module, shape: tuple[int, int, int], num_c
     assert not no_grad, f"parameters without a finite gradient: {no_grad[:5]}"
 
 
-@pytest.mark.parametrize("name", list_models())
+DEEPER = {
+    "resnet32": "resnet20",
+    "resnet56": "resnet20",
+    "resnet110": "resnet20",
+    "resnet34": "resnet18",
+    "resnet101": "resnet50",
+}
+"""Depths that repeat the blocks of a shallower one (same block, stages and widths, more blocks per stage)."""
+
+
+def _arch(name: str) -> str:
+    return name.rsplit("_", 1)[-1]
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if _arch(n) not in DEEPER])
 def test_forward_backward_every_model_at_every_size(name):
     torch.manual_seed(0)
     for chans in sorted({c for c, _, _ in SIZES}):
         model = create_model(name, num_classes=7, in_chans=chans)
         for shape in (s for s in SIZES if s[0] == chans):
             _check_train_step(model, shape, 7)
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if _arch(n) in DEEPER])
+def test_a_deeper_model_is_its_shallower_twin_with_more_blocks(name):
+    """The forward and backward of these blocks is tested on the shallower twin above; here the deeper network has
+    the twin's modules with the block counts of its architecture, and runs."""
+    arch = _arch(name)
+    deep, twin = create_model(name, num_classes=7), create_model(name.replace(arch, DEEPER[arch]), num_classes=7)
+    stages = [n for n, _ in twin.named_children() if n.startswith("layer")]
+    assert [len(getattr(deep, n)) for n in stages] == list(ARCHS[arch].layers)
+    assert {type(m) for m in deep.modules()} == {type(m) for m in twin.modules()}
+    with torch.no_grad():
+        assert deep.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
 
 
 def test_names_cover_every_variant_and_arch_without_clashing_with_timm():
