@@ -25,7 +25,7 @@ demo: data
 
 test: data  # the 20 slowest tests are listed at the end: the suite should stay under ~10 min on 2 cores
 	$(PY) -m ruff check attnlab tests benchmarks studies
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -q --durations=20
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q --durations=20
 
 docs: $(STAMP)  # the site, rebuilt whole (-E) with warnings as errors; open docs/_build/html/index.html
 	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html

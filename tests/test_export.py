@@ -1,5 +1,6 @@
-"""Deployment paths for every prefix, in eval mode: torch.export (batch size left dynamic), ONNX through torch's dynamo
-exporter run by onnxruntime, and TorchScript saved and loaded; each must give the eager model's outputs."""
+"""Deployment paths in eval mode: torch.export (batch size left dynamic) and TorchScript saved and loaded for every
+prefix, ONNX through torch's dynamo exporter run by onnxruntime for every mechanism of attnlab's own; each must give
+the eager model's outputs."""
 
 from __future__ import annotations
 
@@ -45,8 +46,13 @@ def test_torch_export_with_a_dynamic_batch_gives_the_eager_outputs(name):
             torch.testing.assert_close(exported(x), model(x), **TOL)
 
 
+ONNX = ["spatial_resnet20", "cram_resnet20", "aw_resnet20", "fmm_resnet20", "cbam_resnet20"]
+"""attnlab's own operators (spatial, CRAM, AW, the FMM merge) and timm's CBAM, whose channel and spatial gates use
+every operator of SE and ECA but ECA's 1-D convolution: the ONNX exporter's cost is tens of seconds a network."""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CIFAR)
+@pytest.mark.parametrize("name", ONNX)
 def test_onnx_export_runs_in_onnxruntime_with_the_eager_outputs(name, tmp_path):
     pytest.importorskip("onnxscript", reason="torch's dynamo ONNX exporter needs onnxscript (dev extra)")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime runs the exported graph (dev extra)")

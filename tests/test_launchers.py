@@ -153,16 +153,16 @@ def test_a_requeued_job_resumes_and_a_dead_job_is_not_waited_for(tmp_path):
 
 
 def test_submitit_grid_gives_the_local_launchers_results(tmp_path):
-    """2 models × 2 seeds, 1 epoch: the same results.csv (timing aside) through submitit jobs as trained here."""
-    grid = plan()
+    """2 models × 1 seed, 1 epoch: the same results.csv (timing aside) through submitit jobs as trained here."""
+    grid = plan(seeds=1)
     local, jobs = tmp_path / "local", tmp_path / "submitit"
     run_compare(grid, local, launcher=LocalPool(log=lambda _: None), log=lambda _: None)
     build_report(grid, local)
     outcome = run_compare(grid, jobs, launcher=launcher(jobs, jobs=2), log=lambda _: None)
     build_report(grid, jobs)
-    assert len(outcome.trained) == 4 and not outcome.failed
+    assert len(outcome.trained) == 2 and not outcome.failed
     assert results_csv(jobs) == results_csv(local)
-    assert len(job_ids(jobs)) == 4 and (jobs / SUBMITIT_DIR).is_dir()
+    assert len(job_ids(jobs)) == 2 and (jobs / SUBMITIT_DIR).is_dir()
 
 
 def reference(tmp_path: Path, seed: int, epochs: int) -> Path:
