@@ -43,7 +43,7 @@ from attnlab.report import build_report  # noqa: E402
 from attnlab.train.config import first_difference  # noqa: E402
 from attnlab.train.rundir import RunDir  # noqa: E402
 
-ORDER = ("aw", "aw-detection", "fmm", "consistency", "smoothness", "cram")
+ORDER = ("aw", "aw-detection", "fmm", "consistency", "smoothness", "cram", "families")
 """Presets without analyses first: each of their finished runs is kept for good once committed."""
 KEEP = {".csv", ".md", ".json", ".jsonl", ".yaml", ".png", ".txt"}
 SKIP_PARTS = {"checkpoints"}

@@ -205,6 +205,44 @@ def cram_beats_spatial(spatial: str, crams: Sequence[str], equivariant: str | No
     return Claim("cram", statement + ".", rule)
 
 
+def own_attention_helps(pairs: Sequence[tuple[str, str]]) -> Claim:
+    """A network's own attention (the squeeze-excite of MobileNetV3 and EfficientNet, Hu et al.) makes it more
+    accurate than the same network with that attention removed (``NAME[attention=none]``), family by family.
+
+    Args:
+        pairs: (a network with its own attention, the same network without it).
+    """
+
+    def rule(evidence: Evidence, datasets: Sequence[str]) -> list[Verdict]:
+        return [pairwise(f"{a} beats {b} on {d}", evidence, d, a, b) for d in datasets for a, b in pairs]
+
+    return Claim(
+        "own-attention",
+        "A network's own squeeze-excite gates make it more accurate than the same network without them, in each "
+        "family that ships with them.",
+        rule,
+    )
+
+
+def swap_beats_own(pairs: Sequence[tuple[str, str]]) -> Claim:
+    """ECA (Wang et al.), CBAM (Woo et al.) and CRAM (Nguyen et al.) are each proposed as better attention than
+    squeeze-excite: swapped for a network's own SE (``NAME[attention=eca]``), each makes it more accurate than its own.
+
+    Args:
+        pairs: (the network with its attention swapped, the same network with its own).
+    """
+
+    def rule(evidence: Evidence, datasets: Sequence[str]) -> list[Verdict]:
+        return [pairwise(f"{a} beats {b} on {d}", evidence, d, a, b) for d in datasets for a, b in pairs]
+
+    return Claim(
+        "swap-own",
+        "An attention proposed as better than squeeze-excite (ECA, CBAM, CRAM), swapped for a network's own SE gates, "
+        "makes the network more accurate than its own gates do.",
+        rule,
+    )
+
+
 CLAIMS = {
     c.__name__: c
     for c in (
@@ -213,6 +251,8 @@ CLAIMS = {
         smoother_than_plain,
         weight_attention_adds,
         cram_beats_spatial,
+        own_attention_helps,
+        swap_beats_own,
     )
 }
 """The claim constructors a study file may name (``claims: [{claim: NAME, ...its arguments}]``)."""

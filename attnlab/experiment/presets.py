@@ -6,7 +6,7 @@ families; one-sample t-test against a threshold for claims about a level). Budge
 given to ``attnlab compare --preset NAME`` (``--epochs``, ``--subset``, ``--seeds``, ``--device``, ...) overrides
 them, so the same preset is a quick look on a laptop and the full experiment on a GPU.
 
-Presets: ``fmm``, ``consistency``, ``smoothness``, ``aw``, ``aw-detection``, ``cram``, and ``quick`` (a small version
+Presets: ``fmm``, ``consistency``, ``smoothness``, ``aw``, ``aw-detection``, ``cram``, ``families``, and ``quick`` (a small version
 of all of them, for ``make demo``: a smoke test whose numbers are not evidence). A study file (YAML, see
 `attnlab.experiment.study`) is a preset too: `load_preset` takes a name or a path. `make_plan` turns a preset, or
 explicit choices, into the `Plan` a comparison runs (it lives here, above `plan`, because it resolves presets).
@@ -30,8 +30,10 @@ from ..schema import Range, check
 from .claims import (
     attention_weakly_consistent,
     cram_beats_spatial,
+    own_attention_helps,
     products_beat_addition,
     smoother_than_plain,
+    swap_beats_own,
     weight_attention_adds,
 )
 from .plan import AnalysisSpec, Plan, check_buildable, parse_entries, parse_seeds
@@ -198,6 +200,52 @@ _add(
         analyses=(AnalysisSpec("localization", options={"images": 1000}),),
         claims=(cram_beats_spatial("spatial_resnet20", ("cram_resnet20", CRAM_EQ), CRAM_EQ, localize=True),),
         budgets={"cpu": CPU},
+    )
+)
+FAMILIES = ("mobilenetv3_small_050", "tinynet_e")
+"""The ``families`` preset's networks: the smallest MobileNetV3 (width 0.5) and TinyNet-E (EfficientNet-B0 scaled
+down by the TinyNet rule), timm's own, each with its own squeeze-excite gates."""
+SWAPS = ("eca", "cbam", "cram")
+"""The attentions swapped for a family's own SE (`attnlab.convert`): channel (ECA), channel and spatial (CBAM),
+rectangle (CRAM)."""
+
+
+def swapped(network: str, attention: str) -> str:
+    """The entry of ``network`` with every attention it has swapped for ``attention`` (``"none"``: removed)."""
+    return f"{network}[attention={attention}]"
+
+
+FAMILY_GATED = tuple(e for n in FAMILIES for e in (n, *(swapped(n, a) for a in SWAPS)))
+FAMILIES_CPU = Budget(
+    seeds=3,
+    recipe={"epochs": 10, "subset": 20000, "precision": "fp32"},
+    analysis_images={"consistency": 200},
+)
+"""The ``cpu`` budget of the ``families`` preset (``--budget cpu``): about 6 h of the 2-core CPU, in fp32 (this CPU
+has no native bf16; docs/MEASUREMENTS.md, "Claim preset budgets", says how it was sized)."""
+
+_add(
+    Preset(
+        name="families",
+        description="Beyond ResNets: MobileNetV3 and EfficientNet (TinyNet-E) with their own SE, with it swapped for "
+        "ECA, CBAM or CRAM, and without attention.",
+        models=tuple(e for n in FAMILIES for e in (n, swapped(n, "none"), *(swapped(n, a) for a in SWAPS))),
+        datasets=("fashion-mnist",),
+        seeds=5,
+        recipe={**FULL_RECIPE, "lr": 0.05},  # half the ResNets' peak: EfficientNet-B0 diverged at 0.1 at 28 px
+        analyses=(
+            AnalysisSpec(  # captum's integrated gradients left out: the claim reads ablation, at a fraction of the cost
+                "consistency",
+                FAMILY_GATED,
+                options={"images": 1000, "control_images": 64, "methods": ["ablation", "grad_x_act"]},
+            ),
+        ),
+        claims=(
+            own_attention_helps(tuple((n, swapped(n, "none")) for n in FAMILIES)),
+            swap_beats_own(tuple((swapped(n, a), n) for n in FAMILIES for a in SWAPS)),
+            attention_weakly_consistent(FAMILY_GATED),
+        ),
+        budgets={"cpu": FAMILIES_CPU},
     )
 )
 _add(
