@@ -6,8 +6,9 @@ families; one-sample t-test against a threshold for claims about a level). Budge
 given to ``attnlab compare --preset NAME`` (``--epochs``, ``--subset``, ``--seeds``, ``--device``, ...) overrides
 them, so the same preset is a quick look on a laptop and the full experiment on a GPU.
 
-Presets: ``fmm``, ``consistency``, ``smoothness``, ``aw``, ``aw-detection``, ``cram``, ``families``, and ``quick`` (a small version
-of all of them, for ``make demo``: a smoke test whose numbers are not evidence). A study file (YAML, see
+Presets: ``fmm``, ``consistency``, ``smoothness``, ``aw``, ``aw-detection``, ``cram``, ``families`` (the attention of
+MobileNetV3 and EfficientNet, beyond ResNets), and ``quick`` (a small version of all of them, for ``make demo``: a
+smoke test whose numbers are not evidence). A study file (YAML, see
 `attnlab.experiment.study`) is a preset too: `load_preset` takes a name or a path. `make_plan` turns a preset, or
 explicit choices, into the `Plan` a comparison runs (it lives here, above `plan`, because it resolves presets).
 """
