@@ -630,6 +630,10 @@ def test_the_families_preset_builds_each_family_at_the_datas_size_and_decides_pe
     assert len(decided["swap-own"]) == 6 and {v.verdict for v in decided["swap-own"]} == {"does not hold"}
     assert "inconclusive" in decided["consistency"][0].verdict  # no analysis results given
 
+    study = load_preset(Path(__file__).resolve().parent.parent / "studies" / "families-imagenet.yaml")
+    assert [c.key for c in study.claims] == [c.key for c in preset.claims] and study.recipe["pretrained"] is True
+    assert [e.model_kwargs for e in parse_entries(list(study.models))] == [e.model_kwargs for e in plan.entries]
+
 
 def test_fmm_claims_keep_plain_and_gated_products_apart():
     preset = PRESETS["fmm"]

@@ -1,6 +1,7 @@
 """The claims of the papers attnlab tests, each a `Claim` built on the generic decision rules of
 `attnlab.experiment.verdicts`: FMMNet's products against addition, Ye et al.'s consistency and smoothness, Zhu et al.'s
-AW-convolution, Nguyen et al.'s CRAM. `CLAIMS` names the constructors a study file may use (`load_preset`).
+AW-convolution, Nguyen et al.'s CRAM, and beyond ResNets whether a network's own squeeze-excite helps it and whether
+ECA, CBAM or CRAM swapped in for it do better. `CLAIMS` names the constructors a study file may use (`load_preset`).
 """
 
 from __future__ import annotations
