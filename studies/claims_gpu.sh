@@ -23,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 JOBS=${JOBS:-16}
-PRESETS=${PRESETS:-fmm,consistency,smoothness,aw,cram,aw-detection}
+PRESETS=${PRESETS:-fmm,consistency,smoothness,aw,cram,aw-detection,families}
 SECONDS_LEFT=${SECONDS_LEFT:-540}
 RUNS=${RUNS:-runs/claims-full}
 RESULTS=${RESULTS:-studies/results/claims-full}
