@@ -633,6 +633,7 @@ def test_the_families_preset_builds_each_family_at_the_datas_size_and_decides_pe
     study = load_preset(Path(__file__).resolve().parent.parent / "studies" / "families-imagenet.yaml")
     assert [c.key for c in study.claims] == [c.key for c in preset.claims] and study.recipe["pretrained"] is True
     assert [e.model_kwargs for e in parse_entries(list(study.models))] == [e.model_kwargs for e in plan.entries]
+    assert study.budget("smoke").dataset_options == study.dataset_options  # a budget's options replace the study's
 
 
 def test_fmm_claims_keep_plain_and_gated_products_apart():
