@@ -603,20 +603,20 @@ def test_the_families_preset_builds_each_family_at_the_datas_size_and_decides_pe
     from attnlab.models import create_model
 
     preset = PRESETS["families"]
-    plan = make_plan(preset="families", budget="cpu")
-    assert plan.recipe["precision"] == "fp32" and len(plan.seeds) == 3 and plan.datasets == ["fashion-mnist"]
+    cpu, entries = preset.budget("cpu"), parse_entries(list(preset.models))  # make_plan would build them all again
+    assert cpu.recipe["precision"] == "fp32" and cpu.seeds == 3 and preset.datasets == ("fashion-mnist",)
     kinds = {}
-    for entry in plan.entries:
+    for entry in entries:
         model = create_model(entry.model, num_classes=10, in_chans=1, image_size=28, **entry.model_kwargs)
         kinds[entry.name] = {type(s.module).__name__ for s in gate_sites(model)}
     assert kinds["tinynet_e"] == {"SqueezeExcite"} and kinds["tinynet_e[attention=none]"] == set()
     assert kinds["mobilenetv3_small_050[attention=eca]"] == {"EcaModule"}
     assert kinds["mobilenetv3_small_050[attention=cram]"] == {"CRAM"}
-    assert set(plan.analyses[0].entries) == {name for name, found in kinds.items() if found}
+    assert set(preset.analyses[0].entries) == {name for name, found in kinds.items() if found}
 
     rows = [  # each family: own SE 1 point above none; a swap 0.5 below the family's SE
         {"dataset": "fashion-mnist", "model": e.name, "seed": s, "test_acc": acc + 0.0002 * s * i}
-        for i, e in enumerate(plan.entries)
+        for i, e in enumerate(entries)
         for s in range(3)
         for acc in [0.90 + 0.01 * ("[" not in e.name) - 0.005 * ("[attention=none]" not in e.name)]
     ]
@@ -632,7 +632,7 @@ def test_the_families_preset_builds_each_family_at_the_datas_size_and_decides_pe
 
     study = load_preset(Path(__file__).resolve().parent.parent / "studies" / "families-imagenet.yaml")
     assert [c.key for c in study.claims] == [c.key for c in preset.claims] and study.recipe["pretrained"] is True
-    assert [e.model_kwargs for e in parse_entries(list(study.models))] == [e.model_kwargs for e in plan.entries]
+    assert [e.model_kwargs for e in parse_entries(list(study.models))] == [e.model_kwargs for e in entries]
     assert study.budget("smoke").dataset_options == study.dataset_options  # a budget's options replace the study's
 
 
