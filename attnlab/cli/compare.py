@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import AttnlabError
 from .common import add_config_flags, add_key_values, continuable
 
-PRESET_NAMES = ("fmm", "consistency", "smoothness", "aw", "aw-detection", "cram", "quick")
+PRESET_NAMES = ("fmm", "consistency", "smoothness", "aw", "aw-detection", "cram", "families", "quick")
 """`attnlab.experiment.presets.PRESETS`'s names, for --help without importing the presets (their claims import the
 analyses, and torch with them); tests/test_cli_startup.py keeps the two equal."""
 
