@@ -38,12 +38,14 @@ from .bundle import (
     channel_stats,
     loader_kwargs,
     seeded_generator,
+    stats_from_counts,
     take_subset,
 )
 from .cifar import load_cifar10, load_cifar100
 from .cluttered import load_cluttered_fashion_mnist
 from .folder import load_imagefolder
 from .idx import load_fashion_mnist, load_mnist
+from .stream import EpochPlan, stream_batches, train_transform
 from .synthetic import load_synthetic
 
 __all__ = [
@@ -122,7 +124,14 @@ def load_dataset(
     train, val = carve(source.train, source.default_val if val_size is None else val_size)
     if subset is not None:
         train = take_subset(train, subset, seed)
-    mean, std = channel_stats(train.images)
+    notes = source.notes
+    if train.streamed:
+        counts, used = train.channel_counts(train.options.stats_images)
+        mean, std = stats_from_counts(counts)
+        if used < len(train):
+            notes += (f"normalisation statistics from {used} of the {len(train)} training images (stats_images)",)
+    else:
+        mean, std = channel_stats(train.images)
     return DataBundle(
         name=name,
         train=train,
@@ -135,7 +144,7 @@ def load_dataset(
         crop_padding=source.crop_padding,
         hflip=source.hflip,
         origin=source.origin,
-        notes=source.notes,
+        notes=notes,
     )
 
 
@@ -237,6 +246,15 @@ def batches(
         indices = torch.arange(n)[rank::world_size]
     mean = torch.tensor(bundle.mean, dtype=torch.float32, device=device)
     std = torch.tensor(bundle.std, dtype=torch.float32, device=device)
+    if split.streamed:
+        plan = EpochPlan(indices, None, None, None)
+        if train:
+            transform = train_transform(split, bundle.mean, bundle.std) if bundle.crop_padding or bundle.hflip else None
+            plan = EpochPlan(
+                indices, offsets, flips if bundle.hflip else None, (seed, epoch), bundle.crop_padding, transform
+            )
+        steps = range(start, count)
+        return stream_batches(split, plan, steps, batch_size, mean, std, device, channels_last, bundle.num_classes)
     augment = (bundle.crop_padding, offsets, flips if bundle.hflip else None) if train else None
     indices = indices.to(split.images.device)
     return _iterate(split, indices, range(start, count), batch_size, augment, mean, std, device, channels_last)

@@ -50,8 +50,21 @@ class Split:
         if self.boxes is not None and (self.boxes.dtype != torch.float32 or tuple(self.boxes.shape) != (n, 4)):
             raise AttnlabError(f"Split boxes must be float32 {n}×4, got {self.boxes.dtype} {tuple(self.boxes.shape)}")
 
+    streamed = False
+    """Whether the images stay on disk (`attnlab.data.stream.StreamSplit`); a Split holds them."""
+
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """C, H, W of its images."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory its tensors take."""
+        return sum(t.nbytes for t in (self.images, self.labels, self.boxes) if t is not None)
 
     def take(self, indices: torch.Tensor) -> Split:
         """The samples at ``indices`` (in that order), boxes included."""
@@ -70,7 +83,7 @@ class Source:
 
     Attributes:
         train: the training pool, from which `load_dataset` carves the validation split.
-        test: the held-out test split.
+        test: the held-out test split (both `attnlab.data.stream.StreamSplit` s when the images stay on disk).
         classes: class names, index = label.
         crop_padding: zero padding of the random-crop augmentation, in pixels.
         hflip: whether horizontal flips preserve the labels' meaning.
@@ -110,7 +123,8 @@ class DataBundle:
 
     Attributes:
         name: the dataset name as given to `load_dataset`.
-        train, val, test: the splits; val is carved from the training pool with `SPLIT_SEED`, never from test.
+        train, val, test: the splits (`Split` s, or `attnlab.data.stream.StreamSplit` s of files on disk); val is
+            carved from the training pool with `SPLIT_SEED`, never from test.
         num_classes: number of classes.
         classes: class names, index = label.
         mean, std: per-channel statistics of the train split, in [0, 1] pixel units.
@@ -135,17 +149,21 @@ class DataBundle:
 
     @property
     def in_chans(self) -> int:
-        return self.train.images.shape[1]
+        return self.train.image_shape[0]
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.train.images.shape[2:])
+        return tuple(self.train.image_shape[1:])
 
     @property
     def nbytes(self) -> int:
-        """Memory of the three splits' tensors."""
-        tensors = [t for s in (self.train, self.val, self.test) for t in (s.images, s.labels, s.boxes) if t is not None]
-        return sum(t.nbytes for t in tensors)
+        """Memory of the three splits' tensors (a streamed split's labels and file indices only)."""
+        return sum(s.nbytes for s in (self.train, self.val, self.test))
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are read from disk in worker processes (`attnlab.data.stream`) rather than held."""
+        return self.train.streamed
 
     def to(self, device: torch.device | str) -> DataBundle:
         """The same bundle with its three splits on ``device``."""
@@ -190,24 +208,34 @@ def take_subset(train: Split, n: int, seed: int) -> Split:
     return train.take(perm[:n].sort().values)
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images, in [0, 1] units.
+def channel_counts(images: torch.Tensor) -> torch.Tensor:
+    """Each channel's exact 256-bin histogram of uint8 N×C×H×W ``images`` (C×256 int64; one `torch.bincount` per
+    channel, no float copy of the data)."""
+    return torch.stack([torch.bincount(channel.flatten(), minlength=256) for channel in images.cpu().unbind(1)])
 
-    Each channel's exact 256-bin histogram (one `torch.bincount`, no float copy of the data) gives the mean and
-    variance in float64, so the result matches a float64 computation over all pixels to rounding. A constant channel
-    gets std 1 (not 0) so that normalising by it stays finite.
-    """
-    if len(images) == 0:
+
+def stats_from_counts(counts: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std in [0, 1] units from C×256 pixel histograms, in float64, so the result
+    matches a float64 computation over all pixels to rounding. A constant channel gets std 1 (not 0) so that
+    normalising by it stays finite."""
+    if counts.sum() == 0:
         raise AttnlabError("cannot compute normalisation statistics of an empty training split")
     values = torch.arange(256, dtype=torch.float64) / 255
     means, stds = [], []
-    for channel in images.cpu().unbind(1):
-        counts = torch.bincount(channel.flatten(), minlength=256).double()
-        mean = (counts * values).sum() / counts.sum()
-        var = (counts * (values - mean).square()).sum() / counts.sum()
+    for channel in counts.double():
+        mean = (channel * values).sum() / channel.sum()
+        var = (channel * (values - mean).square()).sum() / channel.sum()
         means.append(mean.item())
         stds.append(var.sqrt().item() if var > 0 else 1.0)
     return tuple(means), tuple(stds)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images, in [0, 1] units (`stats_from_counts` of their
+    histograms)."""
+    if len(images) == 0:
+        raise AttnlabError("cannot compute normalisation statistics of an empty training split")
+    return stats_from_counts(channel_counts(images))
 
 
 def loader_kwargs(
