@@ -37,6 +37,14 @@ def data_on_gpu(bundle: DataBundle, device: torch.device, free_bytes: int) -> Da
     return bundle.to(device) if bundle.nbytes <= GPU_DATA_SHARE * free_bytes else bundle
 
 
+def data_path(bundle: DataBundle) -> str:
+    """Which path reads the run's images, in words (the first line of its ``config.yaml``)."""
+    if not bundle.streamed:
+        return f"held in memory ({bundle.nbytes / 2**20:.1f} MiB)"
+    options = bundle.train.options
+    return f"streamed from disk by {options.workers} worker process(es), {options.prefetch} batches ahead each"
+
+
 def build_model(cfg: TrainConfig, bundle: DataBundle) -> nn.Module:
     """The configured model, checked against the data's channels, classes and image size."""
     kwargs = dict(cfg.model_kwargs)
@@ -157,8 +165,9 @@ class Classification(RunTask):
         # a compiled graph may meet a new shape mid-run (the last, partial batch) and fail to recompile
         logits = run_or_fall_back(run.model, run.cfg.model, lambda: run.net(x))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=run.cfg.label_smoothing)
+        hard = y if y.ndim == 1 else y.argmax(1)  # Mixup/CutMix batches carry class probabilities
         with torch.no_grad():
-            sums = {"loss": loss.detach().double() * len(y), "acc": (logits.argmax(1) == y).sum().double()}
+            sums = {"loss": loss.detach().double() * len(y), "acc": (logits.argmax(1) == hard).sum().double()}
         return StepResult(loss, sums, x)
 
     def evaluate(self, run: Run, split) -> dict[str, float]:
@@ -197,6 +206,9 @@ class Classification(RunTask):
             "model_kwargs": json.dumps(run.cfg.model_kwargs),
         }
 
+    def config_comment(self, run: Run) -> str:
+        return f"# data: {data_path(run.data)}\n"
+
     def summary_fields(self, run: Run) -> dict[str, Any]:
         bundle, device = run.data, run.device
         with eager(run.model) as model:  # FLOPs and the one-image latency of the plain module
@@ -208,6 +220,8 @@ class Classification(RunTask):
             "image_size": list(bundle.image_size),
             "channels_last": run.channels_last,
             "compile": is_compiled(run.model),  # False where --compile fell back to eager
+            "data_path": "stream" if bundle.streamed else "memory",
+            **({"skipped_images": len(bundle.train.skipped)} if bundle.streamed else {}),
         }
 
 

@@ -151,6 +151,10 @@ class RunTask:
         """The task's own fields of ``summary.json`` (costs, sizes)."""
         return {}
 
+    def config_comment(self, run: Run) -> str:
+        """Comment lines on top of ``config.yaml``: what the run's settings resolved to (which data path ran)."""
+        return ""
+
 
 @dataclass
 class EpochSoFar:
@@ -385,7 +389,7 @@ def setup(task: RunTask, cfg: RunConfig, dist, device: torch.device, folder: Run
     run.net = DistributedDataParallel(model) if dist.enabled else model
     task.before_training(run)
     if dist.is_main:
-        write_text_atomic(folder.config, cfg.to_yaml())
+        write_text_atomic(folder.config, task.config_comment(run) + cfg.to_yaml())
         folder.write_history(run.history)
     return run
 
