@@ -18,6 +18,7 @@ from PIL import Image
 from tiny_runs import same_weights
 
 from attnlab import AttnlabError
+from attnlab.analysis.runner import run_analysis
 from attnlab.data import batches, load_dataset
 from attnlab.train import TrainConfig, train
 from attnlab.train.checkpoint import latest_checkpoint
@@ -133,6 +134,10 @@ def test_a_streamed_run_stopped_inside_an_epoch_resumes_bit_identical_with_two_w
     # evaluated afterwards through the same path: the run's own numbers
     again = evaluate_trained(tmp_path / "cut", split="test")
     assert again["acc"] == whole["test_acc"] and again["images"] == 9
+    # and analysed: the analysis reads just the test images it takes, through the same path
+    options = {"points": 3, "grid": 3, "surface_images": 4, "hessian_images": 4, "hessian_iters": 2, "trace_samples": 1}
+    report = run_analysis("landscape", [tmp_path / "cut"], tmp_path / "landscape", images=6, **options)
+    assert report["images"] == {"cut": 6}
 
 
 def test_bad_files_while_streaming_stop_with_one_line_or_are_skipped_and_counted(folder, tmp_path, monkeypatch):
