@@ -6,20 +6,21 @@ garments, each scaled to 64×64 (bilinear), made RGB and saved as a JPEG (qualit
 (``ROOT/N/CLASS/i.jpg``, the pool layout: the test split is carved from it).
 
 ``memory``: one ``attnlab train`` process per folder size and path, the same steps for each (``--subset`` training
-images at batch 64, one epoch; then validation and test, also in batches of 64), its peak memory sampled every 50 ms: the summed PSS of the
-trainer and its loader workers (shared pages counted once), and the trainer's own peak RSS (the kernel's
-``ru_maxrss``) → ``stream_memory.csv``. Streaming's peak must not grow with the folder; in memory it does.
+images at batch 64, one epoch; then validation and test, also in batches of 64), its peak memory sampled every 50
+ms: the summed PSS of the trainer and its loader workers (shared pages counted once), and the trainer's own peak RSS
+(the kernel's ``ru_maxrss``) → ``stream_memory.csv``. Streaming's peak must not grow with the folder; in memory it
+does.
 
 ``throughput``: ``resnet18c`` trained at 64 px on the smaller folder, in memory and streamed (each worker count of
-``--workers``), the candidates interleaved (memory, stream, memory, ...) in this one process after an untimed warm-up
-round, so that the shared machine's load hits all of them; each trial's images per second is the run's own
-``train_img_per_s`` (training steps only, loader start-up included; not the loading of the folder, validation or
-test). The CSV keeps every trial with the load average before it, and a ``median`` row per candidate with its ratio
-to the in-memory median → ``stream_throughput.csv``.
+``--workers``), ``--subset`` images at ``--batch-size`` per trial, the candidates interleaved (memory, stream, memory,
+...) in this one process after an untimed warm-up round, so that the shared machine's load hits all of them; each
+trial's images per second is the run's own ``train_img_per_s`` (training steps only, loader start-up included; not
+the loading of the folder, validation or test). The CSV keeps every trial with the load average before it, and a
+``median`` row per candidate with its ratio to the in-memory median → ``stream_throughput.csv``.
 
     python benchmarks/stream_data.py make --sizes 2000,20000
     python benchmarks/stream_data.py memory --sizes 2000,20000
-    python benchmarks/stream_data.py throughput --repeats 3 --workers 1,2
+    python benchmarks/stream_data.py throughput --repeats 3 --workers 2 --subset 192 --batch-size 32
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def throughput(args: argparse.Namespace) -> None:
                     dataset=f"imagefolder:{folder}",
                     dataset_options={**options, "test_size": 64},
                     epochs=1,
-                    batch_size=64,
+                    batch_size=args.batch_size,
                     subset=args.subset,
                     val_size=64,
                     out=tmp,
@@ -208,10 +209,9 @@ def throughput(args: argparse.Namespace) -> None:
             }
         )
         print(f"{name}: median {median:.1f} img/s, {median / base:.3f}× memory", flush=True)
-    setting = (
-        f"{args.model} 64px batch 64, {args.subset} images/trial, {torch.get_num_threads()} trainer threads, "
-        f"prefetch {args.prefetch}, {platform.machine()} {os.cpu_count()} cores"
-    )
+    threads, machine = torch.get_num_threads(), f"{platform.machine()} {os.cpu_count()} cores"
+    setting = f"{args.model} 64px batch {args.batch_size}, {args.subset} images/trial, {threads} trainer threads, "
+    setting += f"prefetch {args.prefetch}, {machine}"
     for row in rows:
         row["setting"] = setting
     write_csv(args.out or RESULTS / "stream_throughput.csv", rows)
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="training images per run (default 1280 / 640)")
     parser.add_argument("--workers", default="2", help="loader workers (throughput: a comma list of candidates)")
     parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32, help="throughput's batch size (memory: 64)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

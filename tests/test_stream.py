@@ -40,13 +40,22 @@ def make_folder(root: Path, per_class: int = 12, test_per_class: int = 3, seed: 
     return root
 
 
-def tar_folder(source: Path, target: Path) -> Path:
-    """``target/train.tar`` and ``target/test.tar`` holding ``source``'s split folders, members CLASS/NAME."""
+def tar_folder(source: Path, target: Path, shards: int = 1) -> Path:
+    """``target/train.tar`` and ``target/test.tar`` holding ``source``'s split folders, members CLASS/NAME; with
+    ``shards`` > 1, ``target/train/`` holds that many tars, the files dealt out in turn."""
     target.mkdir(parents=True)
     for split in ("train", "test"):
-        with tarfile.open(target / f"{split}.tar", "w") as tar:
-            for path in sorted((source / split).rglob("*.*"), reverse=True):  # an order timm re-sorts
-                tar.add(path, arcname=str(path.relative_to(source / split)))
+        paths = sorted((source / split).rglob("*.*"), reverse=True)  # an order timm re-sorts
+        places = (
+            [target / f"{split}.tar"]
+            if shards == 1 or split == "test"
+            else [target / split / f"shard-{k}.tar" for k in range(shards)]
+        )
+        places[0].parent.mkdir(exist_ok=True)
+        for k, place in enumerate(places):
+            with tarfile.open(place, "w") as tar:
+                for path in paths[k :: len(places)]:
+                    tar.add(path, arcname=str(path.relative_to(source / split)))
     return target
 
 
@@ -78,7 +87,10 @@ def test_streamed_splits_give_the_in_memory_batches_from_folders_and_tar_files(f
     tarred = load_dataset(f"imagefolder:{tar_folder(folder, tmp_path / 'tars')}", val_size=6, image_size=16)
     assert not memory.streamed and streamed.streamed and tarred.streamed is False  # a small tar fits the budget
     tar_streamed = load_dataset(f"imagefolder:{tmp_path / 'tars'}", val_size=6, image_size=16, stream=True)
-    for bundle in (streamed, tarred, tar_streamed):
+    shards = tar_folder(folder, tmp_path / "shards", shards=3)
+    sharded = load_dataset(f"imagefolder:{shards}", val_size=6, image_size=16, stream=True)
+    assert sharded.train.files.name(0) == f"{shards / 'train' / 'shard-2.tar'}:ant/00.png"
+    for bundle in (streamed, tarred, tar_streamed, sharded):
         assert (bundle.mean, bundle.std, bundle.classes) == (memory.mean, memory.std, memory.classes)
         assert bundle.in_chans == 3 and bundle.image_size == (16, 16)
         for split in ("train", "val", "test"):

@@ -5,7 +5,9 @@ class names, the train split's per-channel mean/std, and the augmentation that s
 bundle, batch_size, train=...)`` turns a split into normalised float batches on a device; training batches follow a
 permutation seeded by (seed, epoch), are sharded across DDP ranks with an equal batch count per rank, and are
 augmented (zero-padded random crop, horizontal flip where it suits the data) on whole batches. Same arguments, same
-bits: a killed run resumes on exactly the batches it would have seen.
+bits: a killed run resumes on exactly the batches it would have seen. An image folder too large for memory comes as
+`attnlab.data.stream.StreamSplit` s; ``batches`` draws the same epoch plan for them and hands it to DataLoader
+workers that read the files (`attnlab.data.folder`).
 
 Datasets (``list_datasets()``): ``fashion-mnist``, ``mnist`` (IDX files, `attnlab.data.idx`), ``cifar10``,
 ``cifar100`` (python pickle archive read by a restricted unpickler, `attnlab.data.cifar`), ``imagefolder:PATH``

@@ -75,15 +75,17 @@ class FolderFiles:
 
 class TarFiles:
     """Members of a tar file, or of a folder of tar shards, through timm's ``ReaderImageInTar``
-    (`timm.data.create_dataset` on the path): a member ``CLASS/NAME.jpg`` is labelled by its folder, a member at a
+    (`timm.data.create_dataset` on a tar file): a member ``CLASS/NAME.jpg`` is labelled by its folder, a member at a
     shard's top by the shard's name. ``order`` and ``targets`` reorder and relabel timm's samples (the folder layout's
     order and class indices)."""
 
     def __init__(self, root: str, order: np.ndarray | None = None):
         from timm.data import create_dataset
+        from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
-        try:
-            self.reader = create_dataset("", root=root, search_split=False).reader
+        try:  # timm's create_dataset reads a .tar file itself; a folder it takes for images, so it is told
+            tar = os.path.isfile(root)
+            self.reader = create_dataset("", root=root, search_split=False).reader if tar else ReaderImageInTar(root)
         except (AssertionError, OSError, EOFError, ValueError) as e:
             raise AttnlabError(
                 f"{root}: not a readable tar of images ({' '.join(str(e).split()) or type(e).__name__})"
@@ -92,13 +94,9 @@ class TarFiles:
         self.order = np.arange(len(self.reader)) if order is None else order
 
     def members(self) -> list[tuple[str, str]]:
-        """(class name, member path) of each sample, in timm's order."""
+        """(class name, member path inside its tar) of each sample, in timm's order."""
         reader = self.reader
-        return [(reader.class_idx_to_name[int(t)], self._member(i)) for i, t in enumerate(reader.targets)]
-
-    def _member(self, i: int) -> str:
-        ti, shard, _ = self.reader.samples[i]
-        return f"{shard}/{ti.name}" if shard else ti.name
+        return [(reader.class_idx_to_name[int(t)], reader.samples[i][0].name) for i, t in enumerate(reader.targets)]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -107,7 +105,8 @@ class TarFiles:
         return self.reader[int(self.order[i])][0]
 
     def name(self, i: int) -> str:
-        return f"{self.root}:{self._member(int(self.order[i]))}"
+        ti, shard, _ = self.reader.samples[int(self.order[i])]
+        return f"{os.path.join(self.root, shard) if shard else self.root}:{ti.name}"
 
     def reset(self) -> None:
         """Forget the tar handles inherited from the parent process: a forked worker opens its own, so that no two
