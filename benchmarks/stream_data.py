@@ -6,7 +6,7 @@ garments, each scaled to 64×64 (bilinear), made RGB and saved as a JPEG (qualit
 (``ROOT/N/CLASS/i.jpg``, the pool layout: the test split is carved from it).
 
 ``memory``: one ``attnlab train`` process per folder size and path, the same steps for each (``--subset`` training
-images at batch 64, one epoch; then validation and test, also in batches of 64), its peak memory sampled every 50
+images at batch 64, one epoch; then 200 validation and 400 test images, also in batches of 64), its peak memory sampled every 50
 ms: the summed PSS of the trainer and its loader workers (shared pages counted once), and the trainer's own peak RSS
 (the kernel's ``ru_maxrss``) → ``stream_memory.csv``. Streaming's peak must not grow with the folder; in memory it
 does.
@@ -122,6 +122,10 @@ def train_argv(folder: Path, out: Path, stream: bool, model: str, subset: int, w
         "64",
         "--subset",
         str(subset),
+        "--val-size",
+        "200",
+        "--data-arg",
+        "test_size=400",
         "--out",
         str(out),
     ]
@@ -140,6 +144,7 @@ def memory(args: argparse.Namespace) -> None:
                 pss, rss, wall = peak_memory(argv)
             row = {
                 "images": n,
+                "val_test_images": "200/400",
                 "path": "stream" if stream else "memory",
                 "model": args.model,
                 "workers": args.workers if stream else 0,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -272,10 +273,18 @@ class _Batches(Dataset):
         return stacked, torch.tensor(labels, dtype=torch.int64), bad
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+"""What a scheduler sends a whole job to stop it: a worker ignores them, so that the trainer (`attnlab.train.engine`)
+answers with a checkpoint instead of meeting a dead worker; the workers end with it."""
+
+
 def _worker_init(_: int) -> None:
     info = torch.utils.data.get_worker_info()
     info.dataset.split.files.reset()
     torch.set_num_threads(1)  # a worker decodes; the trainer's threads compute
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _load(split: StreamSplit, plan: EpochPlan, steps: range, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
