@@ -6,10 +6,10 @@ garments, each scaled to 64×64 (bilinear), made RGB and saved as a JPEG (qualit
 (``ROOT/N/CLASS/i.jpg``, the pool layout: the test split is carved from it).
 
 ``memory``: one ``attnlab train`` process per folder size and path, the same steps for each (``--subset`` training
-images at batch 64, one epoch; then 200 validation and 400 test images, also in batches of 64), its peak memory sampled every 50
-ms: the summed PSS of the trainer and its loader workers (shared pages counted once), and the trainer's own peak RSS
-(the kernel's ``ru_maxrss``) → ``stream_memory.csv``. Streaming's peak must not grow with the folder; in memory it
-does.
+images at batch 64, one epoch; then 200 validation and 400 test images, also in batches of 64), its peak memory
+sampled every 50 ms: the summed PSS of the trainer and its loader workers (shared pages counted once), and the
+trainer's own peak RSS (the kernel's ``ru_maxrss``) → ``stream_memory.csv``. Streaming's peak must not grow with the
+folder; in memory it does.
 
 ``throughput``: ``resnet18c`` trained at 64 px on the smaller folder, in memory and streamed (each worker count of
 ``--workers``), ``--subset`` images at ``--batch-size`` per trial, the candidates interleaved (memory, stream, memory,
