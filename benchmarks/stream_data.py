@@ -18,9 +18,13 @@ trial's images per second is the run's own ``train_img_per_s`` (training steps o
 the loading of the folder, validation or test). The CSV keeps every trial with the load average before it, and a
 ``median`` row per candidate with its ratio to the in-memory median → ``stream_throughput.csv``.
 
+``loader``: the streaming loader alone, one training epoch of the smaller folder's batches with no model, per worker
+count (``0``: decoding in this process), interleaved → ``stream_loader.csv``: the ceiling it puts on training.
+
     python benchmarks/stream_data.py make --sizes 2000,20000
     python benchmarks/stream_data.py memory --sizes 2000,20000
     python benchmarks/stream_data.py throughput --repeats 3 --workers 2 --subset 192 --batch-size 32
+    python benchmarks/stream_data.py loader --repeats 3 --workers 0,1,2 --batch-size 32
 """
 
 from __future__ import annotations
@@ -222,9 +226,45 @@ def throughput(args: argparse.Namespace) -> None:
     write_csv(args.out or RESULTS / "stream_throughput.csv", rows)
 
 
+def loader(args: argparse.Namespace) -> None:
+    """The loader alone: one training epoch of the smaller folder's batches, streamed with no model (the ceiling the
+    streaming path puts on training), per worker count, interleaved, wall clock."""
+    import torch
+
+    from attnlab.data import batches, load_dataset
+    from attnlab.io import write_csv
+
+    folder = make_folder(args.root, args.sizes[0])
+    bundles = {
+        f"loader_w{w}": load_dataset(f"imagefolder:{folder}", stream=True, workers=w, prefetch=args.prefetch)
+        for w in args.workers
+    }
+    times: dict[str, list[float]] = {name: [] for name in bundles}
+    rows = []
+    for round_ in range(1 + args.repeats):
+        for name, bundle in bundles.items():
+            load = os.getloadavg()[0]
+            start = time.perf_counter()
+            seen = sum(len(y) for _, y in batches(bundle.train, bundle, args.batch_size, train=True, epoch=round_))
+            speed = seen / (time.perf_counter() - start)
+            print(f"round {round_} {name}: {speed:.0f} img/s (load {load:.2f})", flush=True)
+            if round_:
+                times[name].append(speed)
+                rows.append({"candidate": name, "round": round_, "img_per_s": round(speed), "load_avg_1m": load})
+    for name, speeds in times.items():
+        row = {"candidate": name, "round": "median", "img_per_s": round(statistics.median(speeds))}
+        rows.append({**row, "load_avg_1m": round(os.getloadavg()[0], 2)})
+        print(row, flush=True)
+    setting = f"{len(next(iter(bundles.values())).train)} training images, 64px JPEG, batch {args.batch_size}, "
+    setting += f"{torch.get_num_threads()} threads, {platform.machine()} {os.cpu_count()} cores"
+    for row in rows:
+        row["setting"] = setting
+    write_csv(args.out or RESULTS / "stream_loader.csv", rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("make", "memory", "throughput"))
+    parser.add_argument("what", choices=("make", "memory", "throughput", "loader"))
     parser.add_argument("--sizes", default="2000,20000", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--root", type=Path, default=ROOT, help="where the generated folders go")
     parser.add_argument("--model", default=None, help="default: resnet20 (memory), resnet18c (throughput)")
@@ -242,6 +282,9 @@ def main() -> None:
         args.model, args.subset = args.model or "resnet20", args.subset or 1280
         args.workers = int(args.workers)
         memory(args)
+    elif args.what == "loader":
+        args.workers = [int(w) for w in args.workers.split(",")]
+        loader(args)
     else:
         args.model, args.subset = args.model or "resnet18c", args.subset or 640
         args.workers = [int(w) for w in args.workers.split(",")]

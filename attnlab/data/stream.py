@@ -207,7 +207,7 @@ class StreamSplit:
 class EpochPlan:
     """What `attnlab.data.batches` decided for the epoch on this rank: the split's sample at each position, and the
     crop offset and flip drawn for each position (None: not augmented); ``seed`` (seed, epoch) keys the randomness
-    drawn in the workers (None: evaluation)."""
+    drawn in the workers and for Mixup (None: evaluation, or a run with augment off)."""
 
     indices: torch.Tensor
     offsets: torch.Tensor | None
