@@ -77,10 +77,10 @@ class FolderFiles:
 class TarFiles:
     """Members of a tar file, or of a folder of tar shards, through timm's ``ReaderImageInTar``
     (`timm.data.create_dataset` on a tar file): a member ``CLASS/NAME.jpg`` is labelled by its folder, a member at a
-    shard's top by the shard's name. ``order`` and ``targets`` reorder and relabel timm's samples (the folder layout's
-    order and class indices)."""
+    shard's top by the shard's name. ``order`` puts timm's samples in the order the split uses (`attnlab.data.folder`
+    sets the folder layout's)."""
 
-    def __init__(self, root: str, order: np.ndarray | None = None):
+    def __init__(self, root: str):
         from timm.data import create_dataset
         from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
@@ -92,7 +92,7 @@ class TarFiles:
                 f"{root}: not a readable tar of images ({' '.join(str(e).split()) or type(e).__name__})"
             ) from None
         self.root = root
-        self.order = np.arange(len(self.reader)) if order is None else order
+        self.order = np.arange(len(self.reader))
 
     def members(self) -> list[tuple[str, str]]:
         """(class name, member path inside its tar) of each sample, in timm's order."""
