@@ -292,6 +292,8 @@ def _load(split: StreamSplit, plan: EpochPlan, steps: range, batch_size: int) ->
     processes; bad files and failed workers as the module docstring says."""
     options = split.options
     workers = options.workers
+    if not steps:  # a run resumed at an epoch's last step: no worker to start
+        return
     loader = DataLoader(
         _Batches(split, plan, batch_size),
         batch_size=None,
