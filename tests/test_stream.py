@@ -97,6 +97,9 @@ def test_streamed_splits_give_the_in_memory_batches_from_folders_and_tar_files(f
             assert torch.equal(getattr(bundle, split).labels, getattr(memory, split).labels), split
             for kwargs in ({"train": False}, {"train": True, "epoch": 1, "seed": 3, "rank": 1, "world_size": 2}):
                 assert same(all_batches(bundle, split, **kwargs), all_batches(memory, split, **kwargs)), kwargs
+    state = torch.get_rng_state()
+    all_batches(streamed, "train", train=True)
+    assert torch.equal(torch.get_rng_state(), state)  # the training process's generator is left alone
     assert same(  # a resumed epoch: the rest of the same batches
         all_batches(streamed, "train", train=True, epoch=2, start=2),
         all_batches(memory, "train", train=True, epoch=2)[2:],

@@ -302,6 +302,9 @@ def _load(split: StreamSplit, plan: EpochPlan, steps: range, batch_size: int) ->
         prefetch_factor=options.prefetch if workers else None,
         timeout=options.timeout if workers else 0,
         worker_init_fn=_worker_init if workers else None,
+        # the workers' base seed comes from here, not from the training process's generator, which a resumed run
+        # must find as the checkpoint left it (dropout draws from it); nothing in a worker uses that seed
+        generator=torch.Generator().manual_seed(0),
     )
     batches = iter(loader)
     for step in steps:
