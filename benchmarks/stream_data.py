@@ -200,7 +200,7 @@ def throughput(args: argparse.Namespace) -> None:
                 {
                     "candidate": name,
                     "round": round_,
-                    "img_per_s": round(speed, 1),
+                    "img_per_s": round(speed, 3),
                     "ratio_to_memory": "",
                     "load_avg_1m": round(load, 2),
                 }
@@ -212,7 +212,7 @@ def throughput(args: argparse.Namespace) -> None:
             {
                 "candidate": name,
                 "round": "median",
-                "img_per_s": round(median, 1),
+                "img_per_s": round(median, 3),
                 "ratio_to_memory": round(median / base, 3),
                 "load_avg_1m": round(os.getloadavg()[0], 2),
             }
