@@ -203,7 +203,7 @@ def test_a_dead_or_stuck_worker_is_one_line_not_a_hang(folder, monkeypatch):
 
     def told_to_stop_in_a_worker(file, mode):
         if torch.utils.data.get_worker_info() is not None:
-            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler signals the whole job: the trainer answers it
+            os.kill(os.getpid(), signal.SIGUSR2)  # a scheduler signals the whole job: the trainer answers it
         return opened(file, mode)
 
     bundle = load_dataset(f"imagefolder:{folder}", val_size=6, image_size=16, stream=True, timeout=0.5)

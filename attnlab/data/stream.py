@@ -273,9 +273,10 @@ class _Batches(Dataset):
         return stacked, torch.tensor(labels, dtype=torch.int64), bad
 
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
-"""What a scheduler sends a whole job to stop it: a worker ignores them, so that the trainer (`attnlab.train.engine`)
-answers with a checkpoint instead of meeting a dead worker; the workers end with it."""
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2")
+"""What a scheduler sends a whole job ahead of a time limit: a worker ignores them, so that the trainer
+(`attnlab.train.engine`) answers with a checkpoint instead of meeting a dead worker. SIGTERM is not ignored: torch ends
+a stuck worker with it, and a worker that ignored it could outlive its trainer."""
 
 
 def _worker_init(_: int) -> None:
