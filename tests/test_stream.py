@@ -227,3 +227,16 @@ def test_a_dead_or_stuck_worker_is_one_line_not_a_hang(folder, monkeypatch):
     with pytest.raises(AttnlabError, match=r"at batch 0 \(DataLoader timed out after 0.5 seconds\)"):
         all_batches(bundle, "test", train=False)
     assert time.perf_counter() - started < 10  # the error at the timeout; then the stuck workers are ended
+
+
+def test_a_comparison_trains_its_runs_through_the_streaming_path(folder, tmp_path, capsys):
+    from attnlab.cli import main
+
+    out = tmp_path / "compare"
+    args = ["compare", "--models", "resnet20,se_resnet20", "--seeds", "1", "--dataset", f"imagefolder:{folder}"]
+    args += ["--data-arg", "stream=true", "--data-arg", "workers=0", "--data-arg", "image_size=16", "--epochs", "1"]
+    args += ["--batch-size", "8", "--val-size", "6", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/*/seed0/summary.json"))]
+    assert len(summaries) == 2 and {s["data_path"] for s in summaries} == {"stream"}
+    assert (out / "report.md").is_file() and "streaming 45 images from disk" in capsys.readouterr().out
