@@ -206,6 +206,15 @@ def cram_beats_spatial(spatial: str, crams: Sequence[str], equivariant: str | No
     return Claim("cram", statement + ".", rule)
 
 
+def _each_beats(pairs: Sequence[tuple[str, str]]):
+    """The rule "a beats b" (test accuracy, paired over seeds) for every pair, on every dataset."""
+
+    def rule(evidence: Evidence, datasets: Sequence[str]) -> list[Verdict]:
+        return [pairwise(f"{a} beats {b} on {d}", evidence, d, a, b) for d in datasets for a, b in pairs]
+
+    return rule
+
+
 def own_attention_helps(pairs: Sequence[tuple[str, str]]) -> Claim:
     """A network's own attention (the squeeze-excite of MobileNetV3 and EfficientNet, Hu et al.) makes it more
     accurate than the same network with that attention removed (``NAME[attention=none]``), family by family.
@@ -214,14 +223,11 @@ def own_attention_helps(pairs: Sequence[tuple[str, str]]) -> Claim:
         pairs: (a network with its own attention, the same network without it).
     """
 
-    def rule(evidence: Evidence, datasets: Sequence[str]) -> list[Verdict]:
-        return [pairwise(f"{a} beats {b} on {d}", evidence, d, a, b) for d in datasets for a, b in pairs]
-
     return Claim(
         "own-attention",
         "A network's own squeeze-excite gates make it more accurate than the same network without them, in each "
         "family that ships with them.",
-        rule,
+        _each_beats(pairs),
     )
 
 
@@ -233,14 +239,11 @@ def swap_beats_own(pairs: Sequence[tuple[str, str]]) -> Claim:
         pairs: (the network with its attention swapped, the same network with its own).
     """
 
-    def rule(evidence: Evidence, datasets: Sequence[str]) -> list[Verdict]:
-        return [pairwise(f"{a} beats {b} on {d}", evidence, d, a, b) for d in datasets for a, b in pairs]
-
     return Claim(
         "swap-own",
         "An attention proposed as better than squeeze-excite (ECA, CBAM, CRAM), swapped for a network's own SE gates, "
         "makes the network more accurate than its own gates do.",
-        rule,
+        _each_beats(pairs),
     )
 
 
