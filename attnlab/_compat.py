@@ -12,14 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from timm.models import resnet as _timm_resnet
 
-# the SE of timm's EfficientNet / MobileNetV3 / GhostNet blocks, whose gate capture_attention reads: timm defines it
-# in a private module only
-from timm.models._efficientnet_blocks import SqueezeExcite as EfficientNetSqueezeExcite
+# timm's EfficientNet / MobileNet block classes live in a private module only: `convert` knows their attention slot
+# and subclasses them for the FMM merges, and capture_attention reads the gate of their SqueezeExcite
+from timm.models import _efficientnet_blocks as timm_efficientnet_blocks
+from timm.models import resnet as _timm_resnet
 from timm.models._features import feature_take_indices  # CifarResNet resolves ``indices`` exactly as timm's models do
 from torch import nn
 from torch.nn.modules import module as _module
+
+EfficientNetSqueezeExcite = timm_efficientnet_blocks.SqueezeExcite
 
 # the default pretrained config of timm's ResNets, so that our models' configs carry the same fields
 timm_resnet_cfg: Callable[..., dict[str, Any]] = _timm_resnet._cfg
@@ -88,5 +90,6 @@ __all__ = [
     "has_forward_hooks",
     "set_compiled_call",
     "softmax_backward_data",
+    "timm_efficientnet_blocks",
     "timm_resnet_cfg",
 ]

@@ -85,3 +85,11 @@ def test_efficientnet_squeeze_excite_is_the_se_of_timms_efficientnet_blocks():
 
     model = timm.create_model("efficientnet_b0", num_classes=2)
     assert type(model.blocks[1][0].se) is _compat.EfficientNetSqueezeExcite
+
+
+def test_timm_efficientnet_blocks_hold_the_block_classes_convert_knows():
+    blocks = _compat.timm_efficientnet_blocks
+    names = ("DepthwiseSeparableConv", "InvertedResidual", "CondConvResidual", "EdgeResidual", "ConvBnAct")
+    for name in (*names, "UniversalInvertedResidual"):
+        assert issubclass(getattr(blocks, name), nn.Module), name
+    assert _compat.EfficientNetSqueezeExcite is blocks.SqueezeExcite

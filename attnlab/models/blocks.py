@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from timm.models import _efficientnet_blocks as timm_effnet
 from timm.models import byobnet as timm_byob
 from timm.models import convnext as timm_convnext
 from timm.models import regnet as timm_regnet
@@ -29,6 +28,7 @@ from torchvision.models import mobilenetv3 as tv_mnv3
 from torchvision.models import regnet as tv_regnet
 from torchvision.models import resnet as tv_resnet
 
+from .._compat import timm_efficientnet_blocks as timm_effnet
 from ..errors import AttnlabError
 from . import resnet as ours
 from .gates import attention_sites

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from timm.models import _efficientnet_blocks as timm_effnet
 from timm.models import byobnet as timm_byob
 from timm.models import convnext as timm_convnext
 from timm.models import regnet as timm_regnet
@@ -27,6 +26,7 @@ from torchvision.models import mobilenetv3 as tv_mnv3
 from torchvision.models import regnet as tv_regnet
 from torchvision.models import resnet as tv_resnet
 
+from .._compat import timm_efficientnet_blocks as timm_effnet
 from . import resnet as ours
 
 # --- timm EfficientNet / MobileNet: no activation after the addition ---------------------------------------------
