@@ -33,7 +33,7 @@ from attnlab.experiment import (
 )
 from attnlab.experiment import run_compare as run_runs
 from attnlab.experiment.plan import parse_seeds
-from attnlab.experiment.presets import CLUTTERED, FMM_GATED, FMM_PLAIN, check_analyses
+from attnlab.experiment.presets import CLUTTERED, FMM_GATED, FMM_PLAIN, check_analyses, on_networks_it_reads
 from attnlab.experiment.results import RESULT_FIELDS, collect_results
 from attnlab.experiment.tasks import task_of
 from attnlab.experiment.verdicts import HOLDS, Evidence, decide_claims
@@ -180,6 +180,23 @@ def test_a_preset_can_run_on_one_of_its_datasets():
     """Each dataset of a preset can get its own budget (one --out per dataset)."""
     assert make_plan(preset="fmm", datasets=["cluttered-fashion-mnist"]).datasets == ["cluttered-fashion-mnist"]
     assert make_plan(preset="fmm").datasets == ["fashion-mnist", "cluttered-fashion-mnist"]
+
+
+def test_an_analysis_of_attention_runs_on_the_networks_that_have_it():
+    """consistency reads gates, localization spatial attention: asked of every entry, each runs on the entries that
+    have what it reads; an entry named without it, or no entry with it, is refused before any training."""
+    models = "resnet20,se_resnet20,spatial_resnet20,fmm_resnet20"
+    plan = tiny_plan(models=models, analyses=["consistency", "localization", "smoothness"])
+    assert [(s.name, s.entries) for s in plan.analyses] == [
+        ("consistency", ("se_resnet20", "spatial_resnet20")),
+        ("localization", ("spatial_resnet20",)),
+        ("smoothness", ()),  # every network
+    ]
+    with pytest.raises(AttnlabError, match=r"^analysis consistency: resnet20, fmm_resnet20 have no attention gates"):
+        tiny_plan(models="resnet20,fmm_resnet20", analyses=["consistency"])
+    named = AnalysisSpec("localization", ("se_resnet20", "spatial_resnet20"))
+    with pytest.raises(AttnlabError, match=r"^analysis localization: se_resnet20 has no spatial attention \(spatial,"):
+        on_networks_it_reads(named, parse_entries(models))
 
 
 def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):

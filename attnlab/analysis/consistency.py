@@ -42,6 +42,8 @@ from .ranks import kendall_rows, shuffled_rows, spearman_rows, topk_overlap
 from .sites import GateSite, attention_parameters, gate_sites, gate_values
 
 METHODS = ("ablation", "grad_x_act", "captum")
+READS = "attention gates (SE, ECA, CBAM, spatial, CRAM or AW)"
+"""What consistency reads: a network without any cannot be analysed."""
 
 
 @torch.inference_mode()
@@ -274,7 +276,7 @@ def consistency(
     x = images.contiguous(memory_format=torch.channels_last) if fast else images
     sites = gate_sites(work)
     if not sites:
-        raise AttnlabError("consistency: the model has no attention gates (SE, ECA, CBAM, spatial, CRAM or AW)")
+        raise AttnlabError(f"consistency: the model has no {READS}")
     generator = torch.Generator().manual_seed(seed)
     gates, base_loss = gates_and_losses(work, x, labels, sites, grid=grid, aw_reduce=aw_reduce)
     finished: dict[str, Any] = {"images": len(x), "spearman": {}}
@@ -325,6 +327,7 @@ NULL_SPEARMAN = "null_spearman"
 """Headline: the same ρ against importances permuted within each sample (chance level)."""
 RANDOM_GATE_SPEARMAN = "random_gate_spearman"
 """Headline: ρ of a model whose attention parameters were randomly permuted (a gate that knows nothing)."""
+
 METRICS = (SPEARMAN_ABLATION, NULL_SPEARMAN, RANDOM_GATE_SPEARMAN)
 
 METRIC_MEANINGS = {

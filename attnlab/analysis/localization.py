@@ -40,6 +40,8 @@ from ..stats import mean_ci
 from .sites import GateSite, gate_sites
 
 SPATIAL_KINDS = ("spatial", "rectangle")
+READS = "spatial attention (spatial, CBAM or CRAM)"
+"""What localization reads (the kinds `SPATIAL_KINDS`): a network without any cannot be analysed."""
 THRESHOLD_MODES = ("relative", "absolute")
 TRANSFORMS = EQUIVARIANCE_TRANSFORMS
 
@@ -250,7 +252,7 @@ def _layer_ious(
 def _spatial_sites(model: nn.Module) -> list[GateSite]:
     sites = gate_sites(model, SPATIAL_KINDS)
     if not sites:
-        raise AttnlabError("localization: the model has no spatial attention (spatial, CBAM or CRAM)")
+        raise AttnlabError(f"localization: the model has no {READS}")
     return sites
 
 

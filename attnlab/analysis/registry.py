@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..docstrings import argument_meanings
 from ..errors import lookup, unknown_name
 from . import plots
 from .consistency import METRIC_MEANINGS as CONSISTENCY_MEANINGS
 from .consistency import METRICS as CONSISTENCY_METRICS
+from .consistency import READS as CONSISTENCY_READS
 from .consistency import consistency
 from .consistency import headline as consistency_headline
 from .landscape import METRIC_MEANINGS as LANDSCAPE_MEANINGS
@@ -24,8 +27,10 @@ from .landscape import headline as landscape_headline
 from .landscape import landscape
 from .localization import METRIC_MEANINGS as LOCALIZATION_MEANINGS
 from .localization import METRICS as LOCALIZATION_METRICS
+from .localization import READS as LOCALIZATION_READS
+from .localization import SPATIAL_KINDS, localization, selection_note
 from .localization import headline as localization_headline
-from .localization import localization, selection_note
+from .sites import gate_sites
 from .smoothness import METRIC_MEANINGS as SMOOTHNESS_MEANINGS
 from .smoothness import METRICS as SMOOTHNESS_METRICS
 from .smoothness import headline as smoothness_headline
@@ -51,6 +56,9 @@ class Analysis:
         selects_on_validation: chooses something (a layer) on held-out validation images, given to it as
             ``select_images`` and ``select_boxes``, before scoring the test images.
         notes: result → lines printed beside its headline (what was chosen, and on which images).
+        reads: what attention it reads, in words ("" for an analysis of any network): a network without it cannot be
+            analysed.
+        reads_kinds: the attention kinds meant by ``reads`` (None: every kind).
     """
 
     name: str
@@ -65,6 +73,8 @@ class Analysis:
     seeded: bool = True
     selects_on_validation: bool = False
     notes: Callable[[dict[str, Any]], list[str]] = lambda result: []
+    reads: str = ""
+    reads_kinds: tuple[str, ...] | None = None
 
     def options(self) -> dict[str, Any]:
         """The user options (keyword → default) of the analysis."""
@@ -73,6 +83,10 @@ class Analysis:
             for p in inspect.signature(self.function).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {*self.internal, *RUNNER_SETS}
         }
+
+    def can_analyse(self, model: nn.Module) -> bool:
+        """Whether ``model`` has the attention the analysis reads."""
+        return not self.reads or bool(gate_sites(model, self.reads_kinds))
 
     def option_meanings(self) -> dict[str, str]:
         """The user options' meanings, from the function's docstring (``Args:``)."""
@@ -111,6 +125,7 @@ ANALYSES: dict[str, Analysis] = {
             plots.consistency_figures,
             internal={"keep_values": True},
             extra="values",
+            reads=CONSISTENCY_READS,
         ),
         Analysis(
             "smoothness",
@@ -137,6 +152,8 @@ ANALYSES: dict[str, Analysis] = {
             seeded=False,
             selects_on_validation=True,
             notes=selection_note,
+            reads=LOCALIZATION_READS,
+            reads_kinds=SPATIAL_KINDS,
         ),
     )
 }
