@@ -249,11 +249,12 @@ def batches(
     mean = torch.tensor(bundle.mean, dtype=torch.float32, device=device)
     std = torch.tensor(bundle.std, dtype=torch.float32, device=device)
     if split.streamed:
-        plan = EpochPlan(indices, None, None, None)
         if train and (bundle.crop_padding or bundle.hflip):  # augmented (not a run with augment off)
             transform = train_transform(split, bundle.mean, bundle.std)
             flips = flips if bundle.hflip else None
             plan = EpochPlan(indices, offsets, flips, (seed, epoch), bundle.crop_padding, transform)
+        else:
+            plan = EpochPlan(indices, None, None, None)
         steps = range(start, count)
         return stream_batches(split, plan, steps, batch_size, mean, std, device, channels_last, bundle.num_classes)
     augment = (bundle.crop_padding, offsets, flips if bundle.hflip else None) if train else None
