@@ -1,8 +1,9 @@
 """timm's own model tests (``tests/test_models.py`` of the installed timm), run over attnlab's models.
 
 timm parametrises those tests over its registry at import time; here the same test functions are called with
-attnlab's names: every prefix on a CIFAR-style net (resnet20, and the four-stage resnet18c), every prefix on an
-ImageNet-style basic-block net (resnet18), and the bottleneck (aw_se_resnet50). The file is not
+attnlab's names: every test on every prefix of a CIFAR-style net (resnet20, and the four-stage resnet18c); the cheap
+tests (forward, backward, features, intermediates) also on every prefix of an ImageNet-style basic-block net (resnet18)
+and on the bottleneck (aw_se_resnet50), which runs the costly ones (FX, TorchScript) for that style. The file is not
 ours to copy: ``make setup`` fetches it from timm's sdist on PyPI (``scripts/fetch_timm_tests.py``); without it this
 module skips, saying so. Every attnlab model passes every test below: there is no exception list (timm's own is
 ``EXCLUDE_JIT_FILTERS`` and friends in that file; AW's fused autograd functions, which TorchScript cannot compile, are
@@ -45,20 +46,31 @@ IMAGENET = [f"{p}_resnet18" for p in PREFIXES] + ["aw_se_resnet50"]
 NAMES = CIFAR + IMAGENET
 HEAVY = {"aw_se_resnet50"}
 
-# timm's tests that every timm model runs (parametrised there over the registry): the arguments besides model_name
-PER_MODEL = {
+# timm's tests that every timm model runs (parametrised there over the registry): the arguments besides model_name.
+# The cheap ones run on every name; the costly ones (FX tracing, TorchScript, the meta-device config checks, 1–3 CPU-s
+# a name, mostly per module traced) on every CIFAR name, which holds every prefix's block at its cheapest.
+CHEAP = {
     "test_model_forward": dict(batch_size=1),
     "test_model_backward": dict(batch_size=2),
-    "test_model_default_cfgs": dict(batch_size=1, cfg_device="meta"),  # cfg_device: timm's fixture, on torch ≥ 2.0
-    "test_model_forward_torchscript": dict(batch_size=1),
     "test_model_forward_features": dict(batch_size=1),
     "test_model_forward_intermediates_features": dict(batch_size=1),
     "test_model_forward_intermediates": dict(batch_size=1),
+}
+COSTLY = {
+    "test_model_default_cfgs": dict(batch_size=1, cfg_device="meta"),  # cfg_device: timm's fixture, on torch ≥ 2.0
+    "test_model_forward_torchscript": dict(batch_size=1),
     "test_model_forward_fx": dict(batch_size=1),
     "test_model_backward_fx": dict(batch_size=2),
     "test_model_forward_fx_torchscript": dict(batch_size=1),
 }
-# timm's tests that it runs on a few named models (its ResNets among them): run on one model per prefix and style
+PER_MODEL = {**CHEAP, **COSTLY}
+# the costly ones on the ImageNet style: its default config (shared by every ImageNet name) on the cheapest net with the
+# factorized AW generator; FX and TorchScript on the bottleneck, in timm's ResNet with the factorized generator and SE
+IMAGENET_COSTLY = {
+    "test_model_default_cfgs": ["aw_resnet18"],
+    **{test: ["aw_se_resnet50"] for test in COSTLY if test != "test_model_default_cfgs"},
+}
+# timm's tests that it runs on a few named models (its ResNets among them): run on a few of ours, both styles
 PER_FEATURE = {
     "test_reset_classifier_keeps_pool": {},
     "test_features_only_grad_checkpointing_backward": {},
@@ -69,28 +81,34 @@ PER_FEATURE = {
     "test_prune_to_stem_feature": {},
     "test_model_forward_torchscript_with_features_fx": dict(batch_size=1),
 }
-FEATURE_NAMES = ["cram_resnet20", "aw_se_resnet20", "fmm_resnet20", "aw_resnet18"]
+FEATURE_NAMES = ["cram_resnet20", "aw_se_resnet20", "aw_resnet18"]
 
 
-def _params(tests: dict, names: list[str]) -> list:
-    return [
-        pytest.param(test, name, marks=[pytest.mark.slow] if name in HEAVY else [], id=f"{test}-{name}")
-        for test in tests
-        for name in names
-    ]
+def _param(test: str, name: str):
+    return pytest.param(test, name, marks=[pytest.mark.slow] if name in HEAVY else [], id=f"{test}-{name}")
 
 
-@pytest.mark.parametrize("test, name", _params(PER_MODEL, NAMES))
+MODEL_PARAMS = [_param(test, name) for test in PER_MODEL for name in CIFAR]
+MODEL_PARAMS += [_param(test, name) for test in CHEAP for name in IMAGENET]
+MODEL_PARAMS += [_param(test, name) for test, names in IMAGENET_COSTLY.items() for name in names]
+
+
+@pytest.mark.parametrize("test, name", MODEL_PARAMS)
 def test_timm_model_test(test, name):
     getattr(TIMM, test)(name, **PER_MODEL[test])
 
 
-@pytest.mark.parametrize("test, name", _params(PER_FEATURE, FEATURE_NAMES))
+@pytest.mark.parametrize("test, name", [_param(test, name) for test in PER_FEATURE for name in FEATURE_NAMES])
 def test_timm_feature_test(test, name):
     getattr(TIMM, test)(name, **PER_FEATURE[test])
 
 
 def test_names_cover_every_prefix_in_both_styles():
     for prefix in PREFIXES:
-        assert f"{prefix}_resnet20" in NAMES and f"{prefix}_resnet18" in NAMES
+        assert f"{prefix}_resnet20" in CIFAR and f"{prefix}_resnet18" in IMAGENET
     assert set(NAMES) <= set(timm.list_models())
+    tested = {(p.values[0], p.values[1]) for p in MODEL_PARAMS}
+    for name in NAMES:  # every prefix in both styles runs timm's cheap tests, every CIFAR name all of them
+        assert {(test, name) for test in (PER_MODEL if name in CIFAR else CHEAP)} <= tested
+    for test in COSTLY:  # and each costly test runs on the ImageNet style too
+        assert any(name in IMAGENET for t, name in tested if t == test)
