@@ -11,6 +11,9 @@ from attnlab import AttnlabError, capture_attention, create_model, list_models
 from attnlab.models import ARCHS, VARIANTS
 
 SIZES = [(1, 28, 28), (3, 32, 32), (3, 37, 29)]
+ODD_SIZES = [(1, 28, 28), (3, 37, 29)]
+"""The wider architectures (resnet18c, resnet18, resnet50) train at the odd sizes only: 32 × 32 halves evenly at every
+stage, and every prefix trains at it on resnet20 here (and at 32 or 64 px in timm's ``test_model_backward``)."""
 
 
 def _check_train_step(model: torch.nn.Module, shape: tuple[int, int, int], num_classes: int) -> None:
@@ -41,9 +44,10 @@ def _arch(name: str) -> str:
 @pytest.mark.parametrize("name", [n for n in list_models() if _arch(n) not in DEEPER])
 def test_forward_backward_every_model_at_every_size(name):
     torch.manual_seed(0)
-    for chans in sorted({c for c, _, _ in SIZES}):
+    sizes = SIZES if _arch(name) == "resnet20" else ODD_SIZES
+    for chans in sorted({c for c, _, _ in sizes}):
         model = create_model(name, num_classes=7, in_chans=chans)
-        for shape in (s for s in SIZES if s[0] == chans):
+        for shape in (s for s in sizes if s[0] == chans):
             _check_train_step(model, shape, 7)
 
 
@@ -52,7 +56,8 @@ def test_a_deeper_model_is_its_shallower_twin_with_more_blocks(name):
     """The forward and backward of these blocks is tested on the shallower twin above; here the deeper network has
     the twin's modules with the block counts of its architecture, and runs."""
     arch = _arch(name)
-    deep, twin = create_model(name, num_classes=7), create_model(name.replace(arch, DEEPER[arch]), num_classes=7)
+    deep = create_model(name, num_classes=7)
+    twin = create_model(name.replace(arch, DEEPER[arch]), num_classes=7, device="meta")  # its modules, not its init
     stages = [n for n, _ in twin.named_children() if n.startswith("layer")]
     assert [len(getattr(deep, n)) for n in stages] == list(ARCHS[arch].layers)
     assert {type(m) for m in deep.modules()} == {type(m) for m in twin.modules()}
