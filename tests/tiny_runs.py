@@ -97,3 +97,130 @@ def cli_resume(out: Path):
 
     cmd = [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"]
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
+
+
+# ------------------------------------------------------------------------------------------- forked CLI processes
+
+FORKED_PRELOAD = [
+    "torch",
+    "torchvision",
+    "timm",
+    "attnlab.cli",
+    "attnlab.cli.run",
+    "attnlab.cli.compare",
+    "attnlab.train.engine",
+    "attnlab.experiment.runner",
+    "tiny_runs",
+]
+"""What the fork server imports once, so that each `forked` command starts without paying these imports again."""
+
+_forkserver = None
+
+
+def _context():
+    """A forkserver context whose server has the training path imported (the server itself never runs torch, so a
+    child starts as clean as a fresh interpreter that imported the same modules)."""
+    global _forkserver
+    if _forkserver is None:
+        import atexit
+        import multiprocessing
+        from multiprocessing import forkserver
+
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(FORKED_PRELOAD)
+        # reap the server (and so count its CPU and its children's) before this process exits
+        atexit.register(forkserver._forkserver._stop)
+    return _forkserver
+
+
+class Forked:
+    """An ``attnlab`` command running in its own process, forked from a server that already imported the training
+    path: its pid, signals, exit status (``-SIG`` when a signal killed it) and process group are a real process's;
+    what it writes to fds 1 and 2 goes to two files, read by `stdout`/`stderr`."""
+
+    def __init__(self, process, out: Path, err: Path):
+        self._process, self._out, self._err = process, out, err
+        self.pid = process.pid
+
+    def poll(self) -> int | None:
+        return None if self._process.is_alive() else self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise TimeoutError(f"the command did not end within {timeout} s")
+        return self._process.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    @property
+    def stdout(self) -> str:
+        return self._out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self._err.read_text(errors="replace")
+
+
+def forked(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    prelude: str | None = None,
+    new_session: bool = False,
+) -> Forked:
+    """Start ``attnlab ARGV`` (an argv of `cli_train` et al. may keep its ``python -m attnlab`` head) as
+    `subprocess.Popen` would, in about a tenth of a second instead of seconds of imports. ``prelude``: Python source
+    run in the child first, as ``python -c PRELUDE ARGV`` would (``sys.argv[1:]`` is ARGV; it calls `main` itself).
+    Keep a real interpreter where its start-up is what is tested (imports, tracebacks at exit, torchrun)."""
+    import tempfile
+
+    if argv[1:3] == ["-m", "attnlab"]:
+        argv = argv[3:]
+    logs = Path(tempfile.mkdtemp(prefix="forked-"))
+    out, err = logs / "stdout", logs / "stderr"
+    out.touch()
+    err.touch()
+    env = subprocess_env() if env is None else env
+    process = _context().Process(
+        target=_run_cli, args=(list(argv), dict(env), str(cwd or os.getcwd()), str(out), str(err), prelude, new_session)
+    )
+    process.start()
+    return Forked(process, out, err)
+
+
+def _run_cli(argv, env, cwd, out, err, prelude, new_session) -> None:
+    """The child of `forked`: the environment, working directory, fds 1/2 and session that a fresh process would have."""
+    import warnings
+
+    if new_session:
+        os.setsid()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        target = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(target, fd)
+        os.close(target)
+    if env.get("PYTHONUNBUFFERED"):
+        sys.stdout.reconfigure(line_buffering=True)
+    if env.get("PYTHONWARNINGS") == "ignore":
+        warnings.simplefilter("ignore")
+    if "OMP_NUM_THREADS" in env:
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = ["attnlab", *argv]
+    if prelude is not None:
+        exec(compile(prelude, "<prelude>", "exec"), {"__name__": "__main__"})
+        return
+    from attnlab.cli import main
+
+    sys.exit(main(argv))
