@@ -14,6 +14,7 @@ from tiny_runs import (
     SYNTH,
     cli_resume,
     cli_train,
+    forked,
     kill_when,
     metrics,
     resume_here,
@@ -139,8 +140,8 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cli_reference):
     assert not (out / "summary.json").exists()
     # refuses to overwrite without --resume, and changes nothing
     before = sorted(p.name for p in out.rglob("*"))
-    refused = subprocess.run(cli_train(out), env=subprocess_env(), capture_output=True, text=True)
-    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+    refused = forked(cli_train(out))
+    assert refused.wait() == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(p.name for p in out.rglob("*")) == before
     # `attnlab train --out RUN --resume` takes the rest of the settings from the run itself
     resumed = cli_resume(out)
@@ -227,15 +228,15 @@ def test_stop_signal_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_ide
 
     out = tmp_path / "stopped"
     cmd = cli_train(out) + ["--checkpoint-every", "1h"]  # the clock never asks: only the signal checkpoints
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forked(cmd)
     marker = out / "checkpoints" / "epoch-0001.json"
     deadline = time.time() + 120
     while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-500:]
+        assert proc.poll() is None and time.time() < deadline, proc.stderr[-500:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGUSR1, err
+    assert proc.wait(timeout=60) == 128 + signal.SIGUSR1, proc.stderr
+    err = proc.stderr
     assert "stopped by SIGUSR1 at step" in err and "continue with --resume" in err and "Traceback" not in err
     inside = [p for p in (out / "checkpoints").glob("epoch-*-step-*.json")]
     assert len(inside) == 1 and not (out / "summary.json").exists()

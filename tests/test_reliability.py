@@ -21,7 +21,7 @@ import pytest
 import tiny_runs
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_runs import same_weights, subprocess_env
+from tiny_runs import forked, same_weights, subprocess_env
 
 from attnlab import AttnlabError
 from attnlab.cli import main
@@ -46,15 +46,10 @@ def test_sigkill_at_random_moments_then_resume_gives_bit_identical_weights(tmp_p
         if kills == 3:  # enough moments: the rest of the run is resumed in this process
             assert main([*cli_train(out)[3:], "--resume", "--no-progress"]) == 0
             break
-        proc = subprocess.Popen(
-            cli_train(out) + (["--resume"] if attempt else []),
-            env=subprocess_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        time.sleep(rng.uniform(1.0, 4.0))  # start-up takes ~1-2 s; an epoch ~0.1-0.3 s
+        proc = forked(cli_train(out) + (["--resume"] if attempt else []))
+        time.sleep(rng.uniform(0.3, 1.5))  # start-up takes ~0.3 s; an epoch ~0.1-0.3 s
         if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()[-500:]
+            assert proc.returncode == 0, proc.stderr[-500:]
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -85,12 +80,8 @@ KILL_DURING_SAVE = textwrap.dedent("""
 @pytest.mark.parametrize("dies_on_save", [1, 3])
 def test_kill_while_a_checkpoint_is_written_then_resume(tmp_path, dies_on_save, cli_reference):
     out = tmp_path / "victim"  # 4 epochs, as `cli_reference`
-    died = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, str(dies_on_save), *cli_train(out, epochs=4)[3:]],
-        env=subprocess_env(),
-        capture_output=True,
-    )
-    assert died.returncode == -signal.SIGKILL
+    died = forked([str(dies_on_save), *cli_train(out, epochs=4)[3:]], prelude=KILL_DURING_SAVE)
+    assert died.wait() == -signal.SIGKILL, died.stderr[-500:]
     # the half-saved checkpoint is invisible: only the epochs before it count
     names = sorted(p.name for p in (out / "checkpoints").glob("epoch-*.json"))
     assert names == [f"epoch-{e:04d}.json" for e in range(max(1, dies_on_save - 2), dies_on_save)]
@@ -171,17 +162,15 @@ def test_lock_of_an_exited_but_unreaped_process_is_stale(tmp_path):
 
 
 def test_concurrent_cli_trainings_on_one_out_the_second_refuses(tmp_path, capsys):
-    """The first training holds the lock from its first epoch line on; it then blocks on its full stdout pipe (never
-    read again), so it is alive and holding the lock for as long as the second (here, in this process) takes."""
+    """The first training holds the lock from its first epoch line on, and trains on (100,000 epochs) until it is
+    killed, so it is alive and holding the lock for as long as the second (here, in this process) takes."""
     out = tmp_path / "run"
-    first = subprocess.Popen(
-        cli_train(out, epochs=100_000),
-        env={**subprocess_env(), "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    first = forked(cli_train(out, epochs=100_000), env={**subprocess_env(), "PYTHONUNBUFFERED": "1"})
     try:
-        assert first.stdout.readline().startswith(b"epoch 1/")  # blocks until the first epoch ended, lock held
+        deadline = time.time() + 120
+        while not first.stdout.startswith("epoch 1/"):  # the first epoch ended, lock held
+            assert first.poll() is None and time.time() < deadline, first.stderr[-500:]
+            time.sleep(0.02)
         assert (out / ".lock").exists() and first.poll() is None
         assert main([*cli_train(out, epochs=500)[3:], "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err

@@ -69,12 +69,12 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def kill_when(cmd: list[str], marker: Path, timeout: float = 120) -> None:
-    """Start ``cmd`` and SIGKILL it as soon as ``marker`` exists (e.g. a run's first checkpoint)."""
+    """Start ``cmd`` (an ``attnlab`` command line, `forked`) and SIGKILL it as soon as ``marker`` exists (e.g. a run's
+    first checkpoint)."""
     import signal
-    import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = forked(cmd)
     deadline = time.time() + timeout
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline, "the command ended before it could be killed"
@@ -91,12 +91,12 @@ def resume_here(out: Path) -> int:
     return main(["train", "--out", str(out), "--resume", "--no-progress"])
 
 
-def cli_resume(out: Path):
-    """``attnlab train --out OUT --resume`` in a fresh process: the rest of the settings come from the run itself."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "attnlab", "train", "--out", str(out), "--resume"]
-    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True)
+def cli_resume(out: Path) -> Forked:
+    """``attnlab train --out OUT --resume`` in a fresh process (`forked`), waited for: the rest of the settings come
+    from the run itself."""
+    done = forked(["train", "--out", str(out), "--resume"])
+    done.wait()
+    return done
 
 
 # ------------------------------------------------------------------------------------------- forked CLI processes
@@ -199,7 +199,7 @@ def forked(
 
 
 def _run_cli(argv, env, cwd, out, err, prelude, new_session) -> None:
-    """The child of `forked`: the environment, working directory, fds 1/2 and session that a fresh process would have."""
+    """The child of `forked`: the environment, working directory, fds 1/2 and session of a fresh process."""
     import warnings
 
     if new_session:
