@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import forked
 
 from attnlab.analysis import headlines
 from attnlab.cli import main
@@ -368,12 +368,10 @@ def test_ctrl_c_ends_a_comparison_and_its_workers_at_once(tmp_path):
     """Ctrl-C (SIGINT to the process group) while two workers train and a third run waits: the comparison exits with
     one line, and no worker goes on to train the queued run (which its pool had already handed to a worker)."""
     out = tmp_path / "interrupted"
-    args = [sys.executable, "-m", "attnlab", "compare", "--models", MODELS, "--seeds", "2", "--dataset", "synthetic"]
+    args = ["compare", "--models", MODELS, "--seeds", "2", "--dataset", "synthetic"]
     args += [f"--data-arg={k}={json.dumps(v)}" for k, v in SYNTH.items()]
     args += ["--jobs", "2", "--epochs", "100000", "--batch-size", "64", "--val-size", "64", "--out", str(out)]
-    proc = subprocess.Popen(
-        args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, start_new_session=True
-    )
+    proc = forked(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, new_session=True)
     deadline = time.time() + 300
     while len(list(out.glob("runs/*/*/*/metrics.jsonl"))) < 2:  # both workers past their first epoch
         assert proc.poll() is None and time.time() < deadline, "the comparison ended before its interruption"
@@ -381,12 +379,13 @@ def test_ctrl_c_ends_a_comparison_and_its_workers_at_once(tmp_path):
     holders = lock_holders(out)
     os.killpg(proc.pid, signal.SIGINT)
     try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # a hung comparison must not leave its workers training after the test
+        proc.wait(timeout=60)
+    except TimeoutError:  # a hung comparison must not leave its workers training after the test
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    assert proc.returncode == 130 and err.decode().strip().endswith("attnlab: interrupted"), err.decode()
-    assert "Traceback" not in err.decode()
+    err = proc.stderr
+    assert proc.returncode == 130 and err.strip().endswith("attnlab: interrupted"), err
+    assert "Traceback" not in err
     deadline = time.time() + 30
     while any(map(pid_alive, holders)) and time.time() < deadline:
         time.sleep(0.05)
@@ -399,13 +398,11 @@ def test_killed_compare_resumes_without_duplicates_or_gaps(tmp_path, jobs):
     """SIGKILL the comparison right after its first finished run; with workers, they die with it (no orphan keeps a
     lock). The kill comes at that point whatever the machine's load (no timing involved)."""
     out = tmp_path / "killed"
-    args = [sys.executable, "-c", KILL_AFTER_FIRST_RUN, "compare", "--models", MODELS, "--seeds", "2"]
-    args += ["--dataset", "synthetic", "--jobs", str(jobs)]
+    args = ["compare", "--models", MODELS, "--seeds", "2", "--dataset", "synthetic", "--jobs", str(jobs)]
     args += [f"--data-arg={k}={json.dumps(v)}" for k, v in {**SYNTH, "size": 512}.items()]
     args += ["--epochs", "3", "--batch-size", "64", "--val-size", "64", "--lr", "0.05", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    proc = forked(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, prelude=KILL_AFTER_FIRST_RUN)
+    assert proc.wait(timeout=600) == -signal.SIGKILL, proc.stderr
     first = out / "runs/synthetic/resnet20/seed0/summary.json"
     if jobs > 1 and sys.platform.startswith("linux"):
         holders = lock_holders(out)
@@ -414,7 +411,7 @@ def test_killed_compare_resumes_without_duplicates_or_gaps(tmp_path, jobs):
             time.sleep(0.05)
         assert not any(map(pid_alive, holders)), "a worker outlived the killed comparison"
     finished = list(out.glob("runs/*/*/*/summary.json"))
-    assert (jobs > 1 or first.exists()) and 1 <= len(finished) < 4, proc.stderr.decode()
+    assert (jobs > 1 or first.exists()) and 1 <= len(finished) < 4, proc.stderr
     kept = {p: p.read_bytes() for p in finished}
 
     plan = Plan.load(out)
