@@ -181,7 +181,8 @@ def forked(
     """Start ``attnlab ARGV`` (an argv of `cli_train` et al. may keep its ``python -m attnlab`` head) as
     `subprocess.Popen` would, in about a tenth of a second instead of seconds of imports. ``prelude``: Python source
     run in the child first, as ``python -c PRELUDE ARGV`` would (``sys.argv[1:]`` is ARGV; it calls `main` itself).
-    Keep a real interpreter where its start-up is what is tested (imports, tracebacks at exit, torchrun)."""
+    Keep a real interpreter where its start-up is what is tested (imports, tracebacks at exit, torchrun), or where an
+    environment variable must act that torch, timm or attnlab read once at import (the server's values hold)."""
     import tempfile
 
     if argv[1:3] == ["-m", "attnlab"]:
