@@ -35,7 +35,8 @@ export ATTNLAB_DATA=${ATTNLAB_DATA:-$PWD/.data}
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 fi
-"$PY" -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__)" || exit 1
+"$PY" -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('torch', 'torchvision', 'timm')))" \
+  || exit 1  # the versions, without the seconds of importing them
 if [ "$DEVICE" = cuda ]; then  # the CUDA-only code paths first (about a minute): a broken one would waste the lease
   "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py || exit 1
 fi
