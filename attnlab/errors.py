@@ -15,7 +15,7 @@ class AttnlabError(ValueError):
 
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> AttnlabError:
     """An `AttnlabError` for an unknown name, suggesting the closest known ones."""
-    choices = sorted(choices)
+    choices = sorted(set(choices))  # a name two registries know is suggested once
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(choices[:20]) or 'none'}"
     if not close and len(choices) > 20:

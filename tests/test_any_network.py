@@ -64,6 +64,8 @@ def test_torchvision_input_convolution_is_adapted_as_timm_adapts_it():
             "unknown torchvision model 'mobilenet_v3_smal'; did you mean mobilenet_v3_small",
         ),
         ("torchvision:fasterrcnn_resnet50_fpn", "unknown torchvision model 'fasterrcnn_resnet50_fpn'"),
+        # resnet32 is attnlab's and timm's: suggested once
+        ("resnet21", r"unknown model 'resnet21'; did you mean resnet32, resnet26, resnet20\?$"),
     ],
 )
 def test_unknown_names_are_one_line_with_close_matches(name, message):
