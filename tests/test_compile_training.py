@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow  # every test here compiles a ResNet (tens of seco
 
 COMPILED = ["--compile", "--precision", "fp32", "--eval-batch-size", "64"]
 """`cli_train` compiled; validation (64 images) and test (128) in batches of 64, so that evaluation compiles one graph
-(a second batch size would compile a dynamic one beside it: a quarter more kernels)."""
+(a second batch size would compile a dynamic graph beside it, with its own kernels)."""
 
 
 def _quiet(_line: str) -> None:
