@@ -115,21 +115,26 @@ FORKED_PRELOAD = [
 """What the fork server imports once, so that each `forked` command starts without paying these imports again."""
 
 _forkserver = None
+_logs: Path | None = None  # the stdout/stderr files of this process's forked commands, removed at its exit
 
 
 def _context():
     """A forkserver context whose server has the training path imported (the server itself never runs torch, so a
     child starts as clean as a fresh interpreter that imported the same modules)."""
-    global _forkserver
+    global _forkserver, _logs
     if _forkserver is None:
         import atexit
         import multiprocessing
+        import shutil
+        import tempfile
         from multiprocessing import forkserver
 
         _forkserver = multiprocessing.get_context("forkserver")
         _forkserver.set_forkserver_preload(FORKED_PRELOAD)
         # reap the server (and so count its CPU and its children's) before this process exits
         atexit.register(forkserver._forkserver._stop)
+        _logs = Path(tempfile.mkdtemp(prefix="forked-"))
+        atexit.register(shutil.rmtree, _logs, True)
     return _forkserver
 
 
@@ -187,12 +192,13 @@ def forked(
 
     if argv[1:3] == ["-m", "attnlab"]:
         argv = argv[3:]
-    logs = Path(tempfile.mkdtemp(prefix="forked-"))
+    context = _context()
+    logs = Path(tempfile.mkdtemp(dir=_logs))
     out, err = logs / "stdout", logs / "stderr"
     out.touch()
     err.touch()
     env = subprocess_env() if env is None else env
-    process = _context().Process(
+    process = context.Process(
         target=_run_cli, args=(list(argv), dict(env), str(cwd or os.getcwd()), str(out), str(err), prelude, new_session)
     )
     process.start()
