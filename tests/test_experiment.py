@@ -32,7 +32,7 @@ from attnlab.experiment import (
     preset_of,
 )
 from attnlab.experiment import run_compare as run_runs
-from attnlab.experiment.plan import parse_seeds
+from attnlab.experiment.plan import check_buildable, parse_seeds
 from attnlab.experiment.presets import CLUTTERED, FMM_GATED, FMM_PLAIN, check_analyses, on_networks_it_reads
 from attnlab.experiment.results import RESULT_FIELDS, collect_results
 from attnlab.experiment.tasks import task_of
@@ -196,7 +196,7 @@ def test_an_analysis_of_attention_runs_on_the_networks_that_have_it():
         tiny_plan(models="resnet20,fmm_resnet20", analyses=["consistency"])
     named = AnalysisSpec("localization", ("se_resnet20", "spatial_resnet20"))
     with pytest.raises(AttnlabError, match=r"^analysis localization: se_resnet20 has no spatial attention \(spatial,"):
-        on_networks_it_reads(named, parse_entries(models))
+        on_networks_it_reads(named, check_buildable(parse_entries(models)))
 
 
 def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):

@@ -36,17 +36,20 @@ def parse_entry(text: str, task: str = "classify") -> Entry:
     return parse_any_entry(text, get_task(task).config)
 
 
-def check_buildable(entries: list[Entry]) -> None:
-    """Build each entry's model once, so a bad option fails now, in one line, not hours later when its run starts."""
+def check_buildable(entries: list[Entry]) -> dict[str, Any]:
+    """Build each entry's model once, so a bad option fails now, in one line, not hours later when its run starts;
+    the networks built, by entry name."""
     from ..layers import check_mechanisms
     from ..models.options import check_buildable as check_model
 
+    built = {}
     for e in entries:
         try:
-            check_model(e.model, e.model_kwargs)
+            built[e.name] = check_model(e.model, e.model_kwargs)
             check_mechanisms(e.train.get("mechanisms", {}))
         except AttnlabError as err:
             raise AttnlabError(f"model entry {e.name!r}: {err}") from None
+    return built
 
 
 def parse_entries(text: str | list[str], task: str = "classify") -> list[Entry]:

@@ -37,7 +37,7 @@ from .claims import (
     swap_beats_own,
     weight_attention_adds,
 )
-from .plan import AnalysisSpec, Entry, Plan, check_buildable, parse_entries, parse_seeds
+from .plan import AnalysisSpec, Plan, check_buildable, parse_entries, parse_seeds
 from .study import Budget, Preset, read_study
 from .verdicts import TEST_AP
 
@@ -364,8 +364,8 @@ def make_plan(
             raise AttnlabError(f"--analysis-images must be ≥ 1, got {analysis_images}")
         specs = [replace(s, options={**s.options, "images": analysis_images}) for s in specs]
     check_analyses(specs)
-    check_buildable(entries)
-    specs = [on_networks_it_reads(spec, entries) for spec in specs]
+    built = check_buildable(entries)
+    specs = [on_networks_it_reads(spec, built) for spec in specs]
     return Plan(
         entries=entries,
         datasets=dataset_list,
@@ -431,22 +431,19 @@ def _from_preset(chosen: Preset, budget: str, models, datasets, seeds, recipe, d
     )
 
 
-def on_networks_it_reads(spec: AnalysisSpec, entries: Sequence[Entry]) -> AnalysisSpec:
-    """``spec`` on the entries whose networks have the attention it reads (consistency: gates; localization: spatial
-    attention): given no entries, it runs on those that have it; an entry it names without it, or no entry with it,
-    is an error now, not after the training."""
-    from ..models import create_model
-
+def on_networks_it_reads(spec: AnalysisSpec, built: dict[str, Any]) -> AnalysisSpec:
+    """``spec`` on the entries (``built``: their networks, by name) that have the attention it reads (consistency:
+    gates; localization: spatial attention): given no entries, it runs on those that have it; an entry it names
+    without it, or no entry with it, is an error now, not after the training."""
     analysis = get_analysis(spec.name)
     if not analysis.reads:
         return spec
-    chosen = [e for e in entries if not spec.entries or e.name in spec.entries]
-    built = {e.name: create_model(e.model, **{"num_classes": 10, "in_chans": 3, **e.model_kwargs}) for e in chosen}
-    lacking = [name for name, model in built.items() if not analysis.can_analyse(model)]
+    chosen = [name for name in built if not spec.entries or name in spec.entries]
+    lacking = [name for name in chosen if not analysis.can_analyse(built[name])]
     if lacking and (spec.entries or len(lacking) == len(chosen)):
         have = "has" if len(lacking) == 1 else "have"
         raise AttnlabError(f"analysis {spec.name}: {', '.join(lacking)} {have} no {analysis.reads}")
-    return replace(spec, entries=tuple(name for name in built if name not in lacking)) if lacking else spec
+    return replace(spec, entries=tuple(name for name in chosen if name not in lacking)) if lacking else spec
 
 
 def check_analyses(specs: Sequence[AnalysisSpec]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from timm.models import build_model_with_cfg
+from torch import nn
 
 from ..errors import AttnlabError
 from ..schema import PositiveInt, Probability, Range, annotations, check
@@ -40,13 +41,14 @@ def check_model_options(name: str, kwargs: dict[str, Any], model_cls: type) -> d
         raise AttnlabError(f"{name}: {e}") from None
 
 
-def check_buildable(name: str, kwargs: dict[str, Any]) -> None:
+def check_buildable(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """Build model ``name`` once with ``kwargs`` (10 classes, 3 channels unless they say otherwise), so that an option
-    only the built network can refuse (``attn_where`` beyond its last stage) fails before anything is written."""
+    only the built network can refuse (``attn_where`` beyond its last stage) fails before anything is written; the
+    network built."""
     from . import create_model
 
     try:
-        create_model(name, **{"num_classes": 10, "in_chans": 3, **kwargs})
+        return create_model(name, **{"num_classes": 10, "in_chans": 3, **kwargs})
     except AttnlabError:
         raise
     except (TypeError, ValueError, RuntimeError) as err:  # from timm or torch: their first line, named
