@@ -184,7 +184,7 @@ def forked(
     new_session: bool = False,
 ) -> Forked:
     """Start ``attnlab ARGV`` (an argv of `cli_train` et al. may keep its ``python -m attnlab`` head) as
-    `subprocess.Popen` would, in about a tenth of a second instead of seconds of imports. ``prelude``: Python source
+    `subprocess.Popen` would, in well under a second instead of ~10 CPU-s of imports. ``prelude``: Python source
     run in the child first, as ``python -c PRELUDE ARGV`` would (``sys.argv[1:]`` is ARGV; it calls `main` itself).
     Keep a real interpreter where its start-up is what is tested (imports, tracebacks at exit, torchrun), or where an
     environment variable must act that torch, timm or attnlab read once at import (the server's values hold)."""
