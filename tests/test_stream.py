@@ -186,7 +186,19 @@ def test_bad_files_while_streaming_stop_with_one_line_or_are_skipped_and_counted
             list(batches(bundle.val.take(torch.tensor([i])), bundle, 8, train=False))
         assert "\n" not in str(e.value) and str(e.value).startswith(f"{data / spoiled[i]}: unreadable image (")
     other = make_folder(tmp_path / "again" / "data", per_class=8, test_per_class=1)  # the same files, unspoiled
-    skipped = train(tiny_run(tmp_path / "again" / "run", other, {"stream": True, "skip_bad": True}), log=lambda _: None)
+
+    def stops_after_the_last_checkpoint(directory, epoch, states, info, step=None):
+        path = spoils_three_files_after_epoch_1(directory, epoch, states, info, step=step)
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return path
+
+    # skipped, counted and checkpointed; then resumed where only the test split, which has none, is left to read
+    monkeypatch.setattr(engine, "save_checkpoint", stops_after_the_last_checkpoint)
+    again = tiny_run(tmp_path / "again" / "run", other, {"stream": True, "skip_bad": True})
+    with pytest.raises(KeyboardInterrupt):
+        train(again, log=lambda _: None)
+    skipped = train(again, resume=True, log=lambda _: None)
     assert skipped["skipped_images"] == 3
     assert json.loads((tmp_path / "again" / "run" / "summary.json").read_text())["skipped_images"] == 3
 
@@ -240,3 +252,30 @@ def test_a_comparison_trains_its_runs_through_the_streaming_path(folder, tmp_pat
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/*/seed0/summary.json"))]
     assert len(summaries) == 2 and {s["data_path"] for s in summaries} == {"stream"}
     assert (out / "report.md").is_file() and "streaming 45 images from disk" in capsys.readouterr().out
+
+
+def test_two_processes_under_torchrun_count_the_files_each_one_skipped(tmp_path):
+    """Each rank streams its own shard, so each meets its own bad files: the summary counts every rank's."""
+    import subprocess
+    import sys
+
+    from tiny_runs import subprocess_env
+
+    data = make_folder(tmp_path / "data", per_class=8, test_per_class=1)
+    for name in ("ant/01.png", "bee/02.png", "cat/03.png", "cat/06.png"):
+        (data / "train" / name).write_text("not an image")
+    options = {"stream": True, "skip_bad": True, "workers": 0, "image_size": 16, "stats_images": 2}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "attnlab"]
+    cmd += ["train", "--model", "resnet20", "--dataset", f"imagefolder:{data}", "--epochs", "1", "--batch-size", "4"]
+    cmd += [
+        "--val-size",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+        *(f"--data-arg={k}={json.dumps(v)}" for k, v in options.items()),
+    ]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["data_path"] == "stream"
+    assert summary["skipped_images"] == 4

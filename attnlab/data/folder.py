@@ -28,8 +28,8 @@ all of them up to 10,000). Options only the streaming path has, which therefore 
 ImageNet-style train transforms: random resized crop, flip, colour jitter), ``auto_augment`` (a timm RandAugment /
 AutoAugment string such as ``rand-m9-mstd0.5``), ``mixup`` / ``cutmix`` (timm's Mixup alphas). A file that fails to
 decode while streaming stops the run with one line naming it (the last checkpoint stays), unless ``skip_bad=true``
-leaves such files out and counts them (``skipped_images`` in ``summary.json``); a worker that dies or takes over
-``timeout`` seconds for a batch is an error.
+leaves such files out and counts them (``skipped_images`` in ``summary.json``: the distinct files, every rank's,
+across resumes); a worker that dies or takes over ``timeout`` seconds for a batch is an error.
 """
 
 from __future__ import annotations

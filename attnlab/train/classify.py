@@ -224,6 +224,18 @@ class Classification(RunTask):
             **({"skipped_images": len(bundle.train.skipped)} if bundle.streamed else {}),
         }
 
+    def gather_state(self, run: Run) -> dict[str, Any]:
+        """The unreadable files ``skip_bad`` left out so far, on every rank, before a resume too."""
+        if not run.data.streamed:
+            return {}
+        skipped = run.data.train.skipped  # one set shared by the source's splits
+        skipped.update(run.dist.union(skipped))
+        return {"skipped_images": sorted(skipped)}
+
+    def resume_state(self, run: Run, state: dict[str, Any]) -> None:
+        if run.data.streamed:
+            run.data.train.skipped.update(state.get("skipped_images", ()))
+
 
 def _compile(run: Run) -> None:
     """Compile the model in place (the data pipeline stays eager) and compile its training graph now, on one batch of

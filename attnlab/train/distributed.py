@@ -34,6 +34,14 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def union(self, items: set[str]) -> set[str]:
+        """The union of every rank's ``items`` (``items`` itself when not distributed)."""
+        if not self.enabled:
+            return items
+        every: list[set[str] | None] = [None] * self.world_size
+        dist.all_gather_object(every, items)
+        return set().union(*every)
+
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank (so one rank's error or decision reaches all)."""
         if not self.enabled:

@@ -151,6 +151,14 @@ class RunTask:
         """The task's own fields of ``summary.json`` (costs, sizes)."""
         return {}
 
+    def gather_state(self, run: Run) -> dict[str, Any]:
+        """What the task has gathered while running that no tensor holds (JSON), merged over ranks: every rank calls
+        it at the same points, before each checkpoint (which keeps it for `resume_state`) and before the summary."""
+        return {}
+
+    def resume_state(self, run: Run, state: dict[str, Any]) -> None:
+        """Take back what `gather_state` returned when the checkpoint a run resumes from was written."""
+
     def config_comment(self, run: Run) -> str:
         """Comment lines on top of ``config.yaml``: what the run's settings resolved to (which data path ran)."""
         return ""
@@ -413,6 +421,7 @@ def _resume(run: Run) -> None:
     if "cuda" in states["rng"] and run.device.type == "cuda":
         torch.cuda.set_rng_state(states["rng"]["cuda"], run.device)
     run.history = info["history"][: run.start_epoch]
+    run.task.resume_state(run, info.get("task", {}))  # an older checkpoint has none
     run.started -= wall_time_before(run.history) + info.get("partial", {}).get("seconds", 0.0)
     where = f"after epoch {run.start_epoch}"
     if "partial" in info:  # a checkpoint inside epoch start_epoch + 1
@@ -514,6 +523,7 @@ def _save(run: Run, epoch: int, so_far: EpochSoFar) -> None:
     counts = run.dist.all_sum(
         torch.tensor([so_far.counted, so_far.skipped, so_far.seen], dtype=torch.float64, device=run.device)
     )
+    task_state = run.task.gather_state(run)
     if run.dist.is_main:
         counted, skipped, seen = (int(c) for c in counts.tolist())
         partial = {"step": so_far.step, "counted": counted, "skipped": skipped, "seen": seen, "seconds": so_far.seconds}
@@ -521,7 +531,11 @@ def _save(run: Run, epoch: int, so_far: EpochSoFar) -> None:
         states["rng"]["hooks"] = so_far.generator
         states["partial"] = {k: totals[i] for i, k in enumerate(keys)}
         save_checkpoint(
-            run.folder.checkpoints, epoch, states, {"history": run.history, "partial": partial}, step=so_far.step
+            run.folder.checkpoints,
+            epoch,
+            states,
+            {"history": run.history, "partial": partial, "task": task_state},
+            step=so_far.step,
         )
     run.last_save = time.monotonic()
     run.dist.barrier()
@@ -616,8 +630,10 @@ def end_epoch(
         wall_time=time.time() - run.started,  # since the run began, every process that trained it together
     )
     run.history.append(record)
+    task_state = run.task.gather_state(run)
     if dist.is_main:
-        save_checkpoint(run.folder.checkpoints, epoch + 1, _states(run), {"history": run.history})
+        info = {"history": run.history, "task": task_state}
+        save_checkpoint(run.folder.checkpoints, epoch + 1, _states(run), info)
         run.last_save = time.monotonic()
         run.folder.write_history(run.history)
         run.log(
@@ -661,6 +677,7 @@ def finish(run: Run) -> dict[str, Any]:
     if run.ema is not None:
         with _evaluating(run, run.ema.module):
             test.update({f"ema_{k}": v for k, v in run.evaluate(run.data.test).items()})
+    run.task.gather_state(run)  # what the test split added, on every rank
     summary = None
     if run.dist.is_main:
         save_tensors_atomic(run.folder.weights, run.model.state_dict(), run.task.weights_metadata(run))
