@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_runs import after_each_checkpoint, interrupt_at
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import attnlab
 import attnlab.detection.task as task_module
-import attnlab.train.engine as engine_module
 from attnlab.cli import main
 from attnlab.data.detection import choose_places, detection_batches, load_detection_dataset
 from attnlab.detection import DetectConfig, create_detector, train_detector
@@ -428,18 +428,8 @@ def test_detect_train_eval_and_exact_resume(garments, tmp_path, monkeypatch, cap
 
     # killed right after epoch 1's checkpoint, then resumed: the same weights, bit for bit
     resumed = tmp_path / "resumed"
-    save = engine_module.save_checkpoint
-
-    def dies_after_epoch_1(directory, epoch, states, info):
-        path = save(directory, epoch, states, info)
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(engine_module, "save_checkpoint", dies_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    with after_each_checkpoint(monkeypatch, interrupt_at(1)), pytest.raises(KeyboardInterrupt):
         train_detector(tiny_detect(garments, resumed), log=lambda _: None)
-    monkeypatch.setattr(engine_module, "save_checkpoint", save)
     assert not (resumed / "model.safetensors").exists() and (resumed / "checkpoints" / "epoch-0001.json").exists()
     train_detector(tiny_detect(garments, resumed), resume=True, log=lambda _: None)
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
@@ -655,18 +645,8 @@ def test_detection_resumes_inside_an_epoch_to_bit_identical_weights(garments, tm
     whole = tmp_path / "whole"
     train_detector(tiny_detect(garments, whole, epochs=1, batch_size=4), log=lambda _: None)
     stopped = tmp_path / "stopped"
-    save = engine_module.save_checkpoint
-
-    def dies_at_step_2(directory, epoch, states, info, step=None):
-        path = save(directory, epoch, states, info, step=step)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(engine_module, "save_checkpoint", dies_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with after_each_checkpoint(monkeypatch, interrupt_at(0, 2)), pytest.raises(KeyboardInterrupt):
         train_detector(tiny_detect(garments, stopped, epochs=1, batch_size=4, checkpoint_every=1), log=lambda _: None)
-    monkeypatch.setattr(engine_module, "save_checkpoint", save)
     assert (stopped / "checkpoints" / "epoch-0000-step-000002.json").exists()
     lines = []
     train_detector(

@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_runs import (
     SYNTH,
+    after_each_checkpoint,
     cli_resume,
     cli_train,
     forked,
+    interrupt_at,
     kill_when,
     metrics,
     resume_here,
@@ -120,17 +122,9 @@ def test_a_train_that_fails_before_any_work_leaves_no_folder(tmp_path, capsys):
 
 
 def test_ctrl_c_says_how_to_continue_the_run(tmp_path, capsys, monkeypatch):
-    import attnlab.train.engine as engine
-
     out = tmp_path / "run"
-    save = engine.save_checkpoint
-
-    def interrupted(directory, epoch, states, info):
-        save(directory, epoch, states, info)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "save_checkpoint", interrupted)
-    assert main(cli_train(out, epochs=2)[3:] + ["--no-progress"]) == 130
+    with after_each_checkpoint(monkeypatch, interrupt_at(1)):
+        assert main(cli_train(out, epochs=2)[3:] + ["--no-progress"]) == 130
     assert f"attnlab: interrupted; to continue: attnlab train --out {out} --resume" in capsys.readouterr().err
 
 
@@ -293,26 +287,14 @@ def test_accumulating_more_batches_than_an_epoch_has_is_one_line(tmp_path):
 
 
 def test_ema_is_evaluated_saved_and_resumed_inside_an_epoch_bit_for_bit(tmp_path, monkeypatch):
-    import attnlab.train.engine as engine
-
     whole = train(tiny(tmp_path / "whole", ema_decay=0.9), log=lambda _: None)
     assert {"val_ema_acc", "val_ema_loss", "test_ema_acc", "test_ema_loss"} <= whole.keys()
     assert "val_ema_acc" in metrics(tmp_path / "whole")[-1]
     raw, ema = (load_file(str(tmp_path / "whole" / name)) for name in ("model.safetensors", "model_ema.safetensors"))
     assert raw.keys() == ema.keys() and not all(torch.equal(raw[k], ema[k]) for k in raw)
 
-    save = engine.save_checkpoint
-
-    def dies_at_step_3(directory, epoch, states, info, step=None):
-        path = save(directory, epoch, states, info, step=step)
-        if (epoch, step) == (1, 3):
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(engine, "save_checkpoint", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with after_each_checkpoint(monkeypatch, interrupt_at(1, 3)), pytest.raises(KeyboardInterrupt):
         train(tiny(tmp_path / "stopped", ema_decay=0.9, checkpoint_every=1), log=lambda _: None)
-    monkeypatch.setattr(engine, "save_checkpoint", save)
     resumed = train(tiny(tmp_path / "stopped", ema_decay=0.9, checkpoint_every=1), resume=True, log=lambda _: None)
     for name in ("model.safetensors", "model_ema.safetensors"):
         assert same_weights(tmp_path / "whole" / name, tmp_path / "stopped" / name), name

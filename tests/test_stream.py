@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import same_weights
+from tiny_runs import after_each_checkpoint, interrupt_at, same_weights
 
 from attnlab import AttnlabError
 from attnlab.analysis.runner import run_analysis
@@ -124,22 +124,10 @@ def test_the_path_is_chosen_by_the_memory_budget_and_streaming_only_options(fold
 
 def test_a_streamed_run_stopped_inside_an_epoch_resumes_bit_identical_with_two_workers(folder, tmp_path, monkeypatch):
     """With timm's train transforms, RandAugment and Mixup drawn in the workers: the same batches after a resume."""
-    import attnlab.train.engine as engine
-
     options = {"stream": True, "workers": 2, "timm_train": True, "auto_augment": "rand-m9-mstd0.5", "mixup": 0.4}
     whole = train(tiny_run(tmp_path / "whole", folder, options), log=lambda _: None)
-    save = engine.save_checkpoint
-
-    def stops_at_step_2(directory, epoch, states, info, step=None):
-        path = save(directory, epoch, states, info, step=step)
-        if (epoch, step) == (0, 2):
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(engine, "save_checkpoint", stops_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with after_each_checkpoint(monkeypatch, interrupt_at(0, 2)), pytest.raises(KeyboardInterrupt):
         train(tiny_run(tmp_path / "cut", folder, options, checkpoint_every=2), log=lambda _: None)
-    monkeypatch.setattr(engine, "save_checkpoint", save)
     resumed = train(tiny_run(tmp_path / "cut", folder, options, checkpoint_every=2), resume=True, log=lambda _: None)
     assert same_weights(tmp_path / "whole" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
     assert resumed["test_acc"] == whole["test_acc"] and resumed["data_path"] == "stream"
@@ -156,24 +144,18 @@ def test_a_streamed_run_stopped_inside_an_epoch_resumes_bit_identical_with_two_w
 
 
 def test_bad_files_while_streaming_stop_with_one_line_or_are_skipped_and_counted(folder, tmp_path, monkeypatch):
-    import attnlab.train.engine as engine
-
     data = make_folder(tmp_path / "data", per_class=8, test_per_class=1)
     bundle = load_dataset(f"imagefolder:{data}", val_size=6, image_size=16, stream=True)
     spoiled = [Path(bundle.train.files.name(int(i))).relative_to(data) for i in bundle.val.indices[:3]]
-    save = engine.save_checkpoint
 
-    def spoils_three_files_after_epoch_1(directory, epoch, states, info, step=None):
-        path = save(directory, epoch, states, info, step=step)
+    def spoils_three_files_after_epoch_1(directory, epoch, step):
         if epoch == 1:  # the folder changes under the running job: a file gone, one truncated, one not an image
-            gone, truncated, text = (Path(directory).parents[1] / "data" / name for name in spoiled)
+            gone, truncated, text = (directory.parents[1] / "data" / name for name in spoiled)
             gone.unlink()
             truncated.write_bytes(truncated.read_bytes()[:40])
             text.write_text("not an image")
-        return path
 
-    monkeypatch.setattr(engine, "save_checkpoint", spoils_three_files_after_epoch_1)
-    with pytest.raises(AttnlabError) as e:
+    with after_each_checkpoint(monkeypatch, spoils_three_files_after_epoch_1), pytest.raises(AttnlabError) as e:
         train(tiny_run(tmp_path / "run", data, {"stream": True}), log=lambda _: None)
     assert str(e.value) == (
         f"{data / spoiled[0]}: the file is gone (it was there when the run started) "
@@ -187,16 +169,16 @@ def test_bad_files_while_streaming_stop_with_one_line_or_are_skipped_and_counted
         assert "\n" not in str(e.value) and str(e.value).startswith(f"{data / spoiled[i]}: unreadable image (")
     other = make_folder(tmp_path / "again" / "data", per_class=8, test_per_class=1)  # the same files, unspoiled
 
-    def stops_after_the_last_checkpoint(directory, epoch, states, info, step=None):
-        path = spoils_three_files_after_epoch_1(directory, epoch, states, info, step=step)
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return path
+    def spoils_then_stops_after_the_last_checkpoint(directory, epoch, step):
+        spoils_three_files_after_epoch_1(directory, epoch, step)
+        interrupt_at(2)(directory, epoch, step)
 
     # skipped, counted and checkpointed; then resumed where only the test split, which has none, is left to read
-    monkeypatch.setattr(engine, "save_checkpoint", stops_after_the_last_checkpoint)
     again = tiny_run(tmp_path / "again" / "run", other, {"stream": True, "skip_bad": True})
-    with pytest.raises(KeyboardInterrupt):
+    with (
+        after_each_checkpoint(monkeypatch, spoils_then_stops_after_the_last_checkpoint),
+        pytest.raises(KeyboardInterrupt),
+    ):
         train(again, log=lambda _: None)
     skipped = train(again, resume=True, log=lambda _: None)
     assert skipped["skipped_images"] == 3

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,6 +59,37 @@ def cli_train(out: Path, epochs: int = 4) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@contextlib.contextmanager
+def after_each_checkpoint(monkeypatch, action: Callable[[Path, int, int | None], None]) -> Iterator[None]:
+    """Within the block, the engine calls ``action(directory, epoch, step)`` right after it writes each checkpoint
+    (``step`` None at an epoch's end); the engine's own writer is back after the block."""
+    import attnlab.train.engine as engine
+
+    save = engine.save_checkpoint
+
+    def saved_then_acted(directory, epoch, states, info, step=None):
+        path = save(directory, epoch, states, info, step=step)
+        action(Path(directory), epoch, step)
+        return path
+
+    monkeypatch.setattr(engine, "save_checkpoint", saved_then_acted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(engine, "save_checkpoint", save)
+
+
+def interrupt_at(epoch: int, step: int | None = None) -> Callable[[Path, int, int | None], None]:
+    """An `after_each_checkpoint` action: Ctrl-C (KeyboardInterrupt) right after the checkpoint of ``epoch`` finished
+    epochs (``step`` steps into the next one: a checkpoint inside an epoch)."""
+
+    def interrupt(directory: Path, at_epoch: int, at_step: int | None) -> None:
+        if (at_epoch, at_step) == (epoch, step):
+            raise KeyboardInterrupt
+
+    return interrupt
 
 
 def metrics(out: Path) -> list[dict]:
