@@ -225,7 +225,8 @@ class Classification(RunTask):
         }
 
     def gather_state(self, run: Run) -> dict[str, Any]:
-        """The unreadable files ``skip_bad`` left out so far, on every rank, before a resume too."""
+        """The names of the unreadable files ``skip_bad`` left out so far, every rank's; kept in each checkpoint so that
+        a resumed run counts them too."""
         if not run.data.streamed:
             return {}
         skipped = run.data.train.skipped  # one set shared by the source's splits
