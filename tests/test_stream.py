@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import after_each_checkpoint, interrupt_at, same_weights
+from tiny_runs import after_each_checkpoint, interrupt_at, same_weights, subprocess_env
 
 from attnlab import AttnlabError
 from attnlab.analysis.runner import run_analysis
@@ -238,25 +240,18 @@ def test_a_comparison_trains_its_runs_through_the_streaming_path(folder, tmp_pat
 
 def test_two_processes_under_torchrun_count_the_files_each_one_skipped(tmp_path):
     """Each rank streams its own shard, so each meets its own bad files: the summary counts every rank's."""
-    import subprocess
-    import sys
-
-    from tiny_runs import subprocess_env
-
     data = make_folder(tmp_path / "data", per_class=8, test_per_class=1)
     for name in ("ant/01.png", "bee/02.png", "cat/03.png", "cat/06.png"):
         (data / "train" / name).write_text("not an image")
+    # statistics from 2 images: every rank reading all training images up front would meet every bad file itself
     options = {"stream": True, "skip_bad": True, "workers": 0, "image_size": 16, "stats_images": 2}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "attnlab"]
-    cmd += ["train", "--model", "resnet20", "--dataset", f"imagefolder:{data}", "--epochs", "1", "--batch-size", "4"]
-    cmd += [
-        "--val-size",
-        "4",
-        "--out",
-        str(tmp_path / "run"),
-        *(f"--data-arg={k}={json.dumps(v)}" for k, v in options.items()),
-    ]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "attnlab"]
+    train_args = ["train", "--model", "resnet20", "--dataset", f"imagefolder:{data}", "--epochs", "1"]
+    settings = ["--batch-size", "4", "--val-size", "4", "--out", str(tmp_path / "run")]
+    data_args = [f"--data-arg={k}={json.dumps(v)}" for k, v in options.items()]
+    done = subprocess.run(
+        launch + train_args + settings + data_args, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["data_path"] == "stream"
